@@ -1,0 +1,24 @@
+"""Find the configs and dataset that ship with lmtune, in a source checkout or an installed wheel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+# In a wheel they are copied into the package (see pyproject.toml); in a checkout they sit at the repo root.
+CANDIDATES = (PACKAGE_DIR / "_bundled", PACKAGE_DIR.parent.parent)
+
+TRAIN_DATA = "data/vi_ai_qa.jsonl"
+HELDOUT_DATA = "data/vi_ai_qa_heldout.jsonl"
+QUICKSTART_CONFIG = "configs/quickstart.yaml"
+
+
+def bundled_path(relative: str) -> Path:
+    for root in CANDIDATES:
+        if (root / relative).exists():
+            return root / relative
+    raise FileNotFoundError(f"bundled file {relative} is missing from this lmtune installation")
+
+
+def config_files() -> list[Path]:
+    return sorted(bundled_path("configs").glob("*.yaml"))

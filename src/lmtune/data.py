@@ -1,0 +1,444 @@
+"""Question/answer data: read files, find the columns, build prompts, tokenize with answer-only labels.
+
+The label contract every training batch obeys (checked by `check_batch` on every batch):
+  * prompt and answer are tokenized separately and their ids concatenated, so the token
+    boundary before the answer is exactly what inference sees (same `PromptTemplate`);
+  * the answer ends with EOS and EOS is a target;
+  * labels are -100 on the prompt and on padding; padding is on the right, per batch;
+  * padding is masked by position (attention mask), never by token id, so a tokenizer whose
+    pad id equals its EOS id still learns to stop.
+
+Why hand-written readers: `datasets.load_dataset("json")` reports malformed lines as pyarrow
+errors without file or line, and silently unifies schemas; users need "file:line: field".
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from .errors import DataError, LabelContractError
+
+IGNORE_INDEX = -100
+
+# Column layouts found without configuration, tried in this order: (question, answer, context).
+KNOWN_SCHEMAS: list[tuple[str, str, str]] = [
+    ("question", "answer", "context"),  # the tutorial
+    ("instruction", "output", "input"),  # Alpaca
+    ("input", "output", "context"),  # the schema the tutorial describes
+    ("prompt", "response", "context"),
+    ("prompt", "completion", "context"),  # TRL's prompt/completion
+    ("query", "response", "context"),
+]
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass
+class Example:
+    question: str
+    answer: str
+    context: str = ""
+    source: str = ""  # "file:line" for messages
+
+
+@dataclass
+class LoadReport:
+    files: list[str] = field(default_factory=list)
+    rows_read: int = 0
+    columns: tuple[str, str, str] | None = None
+    skipped_empty: int = 0
+
+
+# ---------------------------------------------------------------- reading
+
+
+def resolve_paths(patterns: Iterable[str]) -> list[str]:
+    """Expand globs; every entry must match at least one supported file. `hub:<id>` passes through."""
+    resolved: list[str] = []
+    for pattern in patterns:
+        if pattern.startswith("hub:"):
+            resolved.append(pattern)
+            continue
+        expanded = os.path.expanduser(pattern)
+        if glob.has_magic(expanded):
+            matches = sorted(glob.glob(expanded, recursive=True))
+            if not matches:
+                raise DataError(f"{pattern}: the pattern matches no file")
+            data_files = [m for m in matches if m.lower().endswith(SUPPORTED_SUFFIXES)]
+            if not data_files:
+                raise DataError(f"{pattern}: matches {len(matches)} file(s), none of them {', '.join(SUPPORTED_SUFFIXES)}")
+            resolved += data_files
+        else:
+            path = Path(expanded)
+            if path.is_dir():
+                raise DataError(f"{pattern}: is a folder; give files or a glob such as '{pattern}/*.jsonl'")
+            if not path.is_file():
+                raise DataError(f"{pattern}: file not found")
+            if not path.name.lower().endswith(SUPPORTED_SUFFIXES):
+                raise DataError(f"{pattern}: unsupported file type; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+            resolved.append(str(path))
+    if not resolved:
+        raise DataError("no data given: pass --data FILE (jsonl, json, csv or parquet)")
+    return resolved
+
+
+def _read_text(path: str) -> str:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # tolerate a UTF-8 byte-order mark
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+    return text
+
+
+def _iter_jsonl(path: str, text: str) -> Iterator[tuple[str, Any]]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{number}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
+def _iter_json(path: str, text: str) -> Iterator[tuple[str, Any]]:
+    stripped = text.lstrip()
+    if not stripped:
+        return
+    if stripped[0] == "[":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        for index, row in enumerate(rows):
+            yield f"{path}[{index}]", row
+        return
+    # A .json file holding one object per line is common (the tutorial's own data); read it as JSONL.
+    yield from _iter_jsonl(path, text)
+
+
+def _iter_csv(path: str, text: str) -> Iterator[tuple[str, Any]]:
+    reader = csv.DictReader(text.splitlines())
+    for row in reader:
+        yield f"{path}:{reader.line_num}", dict(row)
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq  # ships with `datasets`
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    for index, row in enumerate(table.to_pylist()):
+        yield f"{path}[row {index}]", row
+
+
+def _iter_hub(spec: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    name = spec[len("hub:") :]
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # network, missing dataset, bad config: all mean "cannot get it"
+        raise DataError(f"{spec}: cannot load the dataset from the Hugging Face Hub ({type(e).__name__}: {e})") from None
+    for index, row in enumerate(ds):
+        yield f"{spec}[row {index}]", row
+
+
+def iter_records(path: str) -> Iterator[tuple[str, Any]]:
+    """Yield (location, raw record) from one file."""
+    if path.startswith("hub:"):
+        yield from _iter_hub(path)
+        return
+    suffix = Path(path).suffix.lower()
+    if suffix == ".parquet":
+        yield from _iter_parquet(path)
+        return
+    text = _read_text(path)
+    if suffix == ".jsonl":
+        yield from _iter_jsonl(path, text)
+    elif suffix == ".json":
+        yield from _iter_json(path, text)
+    else:
+        yield from _iter_csv(path, text)
+
+
+def detect_columns(keys: Iterable[str], where: str) -> tuple[str, str, str]:
+    keys = set(keys)
+    for question, answer, context in KNOWN_SCHEMAS:
+        if question in keys and answer in keys:
+            return question, answer, context
+    known = ", ".join(f"{q}/{a}" for q, a, _ in KNOWN_SCHEMAS)
+    raise DataError(
+        f"{where}: cannot tell question and answer columns apart among {sorted(keys)}; "
+        f"known layouts are {known}; or set data.question_field and data.answer_field"
+    )
+
+
+def _text_field(record: dict, name: str, where: str, required: bool) -> str:
+    if name not in record:
+        if required:
+            raise DataError(f"{where}: missing field '{name}'")
+        return ""
+    value = record[name]
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        raise DataError(f"{where}: field '{name}' must be text, got {kind}")
+    return value
+
+
+def load_examples(
+    paths: Iterable[str],
+    question_field: str = "",
+    answer_field: str = "",
+    context_field: str = "",
+    max_samples: int = 0,
+) -> tuple[list[Example], LoadReport]:
+    """Read every file, detect (or use the given) columns, and return the usable examples.
+
+    Raises DataError naming file, line and field for malformed input. Rows whose question or
+    answer is empty after stripping are skipped and counted (they would teach nothing).
+    """
+    report = LoadReport(files=resolve_paths(paths))
+    examples: list[Example] = []
+    for path in report.files:
+        columns: tuple[str, str, str] | None = None
+        for where, record in iter_records(path):
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object with question and answer fields, got {type(record).__name__}")
+            if columns is None:
+                if question_field or answer_field:
+                    columns = (question_field or "question", answer_field or "answer", context_field or "context")
+                else:
+                    detected = detect_columns(record.keys(), where)
+                    columns = (detected[0], detected[1], context_field or detected[2])
+                report.columns = report.columns or columns
+            report.rows_read += 1
+            q_name, a_name, c_name = columns
+            question = _text_field(record, q_name, where, required=True)
+            answer = _text_field(record, a_name, where, required=True)
+            context = _text_field(record, c_name, where, required=False)
+            if not question.strip() or not answer.strip():
+                report.skipped_empty += 1
+                continue
+            examples.append(Example(question.strip(), answer.strip(), context.strip(), where))
+            if max_samples and len(examples) >= max_samples:
+                return examples, report
+    if report.rows_read == 0:
+        raise DataError(f"{', '.join(report.files)}: no rows found (empty file?)")
+    if not examples:
+        raise DataError(f"{', '.join(report.files)}: all {report.rows_read} rows have an empty question or answer; nothing to train on")
+    return examples, report
+
+
+# ---------------------------------------------------------------- prompt template
+
+
+PLAIN_PROMPT = "Human: {question}\nAssistant:"
+# The separator belongs to the answer, so the prompt never ends in a dangling space: BPE
+# tokenizers (BLOOM, GPT-2) glue a leading space to the next word, and a trailing space at the
+# end of the prompt would become a token that training never saw before an answer word.
+PLAIN_ANSWER_PREFIX = " "
+TEMPLATE_FILE = "lmtune_template.json"
+
+
+@dataclass
+class PromptTemplate:
+    """The one function that turns a question into prompt ids, for training and for inference alike."""
+
+    kind: str = "plain"  # "plain" or "chat"
+    prompt: str = PLAIN_PROMPT
+    answer_prefix: str = PLAIN_ANSWER_PREFIX
+    system_prompt: str = ""
+    chat_template: str | None = None  # stored so prompts are rebuilt exactly even if the tokenizer changes
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, choice: str = "auto", system_prompt: str = "") -> "PromptTemplate":
+        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        if choice == "chat" and not has_chat:
+            raise DataError("data.template is 'chat' but this tokenizer has no chat template; use 'plain' or 'auto'")
+        if choice == "chat" or (choice == "auto" and has_chat):
+            return cls(kind="chat", prompt="", answer_prefix="", system_prompt=system_prompt, chat_template=tokenizer.chat_template)
+        return cls(kind="plain", system_prompt=system_prompt)
+
+    def user_text(self, question: str, context: str = "") -> str:
+        return f"{question}\n\n{context}" if context else question
+
+    def prompt_text(self, tokenizer, question: str, context: str = "") -> str:
+        user = self.user_text(question, context)
+        if self.kind == "chat":
+            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
+                {"role": "user", "content": user}
+            ]
+            return tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+            )
+        text = self.prompt.format(question=user)
+        return f"{self.system_prompt}\n{text}" if self.system_prompt else text
+
+    def prompt_ids(self, tokenizer, question: str, context: str = "") -> list[int]:
+        text = self.prompt_text(tokenizer, question, context)
+        # A rendered chat template already holds its special tokens; a plain prompt gets the
+        # tokenizer's usual BOS (if it adds one).
+        return tokenizer(text, add_special_tokens=self.kind != "chat")["input_ids"]
+
+    def answer_ids(self, tokenizer, answer: str) -> list[int]:
+        """The answer's ids followed by EOS: the model must learn to stop."""
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no EOS token; the model could never learn to stop")
+        ids = tokenizer(self.answer_prefix + answer, add_special_tokens=False)["input_ids"]
+        return ids + [tokenizer.eos_token_id]
+
+    def clean_answer(self, text: str) -> str:
+        return text.strip()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder, TEMPLATE_FILE).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "PromptTemplate | None":
+        path = Path(folder, TEMPLATE_FILE)
+        if not path.is_file():
+            return None
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+@dataclass
+class TokenizeReport:
+    samples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0  # answer cut at max_length (its EOS is lost)
+    dropped_long_prompt: int = 0  # prompt alone leaves no room for an answer
+
+
+def tokenize_example(example: Example, tokenizer, template: PromptTemplate, max_length: int) -> dict[str, Any] | None:
+    """Return {'input_ids', 'labels', 'prompt_length', 'truncated'}; None if the prompt leaves no room."""
+    prompt = template.prompt_ids(tokenizer, example.question, example.context)
+    answer = template.answer_ids(tokenizer, example.answer)
+    if len(prompt) >= max_length - 1:
+        return None
+    truncated = len(prompt) + len(answer) > max_length
+    answer = answer[: max_length - len(prompt)]
+    return {
+        "input_ids": prompt + answer,
+        "labels": [IGNORE_INDEX] * len(prompt) + answer,
+        "prompt_length": len(prompt),
+        "truncated": truncated,
+    }
+
+
+def tokenize_examples(examples: list[Example], tokenizer, template: PromptTemplate, max_length: int) -> tuple[list[dict], TokenizeReport]:
+    report = TokenizeReport()
+    samples = []
+    for example in examples:
+        sample = tokenize_example(example, tokenizer, template, max_length)
+        if sample is None:
+            report.dropped_long_prompt += 1
+            continue
+        report.truncated += sample["truncated"]
+        report.tokens += len(sample["input_ids"])
+        report.trained_tokens += len(sample["input_ids"]) - sample["prompt_length"]
+        samples.append(sample)
+    report.samples = len(samples)
+    if not samples:
+        raise DataError(
+            f"every sample's prompt is longer than data.max_length={max_length} tokens; nothing would be trained. "
+            "Raise data.max_length"
+        )
+    return samples, report
+
+
+# ---------------------------------------------------------------- batching
+
+
+class Collator:
+    """Right-pad each batch to its own longest sample and check the label contract.
+
+    Padding positions get the pad id as filler input (or EOS when the tokenizer has no pad),
+    attention 0 and label -100: masking is by position, so the filler id never matters.
+    """
+
+    def __init__(self, tokenizer, check: bool = True):
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.check = check
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(s["input_ids"]) for s in samples)
+        input_ids = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(samples), width), dtype=torch.long)
+        for row, s in enumerate(samples):
+            n = len(s["input_ids"])
+            input_ids[row, :n] = torch.tensor(s["input_ids"])
+            labels[row, :n] = torch.tensor(s["labels"])
+            attention[row, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        if self.check:
+            check_batch(batch, [s["prompt_length"] for s in samples], [s["truncated"] for s in samples], self.eos_id)
+        return batch
+
+
+def check_batch(batch: dict[str, torch.Tensor], prompt_lengths: list[int], truncated: list[bool], eos_id: int) -> None:
+    """Raise LabelContractError if the batch breaks the contract in the module docstring."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if ids.shape != labels.shape or ids.shape != mask.shape:
+        raise LabelContractError(f"input_ids {tuple(ids.shape)}, attention_mask {tuple(mask.shape)} and labels {tuple(labels.shape)} differ in shape")
+    for row in range(ids.shape[0]):
+        length = int(mask[row].sum())
+        if not bool(mask[row, :length].all()):
+            raise LabelContractError(f"row {row}: padding is not only on the right")
+        p = prompt_lengths[row]
+        if bool((labels[row, :p] != IGNORE_INDEX).any()):
+            raise LabelContractError(f"row {row}: a prompt token is a training target")
+        if bool((labels[row, length:] != IGNORE_INDEX).any()):
+            raise LabelContractError(f"row {row}: a padding position is a training target")
+        answer = labels[row, p:length]
+        if answer.numel() == 0 or bool((answer == IGNORE_INDEX).any()):
+            raise LabelContractError(f"row {row}: the answer span is empty or partly ignored")
+        if not torch.equal(answer, ids[row, p:length]):
+            raise LabelContractError(f"row {row}: labels of the answer differ from its input ids")
+        if not truncated[row] and int(answer[-1]) != eos_id:
+            raise LabelContractError(f"row {row}: the answer does not end with EOS (id {eos_id}) as a target")
+    if int(mask.sum(1).max()) != ids.shape[1]:
+        raise LabelContractError("batch is wider than its longest sample (padding is not dynamic)")
+
+
+# ---------------------------------------------------------------- display
+
+
+def render_example(sample: dict, tokenizer) -> str:
+    """Show one sample with the trained span marked, for the pre-flight check."""
+    p = sample["prompt_length"]
+    ids = sample["input_ids"]
+    ignored = tokenizer.decode(ids[:p], skip_special_tokens=False)
+    trained = tokenizer.decode(ids[p:], skip_special_tokens=False)
+    eos_note = "ends with EOS" if not sample["truncated"] else "TRUNCATED at max_length, no EOS"
+    lines = [
+        f"{len(ids)} tokens: {p} prompt (ignored, label -100), {len(ids) - p} answer (trained, {eos_note})",
+        *(f"  ignored | {line}" for line in ignored.split("\n")),
+        *(f"  trained | {line}" for line in trained.split("\n")),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,21 @@
+"""Errors that mean "the user gave us something wrong". The CLI prints them without a traceback."""
+
+
+class LmtuneError(Exception):
+    """Base class for user-facing errors: bad data, bad paths, bad models, refused overwrites."""
+
+
+class DataError(LmtuneError):
+    """A data file is missing, malformed, or has no usable rows. The message names file, line and field."""
+
+
+class ModelError(LmtuneError):
+    """A model or adapter cannot be found or loaded."""
+
+
+class OutputExistsError(LmtuneError):
+    """An output folder exists and overwriting was not asked for."""
+
+
+class LabelContractError(LmtuneError):
+    """A training batch breaks the label contract (see data.check_batch)."""

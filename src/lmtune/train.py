@@ -1,0 +1,260 @@
+"""train(config): LoRA fine-tuning around the transformers Trainer.
+
+Setup (tokenizer, template, data, pre-flight check) -> model + LoRA -> Trainer -> save the
+adapter with everything needed to reproduce and reuse it, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import data as data_mod
+from .config import Config
+from .data import Collator, PromptTemplate, load_examples, render_example, tokenize_examples
+from .errors import LmtuneError
+from .model import add_lora, choose_precision, describe, load_model, load_tokenizer, resolve_source
+from .outputs import atomic_output, check_output_free, command_line, file_sha256, library_versions, now_iso, write_json
+from .plot import plot_loss
+
+CONFIG_FILE = "lmtune_config.yaml"
+MANIFEST_FILE = "lmtune_manifest.json"
+LOG_FILE = "train_log.jsonl"
+PLOT_FILE = "loss.png"
+
+
+@dataclass
+class PreparedData:
+    template: PromptTemplate
+    samples: list[dict]
+    load_report: data_mod.LoadReport
+    token_report: data_mod.TokenizeReport
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    steps: int = 0
+    final_loss: float = float("nan")
+    log: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    dry_run_estimate: dict | None = None
+
+
+def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) -> PreparedData:
+    d = config.data
+    template = PromptTemplate.for_tokenizer(tokenizer, d.template, d.system_prompt)
+    examples, load_report = load_examples(d.paths, d.question_field, d.answer_field, d.context_field, d.max_samples)
+    samples, token_report = tokenize_examples(examples, tokenizer, template, d.max_length)
+    q, a, c = load_report.columns
+    log(
+        f"data: {load_report.rows_read} rows from {len(load_report.files)} file(s), columns question='{q}' answer='{a}'"
+        f" context='{c}'; {len(samples)} samples, {token_report.tokens} tokens ({token_report.trained_tokens} trained)"
+    )
+    if load_report.skipped_empty:
+        log(f"data: skipped {load_report.skipped_empty} rows with an empty question or answer")
+    if token_report.truncated:
+        log(f"data: {token_report.truncated} answers cut at data.max_length={d.max_length} (they lose their EOS)")
+    if token_report.dropped_long_prompt:
+        log(f"data: dropped {token_report.dropped_long_prompt} samples whose prompt alone exceeds data.max_length")
+    return PreparedData(template, samples, load_report, token_report)
+
+
+def preflight(prepared: PreparedData, tokenizer, batch_size: int, log: Callable[[str], None] = print) -> None:
+    """Show one example with its trained span and check the label contract on every batch once."""
+    log("pre-flight: one tokenized example (what the loss sees)")
+    log(render_example(prepared.samples[0], tokenizer))
+    collate = Collator(tokenizer)
+    for start in range(0, len(prepared.samples), batch_size):
+        collate(prepared.samples[start : start + batch_size])
+    log(f"pre-flight: label contract holds on all {math.ceil(len(prepared.samples) / batch_size)} batches")
+
+
+class _LossLog:
+    """Collects the Trainer's log entries and appends them to train_log.jsonl as they come."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries: list[dict] = []
+
+    def make_callback(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs, "time": now_iso()}
+                    outer.entries.append(entry)
+                    with open(outer.path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(entry) + "\n")
+
+        return Callback()
+
+
+def _training_arguments(config: Config, precision, scratch: Path):
+    from transformers import TrainingArguments
+
+    t = config.train
+    return TrainingArguments(
+        output_dir=str(scratch / "trainer"),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        use_cpu=precision.device == "cpu",
+        seed=t.seed,
+        data_seed=t.seed,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        remove_unused_columns=False,
+        gradient_checkpointing=t.gradient_checkpointing,
+        dataloader_num_workers=0,
+    )
+
+
+def _estimate_step_time(model, prepared: PreparedData, tokenizer, config: Config, precision) -> dict:
+    """Time real forward+backward passes on two typical micro-batches; extrapolate to an epoch."""
+    collate = Collator(tokenizer)
+    t = config.train
+    by_length = sorted(prepared.samples, key=lambda s: len(s["input_ids"]))
+    middle = len(by_length) // 2
+    batch = collate(by_length[middle : middle + t.batch_size] or by_length[: t.batch_size])
+    device = precision.device
+    model.to(device)
+    model.train()
+    timings = []
+    for _ in range(2):
+        start = time.perf_counter()
+        with torch.autocast(device_type=device, dtype=precision.compute_dtype, enabled=precision.compute_dtype != torch.float32):
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        loss.backward()
+        timings.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    micro_batches = math.ceil(len(prepared.samples) / t.batch_size)
+    per_micro = timings[-1]
+    return {
+        "seconds_per_micro_batch": round(per_micro, 3),
+        "seconds_per_optimizer_step": round(per_micro * t.grad_accum, 2),
+        "optimizer_steps_per_epoch": math.ceil(micro_batches / t.grad_accum),
+        "seconds_per_epoch": round(per_micro * micro_batches, 1),
+    }
+
+
+def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = print) -> TrainResult:
+    """Fine-tune `config.model` with LoRA on `config.data`; write the adapter to `config.train.output_dir`."""
+    t = config.train
+    started, start_clock = now_iso(), time.perf_counter()
+    if not dry_run:
+        check_output_free(t.output_dir, t.overwrite_output_dir)  # fail before minutes of loading, not after
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
+
+    source = resolve_source(config.model.name_or_path)
+    tokenizer = load_tokenizer(source, config.model.trust_remote_code)
+    prepared = prepare_data(config, tokenizer, log)
+    preflight(prepared, tokenizer, t.batch_size, log)
+
+    precision = choose_precision(config.model.device, config.model.dtype)
+    log(f"model: {describe(source)} on {precision.device}, compute dtype {str(precision.compute_dtype).removeprefix('torch.')}")
+    model = load_model(source, config.model.trust_remote_code)
+    model = add_lora(model, config.lora.r, config.lora.alpha, config.lora.dropout, config.lora.bias, config.lora.target_modules)
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+    micro_batches = math.ceil(len(prepared.samples) / t.batch_size)
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(math.ceil(micro_batches / t.grad_accum) * t.epochs)
+
+    if dry_run:
+        estimate = _estimate_step_time(model, prepared, tokenizer, config, precision)
+        log(
+            f"dry run: {len(prepared.samples)} samples, {prepared.token_report.tokens} tokens, {steps} optimizer steps;"
+            f" about {estimate['seconds_per_optimizer_step']} s per step, {estimate['seconds_per_epoch']} s per epoch"
+        )
+        return TrainResult(output_dir="", steps=steps, dry_run_estimate={**estimate, "samples": len(prepared.samples),
+                                                                          "tokens": prepared.token_report.tokens, "optimizer_steps": steps})
+
+    from transformers import Trainer
+
+    with atomic_output(t.output_dir, t.overwrite_output_dir) as out:
+        loss_log = _LossLog(out / LOG_FILE)
+        trainer = Trainer(
+            model=model,
+            args=_training_arguments(config, precision, out),
+            train_dataset=prepared.samples,
+            data_collator=Collator(tokenizer),
+            callbacks=[loss_log.make_callback()],
+        )
+        log(f"training: {steps} optimizer steps of {t.batch_size * t.grad_accum} samples")
+        trainer.train()  # errors propagate: an untrained adapter is never saved (the tutorial's defect 9)
+
+        losses = [e["loss"] for e in loss_log.entries]
+        final_loss = losses[-1] if losses else float("nan")
+        if not math.isfinite(final_loss):
+            raise LmtuneError(f"training diverged (loss {final_loss}); lower train.learning_rate (now {t.learning_rate})")
+
+        _save_adapter(model, tokenizer, prepared, config, out)
+        plot_loss([e["step"] for e in loss_log.entries], losses, out / PLOT_FILE, title=f"{Path(t.output_dir).name}: training loss")
+        shutil.rmtree(out / "trainer", ignore_errors=True)
+        seconds = time.perf_counter() - start_clock
+        write_json(out / MANIFEST_FILE, _manifest(config, prepared, precision, started, seconds, final_loss, trainer.state.global_step))
+    log(f"saved adapter to {t.output_dir} (final loss {final_loss:.4f}, {seconds:.0f} s)")
+    return TrainResult(t.output_dir, trainer.state.global_step, final_loss, loss_log.entries, seconds)
+
+
+def _save_adapter(model, tokenizer, prepared: PreparedData, config: Config, out: Path) -> None:
+    model.save_pretrained(out)  # adapter_model.safetensors + adapter_config.json
+    tokenizer.save_pretrained(out)
+    prepared.template.save(out)
+    config.save_yaml(out / CONFIG_FILE)
+
+
+def _manifest(config: Config, prepared: PreparedData, precision, started: str, seconds: float, final_loss: float, steps: int) -> dict:
+    files = [
+        {"path": f, "sha256": file_sha256(f) if Path(f).is_file() else None}
+        for f in prepared.load_report.files
+    ]
+    lengths = [len(s["input_ids"]) for s in prepared.samples]
+    return {
+        "base_model": config.model.name_or_path,
+        "command": command_line(),
+        "data": {
+            "files": files,
+            "rows_read": prepared.load_report.rows_read,
+            "rows_skipped_empty": prepared.load_report.skipped_empty,
+            "samples": len(prepared.samples),
+            "tokens": prepared.token_report.tokens,
+            "trained_tokens": prepared.token_report.trained_tokens,
+            "truncated": prepared.token_report.truncated,
+            "median_length": statistics.median(lengths),
+        },
+        "template": prepared.template.kind,
+        "device": precision.device,
+        "compute_dtype": str(precision.compute_dtype).removeprefix("torch."),
+        "seed": config.train.seed,
+        "optimizer_steps": steps,
+        "final_loss": final_loss,
+        "started": started,
+        "finished": now_iso(),
+        "seconds": round(seconds, 1),
+        "versions": library_versions(),
+    }

@@ -1,0 +1,128 @@
+"""Tiny random models built on the fly, so unit tests need no network and run in seconds.
+
+* tiny BLOOM: BLOOM's architecture and special-token ids (<unk>=0 <s>=1 </s>=2 <pad>=3), no BOS added;
+* tiny Llama: a tokenizer with no pad token at all (padding must be masked by position);
+* tiny "pad is eos" Llama: like SmolLM2, whose pad id equals its EOS id.
+The tokenizers are byte-level BPEs trained on the bundled Vietnamese data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_DATA = REPO / "data" / "vi_ai_qa.jsonl"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _corpus() -> list[str]:
+    rows = [json.loads(line) for line in TRAIN_DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["question"] for r in rows] + [r["answer"] for r in rows] + ["Human: Assistant:", "What is LoRA?"]
+
+
+def _train_tokenizer(specials: list[str], vocab_size: int = 600):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if "<unk>" in specials else None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    return tok
+
+
+def make_bloom_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_tokenizer(["<unk>", "<s>", "</s>", "<pad>"])
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    assert (t.unk_token_id, t.bos_token_id, t.eos_token_id, t.pad_token_id) == (0, 1, 2, 3)
+    return t
+
+
+def make_llama_tokenizer(pad_is_eos: bool):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_tokenizer(["<unk>", "<s>", "</s>"])
+    extra = {"pad_token": "</s>"} if pad_is_eos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", **extra)
+
+
+def make_tiny_bloom(tokenizer):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    config = BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    return BloomForCausalLM(config)
+
+
+def make_tiny_llama(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+def _save(tmp_root: Path, name: str, model, tokenizer) -> str:
+    folder = tmp_root / name
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def bloom_tokenizer():
+    return make_bloom_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer():
+    return make_llama_tokenizer(pad_is_eos=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_bloom_dir(tmp_path_factory, bloom_tokenizer) -> str:
+    return _save(tmp_path_factory.mktemp("models"), "tiny-bloom", make_tiny_bloom(bloom_tokenizer), bloom_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, llama_tokenizer) -> str:
+    return _save(tmp_path_factory.mktemp("models"), "tiny-llama", make_tiny_llama(llama_tokenizer), llama_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_pad_eos_dir(tmp_path_factory) -> str:
+    tok = make_llama_tokenizer(pad_is_eos=True)
+    return _save(tmp_path_factory.mktemp("models"), "tiny-llama-pad-eos", make_tiny_llama(tok), tok)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+QA = [
+    {"question": "Trí tuệ nhân tạo (AI) là gì?", "answer": "AI là khả năng mô phỏng trí thông minh con người của máy móc."},
+    {"question": "Học máy là gì?", "answer": "Học máy là một nhánh của AI giúp máy tính học từ dữ liệu."},
+    {"question": "LoRA là gì?", "answer": "LoRA là kỹ thuật tinh chỉnh chỉ huấn luyện các ma trận hạng thấp."},
+    {"question": "Overfitting là gì?", "answer": "Overfitting là khi mô hình học thuộc dữ liệu huấn luyện."},
+]
+
+
+@pytest.fixture
+def qa_file(tmp_path) -> str:
+    return write_jsonl(tmp_path / "qa.jsonl", QA)
