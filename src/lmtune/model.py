@@ -153,7 +153,26 @@ def load_model(source: ModelSource, trust_remote_code: bool = False, dtype: torc
         )
     except (OSError, ValueError) as e:
         raise _load_failed(source, e) from None
+    if source.gguf_file:
+        _forget_gguf_quantization(model)
     return model
+
+
+def _forget_gguf_quantization(model) -> None:
+    """A GGUF checkpoint loaded into plain float weights still carries a GGUF quantizer marker, which makes
+    the Trainer refuse to train it and save_pretrained refuse to save it. When every weight really is a float
+    tensor (no packed GGUF layers), drop the marker: the model is an ordinary float model."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    packed = [name for name, module in model.named_modules() if type(module).__name__.lower().startswith("gguf")]
+    floats = all(p.dtype.is_floating_point for p in model.parameters())
+    if packed or not floats:
+        raise ModelError(
+            "this GGUF model was loaded with its weights still packed; lmtune trains float weights only. "
+            "Uninstall the 'kernels' package or convert the model to safetensors first"
+        )
+    quantizer.remove_quantization_config(model)
 
 
 # ---------------------------------------------------------------- LoRA

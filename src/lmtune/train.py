@@ -48,6 +48,7 @@ class TrainResult:
     log: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     dry_run_estimate: dict | None = None
+    model: object = field(default=None, repr=False)  # the trained PeftModel, for use right away
 
 
 def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) -> PreparedData:
@@ -127,7 +128,7 @@ def _training_arguments(config: Config, precision, scratch: Path):
         data_seed=t.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         remove_unused_columns=False,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
         dataloader_num_workers=0,
     )
 
@@ -218,7 +219,7 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         seconds = time.perf_counter() - start_clock
         write_json(out / MANIFEST_FILE, _manifest(config, prepared, precision, started, seconds, final_loss, trainer.state.global_step))
     log(f"saved adapter to {t.output_dir} (final loss {final_loss:.4f}, {seconds:.0f} s)")
-    return TrainResult(t.output_dir, trainer.state.global_step, final_loss, loss_log.entries, seconds)
+    return TrainResult(t.output_dir, trainer.state.global_step, final_loss, loss_log.entries, seconds, model=model)
 
 
 def _save_adapter(model, tokenizer, prepared: PreparedData, config: Config, out: Path) -> None:
