@@ -137,7 +137,8 @@ def resolve_key(key: str) -> tuple[str | None, str]:
 
     Returns (None, message) when the key is unknown or ambiguous.
     """
-    key = key.strip().lstrip("-").replace("-", "_")
+    typed = key.strip().lstrip("-")
+    key = typed.replace("-", "_")
     if "." in key:
         section, name = key.split(".", 1)
         if section in SECTIONS and name in {f.name for f in fields(SECTIONS[section])}:
@@ -148,11 +149,11 @@ def resolve_key(key: str) -> tuple[str | None, str]:
             return owners[0], key
         if len(owners) > 1:
             choices = ", ".join(f"{o}.{key}" for o in owners)
-            return None, f"'{key}' is ambiguous: write one of {choices}"
+            return None, f"'{typed}' is ambiguous: write one of {choices}"
     candidates = all_keys() + [f.name for cls in SECTIONS.values() for f in fields(cls) if len(_owners(f.name)) == 1]
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(all_keys())}"
-    return None, f"unknown config key '{key}'{hint}"
+    return None, f"unknown config key '{typed}'{hint}"
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

@@ -1,0 +1,93 @@
+"""The command line: the whole train -> merge -> generate path, and user errors as one-line messages."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmtune.cli import main
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_merge_generate(capsys, tiny_bloom_dir, qa_file, tmp_path):
+    code, out, err = run(capsys, "train", "--model", tiny_bloom_dir, "--data", qa_file, "--output-dir", tmp_path / "a",
+                         "--max-steps", 2, "--lora.r", 4, "--learning-rate", "1e-3", "--batch-size", 2, "--grad-accum", 1)
+    assert code == 0, err
+    assert "label contract holds" in out and "saved adapter" in out
+    assert "r: 4" in (tmp_path / "a" / "lmtune_config.yaml").read_text()
+    code, out, err = run(capsys, "merge", "--adapter", tmp_path / "a", "--output-dir", tmp_path / "m")
+    assert code == 0, err
+    code, out, err = run(capsys, "generate", "--model", tmp_path / "m", "--prompt", "Học máy là gì?", "--greedy",
+                         "--max-new-tokens", 5)
+    assert code == 0, err
+    assert "Human:" not in out and "Assistant:" not in out  # only the answer is printed
+    assert "stopped at --max-new-tokens 5" in err
+
+
+def test_epochs_flag_wins_over_config_max_steps(tmp_path, capsys, tiny_bloom_dir, qa_file):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  max_steps: 50\n  batch_size: 4\n  grad_accum: 1\n")
+    code, out, err = run(capsys, "train", "--config", config, "--model", tiny_bloom_dir, "--data", qa_file, "--epochs", 1,
+                         "--dry-run")
+    assert code == 0, err
+    assert "1 optimizer steps" in out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--learning-rat", "1e-3"], "error: command line: unknown config key 'learning-rat'; did you mean 'learning_rate'?"),
+        (["--lora.rank", "4"], "unknown config key 'lora.rank'; did you mean 'lora.r'?"),
+        (["--batch-size", "two"], "error: train.batch_size: expected an integer, got 'two'"),
+    ],
+)
+def test_bad_config_keys_and_values(capsys, tiny_bloom_dir, qa_file, tmp_path, args, message):
+    code, out, err = run(capsys, "train", "--model", tiny_bloom_dir, "--data", qa_file, "--output-dir", tmp_path / "a", *args)
+    assert code == 2
+    assert message in err
+    assert not (tmp_path / "a").exists()
+
+
+def test_missing_data_model_and_adapter(capsys, tiny_bloom_dir, qa_file, tmp_path):
+    code, _, err = run(capsys, "train", "--model", tiny_bloom_dir, "--data", tmp_path / "nope.jsonl", "--output-dir", tmp_path / "a")
+    assert code == 2 and "nope.jsonl: file not found" in err
+    code, _, err = run(capsys, "train", "--model", tmp_path / "no-model", "--data", qa_file, "--output-dir", tmp_path / "a")
+    assert code == 2 and "model folder not found" in err
+    code, _, err = run(capsys, "merge", "--adapter", tmp_path, "--output-dir", tmp_path / "m")
+    assert code == 2 and "not a LoRA adapter folder" in err
+    code, _, err = run(capsys, "train", "--model", tiny_bloom_dir, "--data", qa_file)
+    assert code == 2 and "pass --output-dir" in err
+
+
+def test_adapter_passed_as_model_is_explained(capsys, tiny_bloom_dir, qa_file, tmp_path):
+    assert run(capsys, "train", "--model", tiny_bloom_dir, "--data", qa_file, "--output-dir", tmp_path / "a", "--max-steps", 1)[0] == 0
+    code, _, err = run(capsys, "generate", "--model", tmp_path / "a", "--prompt", "x")
+    assert code == 2 and "is a LoRA adapter, not a model; pass it as --adapter" in err
+
+
+def test_user_errors_print_no_traceback(tmp_path, qa_file):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Q?"}\n', encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "lmtune", "train", "--model", str(tmp_path), "--data", str(bad), "--output-dir", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    # the model is checked when loading; the data error names file, line and field
+    assert result.stderr.startswith("error: ")
+
+
+def test_bad_data_line_through_the_cli(capsys, tiny_bloom_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Q?", "answer": "A."}\n{"question": "Q2?"}\n', encoding="utf-8")
+    code, _, err = run(capsys, "train", "--model", tiny_bloom_dir, "--data", bad, "--output-dir", tmp_path / "o")
+    assert code == 2
+    assert f"error: {bad}:2: missing field 'answer'" in err
+    assert not (tmp_path / "o").exists()
