@@ -58,7 +58,7 @@ def load_for_inference(
         model = base_model_of_adapter(adapter)
     source = resolve_source(model)
     # The adapter folder holds the tokenizer as training used it; prefer it.
-    tokenizer = _adapter_tokenizer(adapter, source, trust_remote_code) if adapter else load_tokenizer(source, trust_remote_code)
+    tokenizer = load_adapter_tokenizer(adapter, source, trust_remote_code) if adapter else load_tokenizer(source, trust_remote_code)
     precision = choose_precision(device, "float32" if dtype == "auto" else dtype)
     network = load_model(source, trust_remote_code, dtype=torch.float32)
     if adapter:
@@ -72,7 +72,7 @@ def load_for_inference(
     return LoadedModel(network, tokenizer, template, precision.device, precision.compute_dtype)
 
 
-def _adapter_tokenizer(adapter: str, source, trust_remote_code: bool):
+def load_adapter_tokenizer(adapter: str, source, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     if (Path(adapter) / "tokenizer_config.json").is_file():

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .data import TEMPLATE_FILE, PromptTemplate
+from .data import PromptTemplate
 from .errors import LmtuneError
-from .generate import _adapter_tokenizer, base_model_of_adapter
+from .generate import load_adapter_tokenizer, base_model_of_adapter
 from .model import load_model, resolve_source
 from .outputs import atomic_output, check_output_free, now_iso, read_json, write_json
 from .train import CONFIG_FILE, LOG_FILE, MANIFEST_FILE, PLOT_FILE
@@ -54,7 +54,7 @@ def merge(adapter: str, output_dir: str, model: str | None = None, overwrite: bo
     check_output_free(output_dir, overwrite)
     base_name = model or base_model_of_adapter(adapter)
     source = resolve_source(base_name)
-    tokenizer = _adapter_tokenizer(adapter, source, False)
+    tokenizer = load_adapter_tokenizer(adapter, source, False)
     template = PromptTemplate.load(adapter) or PromptTemplate.for_tokenizer(tokenizer)
 
     log(f"merge: loading {base_name} and {adapter}")

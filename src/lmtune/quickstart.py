@@ -23,7 +23,7 @@ from .outputs import write_json
 from .train import train
 
 DEMO_COUNT = 4
-EVAL_BATCH = 16
+EVAL_BATCH = 24
 
 
 def _answers(model: str, questions: list[str], cfg: GenerateConfig, label: str) -> list[Answer]:

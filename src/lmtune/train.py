@@ -214,7 +214,7 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
             raise LmtuneError(f"training diverged (loss {final_loss}); lower train.learning_rate (now {t.learning_rate})")
 
         _save_adapter(model, tokenizer, prepared, config, out)
-        plot_loss([e["step"] for e in loss_log.entries], losses, out / PLOT_FILE, title=f"{Path(t.output_dir).name}: training loss")
+        plot_loss([e["step"] for e in loss_log.entries], losses, out / PLOT_FILE, title=f"{Path(config.model.name_or_path).name}, {len(prepared.samples)} samples: training loss")
         shutil.rmtree(out / "trainer", ignore_errors=True)
         seconds = time.perf_counter() - start_clock
         write_json(out / MANIFEST_FILE, _manifest(config, prepared, precision, started, seconds, final_loss, trainer.state.global_step))
