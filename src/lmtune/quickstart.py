@@ -36,6 +36,11 @@ def _answers(model: str, questions: list[str], cfg: GenerateConfig, label: str) 
     return answers
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 def _heldout_for(trained_questions: set[str]) -> list[dict]:
     path = bundled_path(HELDOUT_DATA)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -71,20 +76,21 @@ def run_quickstart(config: Config, explicit_output_dir: bool = False) -> dict:
     report = {"base_model": base_model, "run_dir": str(run_dir), "final_train_loss": result.final_loss,
               "train_seconds": round(result.seconds, 1), "max_new_tokens": eval_cfg.max_new_tokens}
     table: list[tuple[str, Scores, Scores]] = []
-    for name, sl in (("training questions", slice(0, n_train)), ("reworded held-out questions", slice(n_train, None))):
+    for key, name, sl in (("training_questions", "training questions", slice(0, n_train)),
+                          ("heldout_questions", "reworded held-out questions", slice(n_train, None))):
         if not references[sl]:
             continue
         base_s, tuned_s = score(base_answers[sl], references[sl]), score(tuned_answers[sl], references[sl])
         table.append((name, base_s, tuned_s))
-        report[name.replace(" ", "_")] = {"base": base_s.__dict__, "tuned": tuned_s.__dict__}
+        report[key] = {"base": base_s.__dict__, "tuned": tuned_s.__dict__}
 
     print("\n== answers, side by side (greedy)")
     demo = list(range(n_train, len(questions)))[: DEMO_COUNT // 2] + list(range(DEMO_COUNT // 2))
     for i in demo:
         print(f"\nQ: {questions[i]}")
         print(f"  reference: {references[i]}")
-        print(f"  base:      {base_answers[i].text[:300]}")
-        print(f"  tuned:     {tuned_answers[i].text[:300]}")
+        print(f"  base:      {_one_line(base_answers[i].text)}")
+        print(f"  tuned:     {_one_line(tuned_answers[i].text)}")
 
     print("\n== scores (chrF vs reference answers; EOS = answer ended before the token limit)")
     for name, base_s, tuned_s in table:
