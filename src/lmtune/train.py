@@ -154,10 +154,10 @@ def _estimate_step_time(model, prepared: PreparedData, tokenizer, config: Config
     micro_batches = math.ceil(len(prepared.samples) / t.batch_size)
     per_micro = timings[-1]
     return {
-        "seconds_per_micro_batch": round(per_micro, 3),
-        "seconds_per_optimizer_step": round(per_micro * t.grad_accum, 2),
+        "seconds_per_micro_batch": per_micro,
+        "seconds_per_optimizer_step": per_micro * t.grad_accum,
         "optimizer_steps_per_epoch": math.ceil(micro_batches / t.grad_accum),
-        "seconds_per_epoch": round(per_micro * micro_batches, 1),
+        "seconds_per_epoch": per_micro * micro_batches,
     }
 
 
@@ -189,7 +189,7 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         estimate = _estimate_step_time(model, prepared, tokenizer, config, precision)
         log(
             f"dry run: {len(prepared.samples)} samples, {prepared.token_report.tokens} tokens, {steps} optimizer steps;"
-            f" about {estimate['seconds_per_optimizer_step']} s per step, {estimate['seconds_per_epoch']} s per epoch"
+            f" about {estimate['seconds_per_optimizer_step']:.2f} s per step, {estimate['seconds_per_epoch']:.1f} s per epoch"
         )
         return TrainResult(output_dir="", steps=steps, dry_run_estimate={**estimate, "samples": len(prepared.samples),
                                                                           "tokens": prepared.token_report.tokens, "optimizer_steps": steps})
