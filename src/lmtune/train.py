@@ -22,6 +22,7 @@ from . import data as data_mod
 from .config import Config
 from .data import Collator, PromptTemplate, load_examples, render_example, tokenize_examples
 from .errors import LmtuneError
+from .loss import make_trainer_class
 from .model import add_lora, choose_precision, describe, load_model, load_tokenizer, resolve_source
 from .outputs import atomic_output, check_output_free, command_line, file_sha256, library_versions, now_iso, write_json
 from .plot import plot_loss
@@ -194,7 +195,7 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         return TrainResult(output_dir="", steps=steps, dry_run_estimate={**estimate, "samples": len(prepared.samples),
                                                                           "tokens": prepared.token_report.tokens, "optimizer_steps": steps})
 
-    from transformers import Trainer
+    Trainer = make_trainer_class()
 
     with atomic_output(t.output_dir, t.overwrite_output_dir) as out:
         loss_log = _LossLog(out / LOG_FILE)
