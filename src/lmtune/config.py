@@ -86,8 +86,9 @@ class TrainConfig:
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    # Off by default: it trades ~30% more compute for memory, which small models on a laptop do not need.
-    gradient_checkpointing: bool = False
+    # "auto": only when the activations of the longest micro-batch would not fit in half the free memory
+    # (it costs about a third more compute); true/false force it.
+    gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
     # Sort samples into batches of similar length so little padding is computed.
     group_by_length: bool = True
     logging_steps: int = 1

@@ -142,6 +142,36 @@ def choose_precision(device: str = "auto", dtype: str = "auto") -> Precision:
     return Precision(device, compute)
 
 
+def physical_cores() -> int:
+    """Physical cores on Linux (hyper-threads share one core's matmul units and slow each other down)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cores = set()
+            physical = core = None
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    physical = value.strip()
+                elif key == "core id":
+                    core = value.strip()
+                    cores.add((physical, core))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def configure_cpu_threads() -> int:
+    """Use one intra-op thread per physical core, unless the user set OMP_NUM_THREADS."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = physical_cores()
+        if torch.get_num_threads() != cores:
+            torch.set_num_threads(cores)
+    return torch.get_num_threads()
+
+
 def load_model(source: ModelSource, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
     """Load a causal LM with fp32 (or the given) weights. Mixed precision is applied by autocast, not by the weights,
     so LoRA updates accumulate in full precision."""
