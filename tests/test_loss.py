@@ -89,3 +89,25 @@ def test_training_with_answer_only_loss_matches_the_ordinary_trainer(tiny_bloom_
     for name in fast_weights:
         assert torch.allclose(fast_weights[name], slow_weights[name], atol=1e-5), name
     assert [e["loss"] for e in fast.log] == pytest.approx([e["loss"] for e in slow.log], rel=1e-4)
+
+
+def test_answer_only_path_runs_under_the_trainers_mixed_precision(tiny_bloom_dir, qa_file, tmp_path, monkeypatch):
+    """bf16 training must really compute in bf16 on the fast path (accelerate's autocast wraps only model.forward)."""
+    import importlib
+
+    from lmtune.config import build_config
+    from lmtune.train import train
+
+    loss_module = importlib.import_module("lmtune.loss")
+    seen = []
+    real = loss_module.answer_only_loss
+
+    def recording(*a, **k):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(*a, **k)
+
+    monkeypatch.setattr(loss_module, "answer_only_loss", recording)
+    config = build_config(overrides={"model.name_or_path": tiny_bloom_dir, "data.paths": [qa_file], "train.output_dir": str(tmp_path / "a"),
+                                     "train.max_steps": 1, "model.dtype": "bfloat16", "model.device": "cpu"})
+    train(config, log=lambda _: None)
+    assert seen and all(seen)

@@ -61,7 +61,10 @@ def make_trainer_class():
             if return_outputs or wrapped or not supports_answer_only(causal_lm):
                 self.loss_is_scaled_for_ga = None
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss = answer_only_loss(causal_lm, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], num_items_in_batch)
+            # accelerate applies mixed precision by wrapping model.forward; this path calls the backbone
+            # directly, so it enters the same autocast itself.
+            with self.accelerator.autocast():
+                loss = answer_only_loss(causal_lm, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], num_items_in_batch)
             # Normalised by the trained-token count of the whole accumulated batch: already scaled for accumulation.
             self.loss_is_scaled_for_ga = num_items_in_batch is not None
             return loss

@@ -23,7 +23,7 @@ from .config import Config
 from .data import Collator, PromptTemplate, load_examples, render_example, tokenize_examples
 from .errors import LmtuneError
 from .loss import answer_only_loss, causal_lm_of, make_trainer_class, supports_answer_only
-from .model import add_lora, choose_precision, configure_cpu_threads, describe, load_model, load_tokenizer, resolve_source
+from .model import add_lora, choose_precision, configure_cpu_threads, describe, frozen_weights_dtype, load_model, load_tokenizer, resolve_source
 from .outputs import atomic_output, check_output_free, command_line, file_sha256, library_versions, now_iso, write_json
 from .plot import plot_loss
 
@@ -228,7 +228,7 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
     precision = choose_precision(config.model.device, config.model.dtype)
     threads = f", {configure_cpu_threads()} threads" if precision.device == "cpu" else ""
     log(f"model: {describe(source)} on {precision.device}{threads}, compute dtype {str(precision.compute_dtype).removeprefix('torch.')}")
-    model = load_model(source, config.model.trust_remote_code)
+    model = load_model(source, config.model.trust_remote_code, dtype=frozen_weights_dtype(precision))
     model = add_lora(model, config.lora.r, config.lora.alpha, config.lora.dropout, config.lora.bias, config.lora.target_modules)
     trainable, total = model.get_nb_trainable_parameters()
     log(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
