@@ -70,6 +70,10 @@ class DataConfig:
     max_length: int = 512
     # Train on the first N rows only (0 = all). Useful for quick runs.
     max_samples: int = 0
+    # Validation: a share (< 1) or number (>= 1) of rows held out from `paths`, whole question groups
+    # at a time (see split.py), and/or separate files.
+    val_size: float = 0.0
+    eval_paths: list[str] = field(default_factory=list)
     seed: int = 42
 
 
@@ -92,6 +96,10 @@ class TrainConfig:
     # Sort samples into batches of similar length so little padding is computed.
     group_by_length: bool = True
     logging_steps: int = 1
+    # With validation data: evaluate every N optimizer steps (0 = about ten times per run), keep the
+    # adapter with the lowest validation loss, and stop after this many evaluations without improvement (0 = never).
+    eval_steps: int = 0
+    early_stopping_patience: int = 0
     seed: int = 42
     overwrite_output_dir: bool = False
 
@@ -297,6 +305,10 @@ def _check_ranges(c: Config) -> list[str]:
         (c.train.learning_rate > 0, "train.learning_rate must be positive"),
         (c.train.epochs > 0 or c.train.max_steps > 0, "train.epochs or train.max_steps must be positive"),
         (c.train.warmup_steps >= 0, "train.warmup_steps must not be negative"),
+        (c.data.val_size >= 0, "data.val_size must be 0 (none), a share below 1, or a number of rows"),
+        (c.train.eval_steps >= 0 and c.train.early_stopping_patience >= 0, "train.eval_steps and train.early_stopping_patience must not be negative"),
+        (c.train.early_stopping_patience == 0 or c.data.val_size > 0 or bool(c.data.eval_paths),
+         "train.early_stopping_patience needs validation data: set data.val_size or data.eval_paths"),
         (c.generate.max_new_tokens > 0, "generate.max_new_tokens must be positive"),
         (c.generate.temperature > 0, "generate.temperature must be positive (use greedy: true for deterministic answers)"),
         (0 < c.generate.top_p <= 1, "generate.top_p must be in (0, 1]"),

@@ -26,6 +26,7 @@ from .loss import answer_only_loss, causal_lm_of, make_trainer_class, supports_a
 from .model import add_lora, choose_precision, configure_cpu_threads, describe, frozen_weights_dtype, load_model, load_tokenizer, resolve_source
 from .outputs import atomic_output, check_output_free, command_line, file_sha256, library_versions, now_iso, write_json
 from .plot import plot_loss
+from .split import leaked_questions, split_train_val
 
 CONFIG_FILE = "lmtune_config.yaml"
 MANIFEST_FILE = "lmtune_manifest.json"
@@ -39,6 +40,8 @@ class PreparedData:
     samples: list[dict]
     load_report: data_mod.LoadReport
     token_report: data_mod.TokenizeReport
+    val_samples: list[dict] = field(default_factory=list)
+    leaked_val_questions: int = 0
 
 
 @dataclass
@@ -56,7 +59,12 @@ def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) 
     d = config.data
     template = PromptTemplate.for_tokenizer(tokenizer, d.template, d.system_prompt)
     examples, load_report = load_examples(d.paths, d.question_field, d.answer_field, d.context_field, d.max_samples)
+    examples, val_examples = split_train_val(examples, d.val_size, d.seed)
+    if d.eval_paths:
+        val_examples += load_examples(d.eval_paths, d.question_field, d.answer_field, d.context_field)[0]
     samples, token_report = tokenize_examples(examples, tokenizer, template, d.max_length)
+    val_samples = tokenize_examples(val_examples, tokenizer, template, d.max_length)[0] if val_examples else []
+    leaked = leaked_questions(examples, val_examples)
     q, a, c = load_report.columns
     log(
         f"data: {load_report.rows_read} rows from {len(load_report.files)} file(s), columns question='{q}' answer='{a}'"
@@ -68,7 +76,10 @@ def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) 
         log(f"data: {token_report.truncated} answers cut at data.max_length={d.max_length} (they lose their EOS)")
     if token_report.dropped_long_prompt:
         log(f"data: dropped {token_report.dropped_long_prompt} samples whose prompt alone exceeds data.max_length")
-    return PreparedData(template, samples, load_report, token_report)
+    if val_examples:
+        log(f"validation: {len(val_samples)} samples; {leaked} of their questions also appear in training"
+            + (" (they measure memorisation, not generalisation; run `lmtune data clean`)" if leaked else ""))
+    return PreparedData(template, samples, load_report, token_report, val_samples, leaked)
 
 
 def preflight(prepared: PreparedData, tokenizer, batch_size: int, log: Callable[[str], None] = print) -> None:
@@ -95,7 +106,7 @@ class _LossLog:
 
         class Callback(TrainerCallback):
             def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "loss" in logs:
+                if logs and ("loss" in logs or "eval_loss" in logs):
                     entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs, "time": now_iso()}
                     outer.entries.append(entry)
                     with open(outer.path, "a", encoding="utf-8") as f:
@@ -104,20 +115,34 @@ class _LossLog:
         return Callback()
 
 
-def build_trainer(config: Config, model, tokenizer, samples: list[dict], precision, scratch: Path, callbacks=()):
-    """The Trainer lmtune trains with: answer-only loss, dynamic padding with the label-contract check."""
+def build_trainer(config: Config, model, tokenizer, samples: list[dict], precision, scratch: Path, callbacks=(),
+                  val_samples: list[dict] | None = None):
+    """The Trainer lmtune trains with: answer-only loss, dynamic padding with the label-contract check,
+    and with validation samples: periodic validation loss, best adapter kept, optional early stopping."""
+    from transformers import EarlyStoppingCallback
+
     use_checkpointing = decide_checkpointing(config, model, samples, precision)
     if use_checkpointing:
         # LoRA freezes the embeddings, so checkpointed blocks would get inputs that need no grad and skip backward.
         model.enable_input_require_grads()
+    callbacks = list(callbacks)
+    if val_samples and config.train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience))
     Trainer = make_trainer_class()
     return Trainer(
         model=model,
-        args=_training_arguments(config, precision, scratch, use_checkpointing),
+        args=_training_arguments(config, precision, scratch, use_checkpointing, len(samples), bool(val_samples)),
         train_dataset=samples,
+        eval_dataset=val_samples or None,
         data_collator=Collator(tokenizer),
-        callbacks=list(callbacks),
+        callbacks=callbacks,
     )
+
+
+def total_steps(config: Config, n_samples: int) -> int:
+    t = config.train
+    micro_batches = math.ceil(n_samples / t.batch_size)
+    return t.max_steps if t.max_steps > 0 else math.ceil(math.ceil(micro_batches / t.grad_accum) * t.epochs)
 
 
 def decide_checkpointing(config: Config, model, samples: list[dict], precision) -> bool:
@@ -151,11 +176,18 @@ def free_memory_bytes(device: str) -> float:
         return float("inf")  # unknown (macOS, Windows): do not slow training down on a guess
 
 
-def _training_arguments(config: Config, precision, scratch: Path, use_checkpointing: bool):
+def _training_arguments(config: Config, precision, scratch: Path, use_checkpointing: bool, n_samples: int, validate: bool):
     from transformers import TrainingArguments
 
     t = config.train
+    every = t.eval_steps or max(1, total_steps(config, n_samples) // 10)
+    evaluation = dict(
+        eval_strategy="steps", eval_steps=every, save_strategy="steps", save_steps=every, save_total_limit=2,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        per_device_eval_batch_size=t.batch_size,
+    ) if validate else dict(save_strategy="no")
     return TrainingArguments(
+        **evaluation,
         output_dir=str(scratch / "trainer"),
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -167,7 +199,6 @@ def _training_arguments(config: Config, precision, scratch: Path, use_checkpoint
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
-        save_strategy="no",
         report_to=[],
         bf16=precision.bf16,
         fp16=precision.fp16,
@@ -233,8 +264,7 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
     trainable, total = model.get_nb_trainable_parameters()
     log(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
-    micro_batches = math.ceil(len(prepared.samples) / t.batch_size)
-    steps = t.max_steps if t.max_steps > 0 else math.ceil(math.ceil(micro_batches / t.grad_accum) * t.epochs)
+    steps = total_steps(config, len(prepared.samples))
 
     if dry_run:
         estimate = _estimate_step_time(model, prepared, tokenizer, config, precision)
@@ -247,20 +277,31 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
 
     with atomic_output(t.output_dir, t.overwrite_output_dir) as out:
         loss_log = _LossLog(out / LOG_FILE)
-        trainer = build_trainer(config, model, tokenizer, prepared.samples, precision, out, [loss_log.make_callback()])
+        trainer = build_trainer(config, model, tokenizer, prepared.samples, precision, out, [loss_log.make_callback()],
+                                prepared.val_samples)
         log(f"training: {steps} optimizer steps of {t.batch_size * t.grad_accum} samples")
         trainer.train()  # errors propagate: an untrained adapter is never saved (the tutorial's defect 9)
 
-        losses = [e["loss"] for e in loss_log.entries]
+        losses = [e["loss"] for e in loss_log.entries if "loss" in e]
         final_loss = losses[-1] if losses else float("nan")
         if not math.isfinite(final_loss):
             raise LmtuneError(f"training diverged (loss {final_loss}); lower train.learning_rate (now {t.learning_rate})")
 
         _save_adapter(model, tokenizer, prepared, config, out)
-        plot_loss([e["step"] for e in loss_log.entries], losses, out / PLOT_FILE, title=f"{Path(config.model.name_or_path).name}, {len(prepared.samples)} samples: training loss")
+        evals = [e for e in loss_log.entries if "eval_loss" in e]
+        plot_loss([e["step"] for e in loss_log.entries if "loss" in e], losses, out / PLOT_FILE,
+                  title=f"{Path(config.model.name_or_path).name}, {len(prepared.samples)} samples: training loss",
+                  val_steps=[e["step"] for e in evals], val_losses=[e["eval_loss"] for e in evals])
         shutil.rmtree(out / "trainer", ignore_errors=True)
         seconds = time.perf_counter() - start_clock
-        write_json(out / MANIFEST_FILE, _manifest(config, prepared, precision, started, seconds, final_loss, trainer.state.global_step))
+        manifest = _manifest(config, prepared, precision, started, seconds, final_loss, trainer.state.global_step)
+        if evals:
+            best = min(evals, key=lambda e: e["eval_loss"])
+            manifest["validation"] = {"samples": len(prepared.val_samples), "leaked_questions": prepared.leaked_val_questions,
+                                      "best_eval_loss": best["eval_loss"], "best_step": best["step"],
+                                      "stopped_early": trainer.state.global_step < steps}
+            log(f"validation: best loss {best['eval_loss']:.4f} at step {best['step']}; that adapter is the one saved")
+        write_json(out / MANIFEST_FILE, manifest)
     log(f"saved adapter to {t.output_dir} (final loss {final_loss:.4f}, {seconds:.0f} s)")
     return TrainResult(t.output_dir, trainer.state.global_step, final_loss, loss_log.entries, seconds, model=model)
 
