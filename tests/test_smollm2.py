@@ -10,7 +10,7 @@ import json
 import pytest
 
 from lmtune.config import GenerateConfig, build_config
-from lmtune.evaluate import chrf
+from lmtune.metrics import chrf
 from lmtune.generate import generate_batch, load_for_inference
 from lmtune.merge import merge
 from lmtune.train import train
@@ -52,3 +52,17 @@ def test_smollm2_learns_the_answers_and_stops(smollm2, tmp_path):
     assert all(a.stopped_at_eos for a in answers), [a.text for a in answers]
     score = chrf([a.text for a in answers], [p["answer"] for p in PAIRS])
     assert score >= 80, [a.text for a in answers]
+
+    # The evaluation module agrees: the tuned model beats the base model on the training questions.
+    from lmtune.data import Example
+    from lmtune.evaluate import evaluate_model
+
+    examples = [Example(p["question"], p["answer"]) for p in PAIRS]
+    cfg = GenerateConfig(greedy=True, max_new_tokens=64, repetition_penalty=1.0)
+    tuned = evaluate_model(loaded, examples, cfg, "tuned")
+    base_loaded = load_for_inference(smollm2)
+    base_loaded.template = loaded.template
+    base = evaluate_model(base_loaded, examples, cfg, "base")
+    assert tuned.answer_loss < 0.5 * base.answer_loss, (tuned.answer_loss, base.answer_loss)
+    assert tuned.scores.chrf > base.scores.chrf + 30 and tuned.scores.rouge_l > base.scores.rouge_l + 30
+    assert tuned.scores.eos_rate == 100.0

@@ -55,7 +55,7 @@ def _val_config(model_dir, data, out, **extra):
     return build_config(overrides={
         "model.name_or_path": model_dir, "data.paths": [data], "train.output_dir": str(out), "data.template": "plain",
         "model.dtype": "float32", "train.batch_size": 2, "train.grad_accum": 1, "lora.dropout": 0.0,
-        "data.val_size": 0.25, **extra})
+        "data.val_size": 0.25, "generate.max_new_tokens": 16, **extra})
 
 
 def test_training_logs_validation_loss_and_keeps_the_best_adapter(tiny_bloom_dir, tmp_path):
@@ -77,6 +77,10 @@ def test_training_logs_validation_loss_and_keeps_the_best_adapter(tiny_bloom_dir
     best = min(evals, key=lambda e: e["eval_loss"])
     assert manifest["best_eval_loss"] == best["eval_loss"] and manifest["best_step"] == best["step"]
     assert best["step"] != evals[-1]["step"]  # so keeping the best is not the same as keeping the last
+    # and the run ends with a generation report on the validation questions
+    report = json.loads((tmp_path / "a" / "eval" / "report.json").read_text())
+    assert report["n"] == 4 and (tmp_path / "a" / "eval" / "predictions.jsonl").read_text().count("\n") == 4
+    assert "| chrF |" in (tmp_path / "a" / "eval" / "report.md").read_text()
 
     # The saved adapter is the best one: its validation loss, recomputed from disk, is the best logged loss.
     tok = load_tokenizer(resolve_source(tiny_bloom_dir))

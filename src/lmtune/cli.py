@@ -7,7 +7,9 @@ name is unique, `--field VALUE` (dashes or underscores): `--lora.r 16`, `--learn
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from typing import Any
 
 from .config import ConfigError, all_keys, load_config, parse_cli_value
@@ -100,20 +102,78 @@ def cmd_merge(args, extra) -> int:
 def cmd_generate(args, extra) -> int:
     from .generate import generate, load_for_inference
 
+    cfg = _inference_config(args, extra)
+    loaded = load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype)
+    answer = generate(loaded, args.prompt, cfg, on_text=lambda t: print(t, end="", flush=True))
+    print()
+    if not answer.stopped_at_eos:
+        print(f"[stopped at --max-new-tokens {cfg.max_new_tokens} before the model ended its answer]", file=sys.stderr)
+    return 0
+
+
+def _inference_config(args, extra):
+    """The generate section for generate, chat and serve: --config, then `--section.field` overrides, then the sampling flags."""
     overrides = _parse_overrides(extra)
     for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"):
         if getattr(args, name) is not None:
             overrides[f"generate.{name}"] = getattr(args, name)
     if args.greedy:
         overrides["generate.greedy"] = True
-    config = load_config(args.config, overrides)
     if not args.model and not args.adapter:
         raise ConfigError(["give --model (a merged or base model) and/or --adapter"])
+    return load_config(args.config, overrides).generate
+
+
+def cmd_chat(args, extra) -> int:
+    from .chat import run_chat
+    from .generate import load_for_inference
+
+    cfg = _inference_config(args, extra)
     loaded = load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype)
-    answer = generate(loaded, args.prompt, config.generate, on_text=lambda t: print(t, end="", flush=True))
-    print()
-    if not answer.stopped_at_eos:
-        print(f"[stopped at --max-new-tokens {config.generate.max_new_tokens} before the model ended its answer]", file=sys.stderr)
+    run_chat(loaded, cfg)
+    return 0
+
+
+def cmd_serve(args, extra) -> int:
+    from .generate import load_for_inference
+    from .serve import model_id_for, serve
+
+    cfg = _inference_config(args, extra)
+    problems = [f"--port must be 0..65535, got {args.port}"] if not 0 <= args.port <= 65535 else []
+    problems += [f"--max-batch-size must be at least 1, got {args.max_batch_size}"] if args.max_batch_size < 1 else []
+    if problems:
+        raise ConfigError(problems)
+    loaded = load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype)
+    try:
+        serve(loaded, args.served_model_name or model_id_for(args.model, args.adapter), args.host, args.port,
+              args.api_key or None, args.max_batch_size, cfg)
+    except OSError as e:  # the port is taken, or the host is not an address of this machine
+        raise LmtuneError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    return 0
+
+
+def _add_inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="merged or base model (default: the adapter's base)")
+    p.add_argument("--adapter", help="LoRA adapter folder to apply")
+    p.add_argument("--config", help="YAML config whose generate section gives defaults")
+    p.add_argument("--greedy", action="store_true", help="deterministic answers (no sampling)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+
+
+def cmd_eval(args, extra) -> int:
+    from .evaluate import run_eval
+
+    if not args.model and not args.adapter:
+        raise ConfigError(["give --model (a merged or base model) and/or --adapter"])
+    output_dir = args.output_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_eval(args.data, output_dir, model=args.model, adapter=args.adapter, baseline=args.baseline,
+             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, overwrite=args.overwrite)
     return 0
 
 
@@ -181,19 +241,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("generate", help="answer a question with a model (merged, base, or base + adapter)")
+    p.add_argument("--prompt", required=True, help="the question; it is wrapped in the training template")
+    _add_inference_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="score a model on Q/A data (answer loss, chrF, ROUGE-L, EOS rate), optionally against a baseline")
     p.add_argument("--model", help="merged or base model (default: the adapter's base)")
     p.add_argument("--adapter", help="LoRA adapter folder to apply")
-    p.add_argument("--prompt", required=True, help="the question; it is wrapped in the training template")
-    p.add_argument("--config", help="YAML config whose generate section gives defaults")
-    p.add_argument("--greedy", action="store_true", help="deterministic answer (no sampling)")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
-    p.set_defaults(func=cmd_generate)
+    p.add_argument("--data", nargs="+", required=True, help="question/answer files with reference answers")
+    p.add_argument("--baseline", help="a second model to compare with, asked with the same prompts")
+    p.add_argument("--output-dir", help="report folder (default runs/eval-<time>)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16, help="questions generated together")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streamed answers, remembered conversation)")
+    _add_inference_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. "
+                                   "Request fields the OpenAI API lacks (top_k, repetition_penalty) and unset ones come "
+                                   "from the generate settings below.")
+    _add_inference_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("LMTUNE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $LMTUNE_API_KEY, which keeps the key out of `ps`)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests generated together at most (default 8)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the model or adapter folder's name)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("quickstart", help="train on the bundled Vietnamese data, merge, and compare base vs tuned answers")
     _add_train_flags(p, model_required=False)
@@ -227,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("merge", "data") and extra:
+    if args.command in ("merge", "data", "eval") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args, extra)

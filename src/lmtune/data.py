@@ -403,6 +403,32 @@ class PromptTemplate:
         # tokenizer's usual BOS (if it adds one).
         return tokenizer(text, add_special_tokens=self.kind != "chat")["input_ids"]
 
+    def conversation_ids(self, tokenizer, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt ids for a multi-turn conversation ending with a user message (chat and serve).
+
+        `messages` are {"role": "system"|"user"|"assistant", "content": str}, user and assistant
+        alternating. One user message gives exactly `prompt_ids(question)`. Plain templates join
+        turns as training builds one sample: prompt ids + answer ids (answer prefix, answer, EOS).
+        """
+        system, turns = _split_turns(messages, self.system_prompt)
+        if self.kind == "chat":
+            chat = [{"role": "system", "content": system}] if system else []
+            for question, answer in turns:
+                chat += [{"role": "user", "content": question}] + ([{"role": "assistant", "content": answer}] if answer is not None else [])
+            try:
+                text = tokenizer.apply_chat_template(chat, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False)
+            except Exception as e:  # jinja raises its own errors for conversations a template refuses
+                raise DataError(f"the model's chat template refuses this conversation: {e}") from None
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        first = PromptTemplate(**{**self.to_dict(), "system_prompt": system})
+        ids: list[int] = []
+        for number, (question, answer) in enumerate(turns):
+            # Later turns start like every training sample (BOS if the tokenizer adds one), without the system line.
+            ids += first.prompt_ids(tokenizer, question) if number == 0 else tokenizer(self.prompt.format(question=question))["input_ids"]
+            if answer is not None:
+                ids += self.answer_ids(tokenizer, answer)
+        return ids
+
     def answer_ids(self, tokenizer, answer: str) -> list[int]:
         """The answer's ids followed by EOS: the model must learn to stop."""
         if tokenizer.eos_token_id is None:
@@ -425,6 +451,26 @@ class PromptTemplate:
         if not path.is_file():
             return None
         return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def _split_turns(messages: list[dict[str, str]], default_system: str) -> tuple[str, list[tuple[str, str | None]]]:
+    """(system text, [(question, answer or None)]) from chat messages; DataError if they do not alternate."""
+    system, first = default_system, 0
+    if messages and messages[0].get("role") == "system":
+        system, first = messages[0].get("content", ""), 1
+    turns: list[tuple[str, str | None]] = []
+    for index, message in enumerate(messages[first:]):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if message.get("role") != expected:
+            raise DataError(f"message {index + first}: expected role '{expected}' (a system message may come first, then user and "
+                            f"assistant alternate), got '{message.get('role')}'")
+        if expected == "user":
+            turns.append((message.get("content", ""), None))
+        else:
+            turns[-1] = (turns[-1][0], message.get("content", ""))
+    if not turns or turns[-1][1] is not None:
+        raise DataError("the conversation must end with a user message")
+    return system, turns
 
 
 # ---------------------------------------------------------------- tokenization

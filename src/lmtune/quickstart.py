@@ -11,29 +11,30 @@ import json
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from .bundled import HELDOUT_DATA, TRAIN_DATA, bundled_path
 from .config import Config, GenerateConfig
-from .data import load_examples
-from .evaluate import Scores, score
-from .generate import Answer, generate_batch, load_for_inference
+from .data import Example, load_examples
+from .evaluate import ModelEval, evaluate_model, format_table, write_report
+from .generate import load_for_inference
 from .merge import merge
 from .outputs import write_json
-from .train import train
+from .train import PLOT_FILE, train
 
 DEMO_COUNT = 4
 EVAL_BATCH = 24
 
 
-def _answers(model: str, questions: list[str], cfg: GenerateConfig, label: str) -> list[Answer]:
+def _evaluate(model: str, sets: dict[str, list[Example]], cfg: GenerateConfig, label: str, template=None) -> dict[str, ModelEval]:
+    """Load once, evaluate every question set, free the memory."""
     loaded = load_for_inference(model)
-    answers: list[Answer] = []
-    for start in tqdm(range(0, len(questions), EVAL_BATCH), desc=f"answering with the {label} model", unit="batch"):
-        answers += generate_batch(loaded, questions[start : start + EVAL_BATCH], cfg, batch_size=EVAL_BATCH)
+    if template is not None:
+        loaded.template = template  # the base model is asked with exactly the prompts the tuned one saw
+    results = {name: evaluate_model(loaded, examples, cfg, label, EVAL_BATCH) for name, examples in sets.items()}
+    for r in results.values():
+        r.template = loaded.template
     del loaded
     gc.collect()
-    return answers
+    return results
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -64,41 +65,36 @@ def run_quickstart(config: Config, explicit_output_dir: bool = False) -> dict:
 
     examples, _ = load_examples(config.data.paths, config.data.question_field, config.data.answer_field,
                                 config.data.context_field, config.data.max_samples)
-    heldout = _heldout_for({e.question for e in examples})
-    questions = [e.question for e in examples] + [r["question"] for r in heldout]
-    references = [e.answer for e in examples] + [r["answer"] for r in heldout]
-    n_train = len(examples)
+    sets = {"training questions": examples}
+    heldout = [Example(r["question"], r["answer"]) for r in _heldout_for({e.question for e in examples})]
+    if heldout:
+        sets["reworded held-out questions"] = heldout
 
-    eval_cfg = GenerateConfig(**{**config.generate.__dict__, "greedy": True})
-    base_answers = _answers(base_model, questions, eval_cfg, "base")
-    tuned_answers = _answers(str(merged_dir), questions, eval_cfg, "tuned")
+    eval_cfg = GenerateConfig(**{**config.generate.__dict__, "greedy": True, "repetition_penalty": 1.0})
+    tuned = _evaluate(str(merged_dir), sets, eval_cfg, "tuned")
+    base = _evaluate(base_model, sets, eval_cfg, "base", template=tuned["training questions"].template)
+
+    print("\n== answers, side by side (greedy)")
+    demo = [("reworded held-out questions", i) for i in range(min(DEMO_COUNT // 2, len(heldout)))]
+    demo += [("training questions", i) for i in range(DEMO_COUNT - len(demo))]
+    for name, i in demo:
+        print(f"\nQ: {sets[name][i].question}")
+        print(f"  reference: {sets[name][i].answer}")
+        print(f"  base:      {_one_line(base[name].answers[i].text)}")
+        print(f"  tuned:     {_one_line(tuned[name].answers[i].text)}")
 
     report = {"base_model": base_model, "run_dir": str(run_dir), "final_train_loss": result.final_loss,
               "train_seconds": round(result.seconds, 1), "max_new_tokens": eval_cfg.max_new_tokens}
-    table: list[tuple[str, Scores, Scores]] = []
-    for key, name, sl in (("training_questions", "training questions", slice(0, n_train)),
-                          ("heldout_questions", "reworded held-out questions", slice(n_train, None))):
-        if not references[sl]:
-            continue
-        base_s, tuned_s = score(base_answers[sl], references[sl]), score(tuned_answers[sl], references[sl])
-        table.append((name, base_s, tuned_s))
-        report[key] = {"base": base_s.__dict__, "tuned": tuned_s.__dict__}
-
-    print("\n== answers, side by side (greedy)")
-    demo = list(range(n_train, len(questions)))[: DEMO_COUNT // 2] + list(range(DEMO_COUNT // 2))
-    for i in demo:
-        print(f"\nQ: {questions[i]}")
-        print(f"  reference: {references[i]}")
-        print(f"  base:      {_one_line(base_answers[i].text)}")
-        print(f"  tuned:     {_one_line(tuned_answers[i].text)}")
-
-    print("\n== scores (chrF vs reference answers; EOS = answer ended before the token limit)")
-    for name, base_s, tuned_s in table:
-        print(f"{name}:\n  base  {base_s.row()}\n  tuned {tuned_s.row()}")
+    for name, examples_of_set in sets.items():
+        key = "training_questions" if name == "training questions" else "heldout_questions"
+        folder = run_dir / f"eval-{key.split('_')[0]}"
+        folder.mkdir()
+        figures = {"model": str(merged_dir), "baseline": base_model, "data": [name], "n": len(examples_of_set),
+                   "max_new_tokens": eval_cfg.max_new_tokens, "tuned": tuned[name].figures(), "base": base[name].figures()}
+        write_report(folder, examples_of_set, tuned[name], base[name], figures, adapter_dir / PLOT_FILE)
+        report[key] = {"tuned": tuned[name].figures(), "base": base[name].figures(), "report": str(folder / "report.md")}
+        print(f"\n== {name}: {format_table(tuned[name], base[name], len(examples_of_set))}")
     report["seconds_total"] = round(time.perf_counter() - started, 1)
-    rows = [{"question": q, "reference": r, "base": b.text, "tuned": t.text, "tuned_stopped_at_eos": t.stopped_at_eos}
-            for q, r, b, t in zip(questions, references, base_answers, tuned_answers)]
-    (run_dir / "predictions.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows), encoding="utf-8")
     write_json(run_dir / "quickstart_report.json", report)
     print(f"\nadapter: {adapter_dir}\nmerged model: {merged_dir}\nreport: {run_dir / 'quickstart_report.json'}"
           f"\ntotal time {report['seconds_total']:.0f} s")

@@ -42,6 +42,7 @@ class PreparedData:
     token_report: data_mod.TokenizeReport
     val_samples: list[dict] = field(default_factory=list)
     leaked_val_questions: int = 0
+    val_examples: list = field(default_factory=list)
 
 
 @dataclass
@@ -79,7 +80,7 @@ def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) 
     if val_examples:
         log(f"validation: {len(val_samples)} samples; {leaked} of their questions also appear in training"
             + (" (they measure memorisation, not generalisation; run `lmtune data clean`)" if leaked else ""))
-    return PreparedData(template, samples, load_report, token_report, val_samples, leaked)
+    return PreparedData(template, samples, load_report, token_report, val_samples, leaked, val_examples)
 
 
 def preflight(prepared: PreparedData, tokenizer, batch_size: int, log: Callable[[str], None] = print) -> None:
@@ -301,9 +302,29 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
                                       "best_eval_loss": best["eval_loss"], "best_step": best["step"],
                                       "stopped_early": trainer.state.global_step < steps}
             log(f"validation: best loss {best['eval_loss']:.4f} at step {best['step']}; that adapter is the one saved")
+            manifest["validation"]["report"] = _final_report(model, tokenizer, prepared, config, precision, out, log)
         write_json(out / MANIFEST_FILE, manifest)
     log(f"saved adapter to {t.output_dir} (final loss {final_loss:.4f}, {seconds:.0f} s)")
     return TrainResult(t.output_dir, trainer.state.global_step, final_loss, loss_log.entries, seconds, model=model)
+
+
+FINAL_REPORT_QUESTIONS = 200  # generation is the slow part of evaluation; a sample this size is enough to compare runs
+
+
+def _final_report(model, tokenizer, prepared: PreparedData, config: Config, precision, out: Path, log) -> dict:
+    """Greedy generations on the validation questions, scored, written to <adapter>/eval/ (report.md, predictions.jsonl)."""
+    from .evaluate import evaluate_model, format_table, write_report
+    from .generate import LoadedModel
+
+    examples = prepared.val_examples[:FINAL_REPORT_QUESTIONS]
+    loaded = LoadedModel(model.eval(), tokenizer, prepared.template, precision.device, precision.compute_dtype)
+    result = evaluate_model(loaded, examples, config.generate, "tuned", batch_size=max(config.train.batch_size, 8))
+    (out / "eval").mkdir()
+    figures = {"model": config.train.output_dir, "data": ["validation split"], "n": len(examples),
+               "max_new_tokens": config.generate.max_new_tokens, "tuned": result.figures(), "base": None}
+    write_report(out / "eval", examples, result, None, figures, out / PLOT_FILE)
+    log(f"validation: {format_table(result, None, len(examples))}")
+    return {"n": len(examples), **result.figures()}
 
 
 def _save_adapter(model, tokenizer, prepared: PreparedData, config: Config, out: Path) -> None:
