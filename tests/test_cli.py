@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -91,3 +90,9 @@ def test_bad_data_line_through_the_cli(capsys, tiny_bloom_dir, tmp_path):
     assert code == 2
     assert f"error: {bad}:2: missing field 'answer'" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_epochs_and_max_steps_conflict(capsys, tiny_bloom_dir, qa_file, tmp_path):
+    code, _, err = run(capsys, "train", "--model", tiny_bloom_dir, "--data", qa_file, "--output-dir", tmp_path / "a",
+                       "--epochs", 2, "--max-steps", 5)
+    assert code == 2 and "--epochs and --max-steps both say when to stop" in err

@@ -61,7 +61,7 @@ def _val_config(model_dir, data, out, **extra):
 def test_training_logs_validation_loss_and_keeps_the_best_adapter(tiny_bloom_dir, tmp_path):
     from peft import PeftModel
 
-    from lmtune.data import Collator, PromptTemplate, tokenize_examples
+    from lmtune.data import Collator
     from lmtune.model import load_model, load_tokenizer, resolve_source
 
     rows = [{"question": f"Câu hỏi số {i} là gì?", "answer": f"Đây là câu trả lời số {i} về học máy."} for i in range(16)]

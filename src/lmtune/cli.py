@@ -56,6 +56,8 @@ def _parse_overrides(tokens: list[str]) -> dict[str, Any]:
 
 
 def _train_config(args: argparse.Namespace, extra: list[str]):
+    if getattr(args, "epochs", None) is not None and getattr(args, "max_steps", None) is not None:
+        raise ConfigError(["--epochs and --max-steps both say when to stop: give one of them"])
     overrides = _parse_overrides(extra)
     for flag, key in TRAIN_SHORTCUTS.items():
         value = getattr(args, flag, None)
