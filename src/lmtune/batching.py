@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from .generate import LoadedModel, _autocast, _eos_ids, _pad_id
+from .generate import LoadedModel, inference_autocast, stop_token_ids, padding_id
 
 # (text to append, finish reason or None). Finish reasons follow OpenAI: "stop" (EOS or a stop
 # string), "length" (max_tokens reached), "cancelled" (client left or Ctrl-C), "error".
@@ -120,7 +120,7 @@ class _RowTracker(StoppingCriteria):
     def __init__(self, rows: list[Row], loaded: LoadedModel):
         self.rows = rows
         self.tokenizer = loaded.tokenizer
-        self.eos_ids = set(_eos_ids(loaded))
+        self.eos_ids = set(stop_token_ids(loaded))
 
     def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
         last = input_ids[:, -1].tolist()
@@ -195,16 +195,16 @@ def run_batch(loaded: LoadedModel, rows: list[Row]) -> None:
     for row in rows:
         if row.generator is None:
             row.generator = torch.Generator().manual_seed(row.seed if row.seed is not None else random.getrandbits(63))
-    pad = _pad_id(loaded.tokenizer)
+    pad = padding_id(loaded.tokenizer)
     width = max(len(r.prompt_ids) for r in rows)
     input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
     attention = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows])
-    with torch.no_grad(), _autocast(loaded):
+    with torch.no_grad(), inference_autocast(loaded):
         loaded.model.generate(
             input_ids=input_ids.to(loaded.device),
             attention_mask=attention.to(loaded.device),
             max_new_tokens=max(r.max_tokens for r in rows),
-            eos_token_id=_eos_ids(loaded),
+            eos_token_id=stop_token_ids(loaded),
             pad_token_id=pad,
             # Sampling, penalties and stopping are per row (see the module docstring); generate() must
             # only take the token _RowSampler marked, so everything of its own is switched off.

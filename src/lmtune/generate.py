@@ -80,7 +80,7 @@ def load_adapter_tokenizer(adapter: str, source, trust_remote_code: bool):
     return load_tokenizer(source, trust_remote_code)
 
 
-def _eos_ids(loaded: LoadedModel) -> list[int]:
+def stop_token_ids(loaded: LoadedModel) -> list[int]:
     ids = {loaded.tokenizer.eos_token_id}
     configured = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
     if isinstance(configured, int):
@@ -90,7 +90,7 @@ def _eos_ids(loaded: LoadedModel) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _pad_id(tokenizer) -> int:
+def padding_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -110,15 +110,15 @@ class Answer:
 def generate_batch(loaded: LoadedModel, questions: list[str], cfg: GenerateConfig, batch_size: int = 16) -> list[Answer]:
     """Answer many questions, batched with left padding so every prompt ends where generation starts."""
     tokenizer, template = loaded.tokenizer, loaded.template
-    eos_ids = _eos_ids(loaded)
-    pad = _pad_id(tokenizer)
+    eos_ids = stop_token_ids(loaded)
+    pad = padding_id(tokenizer)
     answers: list[Answer] = []
     for start in range(0, len(questions), batch_size):
         prompts = [template.prompt_ids(tokenizer, q) for q in questions[start : start + batch_size]]
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        with torch.no_grad(), _autocast(loaded):
+        with torch.no_grad(), inference_autocast(loaded):
             output = loaded.model.generate(
                 input_ids=input_ids.to(loaded.device),
                 attention_mask=attention.to(loaded.device),
@@ -144,7 +144,7 @@ def generate(loaded: LoadedModel, question: str, cfg: GenerateConfig, on_text: C
     from transformers import TextStreamer
 
     tokenizer = loaded.tokenizer
-    eos_ids = _eos_ids(loaded)
+    eos_ids = stop_token_ids(loaded)
     prompt = torch.tensor([loaded.template.prompt_ids(tokenizer, question)])
     streamer = None
     if on_text is not None:
@@ -160,13 +160,13 @@ def generate(loaded: LoadedModel, question: str, cfg: GenerateConfig, on_text: C
                     on_text(text)
 
         streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with torch.no_grad(), _autocast(loaded):
+    with torch.no_grad(), inference_autocast(loaded):
         output = loaded.model.generate(
             input_ids=prompt.to(loaded.device),
             attention_mask=torch.ones_like(prompt).to(loaded.device),
             max_new_tokens=cfg.max_new_tokens,
             eos_token_id=eos_ids,
-            pad_token_id=_pad_id(tokenizer),
+            pad_token_id=padding_id(tokenizer),
             repetition_penalty=cfg.repetition_penalty,
             streamer=streamer,
             **_sampling_kwargs(cfg),
@@ -174,6 +174,6 @@ def generate(loaded: LoadedModel, question: str, cfg: GenerateConfig, on_text: C
     return _finish(output[0, prompt.shape[1] :].tolist(), eos_ids, tokenizer, loaded.template)
 
 
-def _autocast(loaded: LoadedModel):
+def inference_autocast(loaded: LoadedModel):
     enabled = loaded.compute_dtype != torch.float32
     return torch.autocast(device_type=loaded.device, dtype=loaded.compute_dtype, enabled=enabled)
