@@ -19,3 +19,11 @@ class OutputExistsError(LmtuneError):
 
 class LabelContractError(LmtuneError):
     """A training batch breaks the label contract (see data.check_batch)."""
+
+
+class DiskFullError(LmtuneError):
+    """The disk filled up while writing an output; the previous output (if any) is intact."""
+
+
+class TrainingInterrupted(LmtuneError):
+    """Training stopped on Ctrl-C or SIGTERM; the message says where the checkpoint is and how to resume."""

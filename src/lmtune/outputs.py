@@ -7,6 +7,7 @@ next step) would take it for a finished one. An existing folder is never replace
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputExistsError
+from .errors import DiskFullError, OutputExistsError
 
 
 def check_output_free(path: str | Path, overwrite: bool) -> Path:
@@ -43,16 +44,46 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():  # overwrite was asked for: move the old one aside first, delete it only after the swap
+        raise disk_full_error(error, final) or error
+    move_into_place(tmp, final, overwrite)
+
+
+def move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
+    """Rename a finished temporary folder to `final`; an existing `final` (overwrite asked for) is replaced only
+    after the new one is whole, by moving it aside first and deleting it after the swap."""
+    if final.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{final} appeared while this run was writing; its output is kept in {tmp}")
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
+
+
+def disk_full_error(error: BaseException, final: Path) -> DiskFullError | None:
+    """A clear message for a full disk (or quota) while writing `final`; None for other errors."""
+    if not _is_disk_full(error):
+        return None
+    kept = f"the previous {final} is untouched" if final.exists() else f"nothing was written to {final}"
+    return DiskFullError(f"no space left on the disk while writing {final}; {kept}. "
+                         f"Free some space (or choose an --output-dir on another disk) and run again")
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    # safetensors and torch.save report a full disk as their own error types, with the OS message inside.
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(error) for text in ("No space left on device", "os error 28", "Disk quota exceeded")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 @contextmanager
@@ -73,10 +104,10 @@ def atomic_files(paths: list[str | Path], overwrite: bool = False) -> Iterator[l
         final.parent.mkdir(parents=True, exist_ok=True)
     try:
         yield tmps
-    except BaseException:
+    except BaseException as error:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
-        raise
+        raise disk_full_error(error, finals[-1]) or error
     for tmp, final in zip(tmps, finals):
         os.replace(tmp, final)
 
