@@ -43,3 +43,26 @@ def test_precision_choice_is_forced_or_automatic():
     assert choose_precision("cpu", "bfloat16").bf16
     auto = choose_precision("cpu", "auto")
     assert auto.device == "cpu" and auto.compute_dtype in (torch.bfloat16, torch.float32)
+
+
+def test_bloom_gelu_swapped_for_the_fused_kernel_of_the_same_function(tiny_bloom_dir, bloom_tokenizer):
+    from transformers import AutoModelForCausalLM
+    from transformers.models.bloom.modeling_bloom import BloomGelu
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_bloom_dir).train()  # train mode: BLOOM's own backward
+    fused = load_model(resolve_source(tiny_bloom_dir)).train()
+    assert any(isinstance(m, BloomGelu) for m in original.modules())
+    assert not any(isinstance(m, BloomGelu) for m in fused.modules())
+    assert sum(isinstance(m, torch.nn.GELU) and m.approximate == "tanh" for m in fused.modules()) == 2  # one per layer
+    batch = bloom_tokenizer(["Học máy là gì?", "LoRA là kỹ thuật tinh chỉnh"], return_tensors="pt", padding=True)
+    grads = []
+    for model in (original, fused):
+        out = model(**batch, labels=batch["input_ids"])
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        logits = out.logits
+        if model is original:
+            reference = logits.detach()
+    torch.testing.assert_close(logits.detach(), reference, atol=1e-5, rtol=1e-5)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4)

@@ -67,8 +67,11 @@ def test_training_logs_validation_loss_and_keeps_the_best_adapter(tiny_bloom_dir
     rows = [{"question": f"Câu hỏi số {i} là gì?", "answer": f"Đây là câu trả lời số {i} về học máy."} for i in range(16)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     lines = []
+    # A constant, high learning rate on 12 near-identical rows: validation loss falls, then rises as the
+    # model memorises the training numbers (measured: best at step 9, 0.3 below the last evaluation).
     train(_val_config(tiny_bloom_dir, data, tmp_path / "a", **{"train.max_steps": 24, "train.eval_steps": 3,
-                                                               "train.learning_rate": 0.2}), log=lines.append)
+                                                               "train.learning_rate": 0.05, "train.lr_scheduler": "constant"}),
+          log=lines.append)
     assert any("validation: 4 samples; 0 of their questions also appear in training" in l for l in lines)
     log = [json.loads(l) for l in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     evals = [e for e in log if "eval_loss" in e]

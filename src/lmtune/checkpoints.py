@@ -283,6 +283,13 @@ def _all_ranks_agree(*flags: bool) -> list[bool]:
     return [bool(v) for v in values.tolist()]
 
 
+def _wait_for_every_rank() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def checkpoint_callback(stop: GracefulStop, run_dir: Path, every_minutes: float, keep: int):
     """Saves on a stop request and at least every `every_minutes`; marks each save complete and prunes old ones."""
     from transformers import TrainerCallback
@@ -302,6 +309,7 @@ def checkpoint_callback(stop: GracefulStop, run_dir: Path, every_minutes: float,
 
         def on_save(self, args, state, control, **kwargs):
             self.last_save = time.monotonic()
+            _wait_for_every_rank()  # each rank writes its own RNG state file: mark complete only once all are on disk
             if state.is_world_process_zero:
                 mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
                 prune_checkpoints(run_dir, keep, protect=state.best_model_checkpoint)

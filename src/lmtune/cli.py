@@ -12,8 +12,9 @@ import sys
 import time
 from typing import Any
 
-from .config import ConfigError, all_keys, load_config, parse_cli_value
-from .errors import LmtuneError
+from .config import ConfigError, all_keys, load_config, parse_cli_value, resolve_key
+from .distributed import is_main_process
+from .errors import LmtuneError, TrainingInterrupted
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -26,11 +27,22 @@ TRAIN_SHORTCUTS = {
     "epochs": "train.epochs",
     "max_steps": "train.max_steps",
     "overwrite": "train.overwrite_output_dir",
+    "resume": "train.resume",
+    "allow_pickle": "model.allow_pickle",
+    "trust_remote_code": "model.trust_remote_code",
 }
 
 
 def _parse_overrides(tokens: list[str]) -> dict[str, Any]:
     """['--lora.r', '16', '--gradient-checkpointing', '--x=y'] -> {'lora.r': 16, 'gradient-checkpointing': True, 'x': 'y'}."""
+    overrides, problems = _split_overrides(tokens)
+    if problems:
+        raise ConfigError(problems)
+    return overrides
+
+
+def _split_overrides(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """(overrides, problems): the caller reports the problems together with those of the config."""
     overrides: dict[str, Any] = {}
     problems = []
     i = 0
@@ -50,22 +62,32 @@ def _parse_overrides(tokens: list[str]) -> dict[str, Any]:
         else:
             overrides[key] = True
             i += 1
-    if problems:
-        raise ConfigError(problems)
-    return overrides
+    return overrides, problems
 
 
 def _train_config(args: argparse.Namespace, extra: list[str]):
-    if getattr(args, "epochs", None) is not None and getattr(args, "max_steps", None) is not None:
-        raise ConfigError(["--epochs and --max-steps both say when to stop: give one of them"])
-    overrides = _parse_overrides(extra)
+    """The Config of train and quickstart; every problem of the command line and the config file in one ConfigError."""
+    overrides, problems = _split_overrides(extra)
     for flag, key in TRAIN_SHORTCUTS.items():
         value = getattr(args, flag, None)
         if value not in (None, False):
             overrides[key] = value
-    if getattr(args, "epochs", None) is not None and getattr(args, "max_steps", None) is None:
+    # Both stopping rules on one command line (as --epochs/--max-steps or --train.epochs/--train.max_steps) contradict
+    # each other; in a config file max_steps wins, as documented there.
+    given = {f"{section}.{name}": value for section, name, value in
+             ((*resolve_key(key), value) for key, value in overrides.items()) if section}
+    if "train.epochs" in given and "train.max_steps" in given:
+        problems.append(f"--epochs and --max-steps both say when to stop (got --epochs {given['train.epochs']!r} and "
+                        f"--max-steps {given['train.max_steps']!r}): give one of them")
+    elif "train.epochs" in given:
         overrides["train.max_steps"] = -1  # --epochs on the command line wins over a max_steps in the config file
-    return load_config(args.config, overrides)
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        raise ConfigError(problems + e.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def _add_train_flags(p: argparse.ArgumentParser, model_required: bool) -> None:
@@ -76,6 +98,10 @@ def _add_train_flags(p: argparse.ArgumentParser, model_required: bool) -> None:
     p.add_argument("--epochs", type=float)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--resume", nargs="?", const=True, metavar="DIR",
+                   help="continue an interrupted run from its newest complete checkpoint (in <output-dir>.partial, "
+                        "or DIR: a run folder or one checkpoint in it); the other settings must be the same")
+    _add_safety_flags(p)
 
 
 def cmd_train(args, extra) -> int:
@@ -97,15 +123,17 @@ def cmd_merge(args, extra) -> int:
 
     if extra:
         raise ConfigError([f"command line: unexpected arguments {' '.join(extra)}"])
-    merge(args.adapter, args.output_dir, model=args.model, overwrite=args.overwrite)
+    merge(args.adapter, args.output_dir, model=args.model, overwrite=args.overwrite,
+          allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     return 0
 
 
 def cmd_generate(args, extra) -> int:
-    from .generate import generate, load_for_inference
+    from .generate import generate
 
-    cfg = _inference_config(args, extra)
-    loaded = load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype)
+    config = _inference_config(args, extra)
+    cfg = config.generate
+    loaded = _load_for_inference(args, config)
     answer = generate(loaded, args.prompt, cfg, on_text=lambda t: print(t, end="", flush=True))
     print()
     if not answer.stopped_at_eos:
@@ -114,38 +142,60 @@ def cmd_generate(args, extra) -> int:
 
 
 def _inference_config(args, extra):
-    """The generate section for generate, chat and serve: --config, then `--section.field` overrides, then the sampling flags."""
-    overrides = _parse_overrides(extra)
+    """The Config of generate, chat and serve: --config, then `--section.field` overrides, then the flags.
+
+    Its generate section gives the sampling settings, its model section the loading safety switches.
+    """
+    overrides, problems = _split_overrides(extra)
     for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"):
         if getattr(args, name) is not None:
             overrides[f"generate.{name}"] = getattr(args, name)
     if args.greedy:
         overrides["generate.greedy"] = True
+    for name in ("allow_pickle", "trust_remote_code"):
+        if getattr(args, name, False):
+            overrides[f"model.{name}"] = True
     if not args.model and not args.adapter:
-        raise ConfigError(["give --model (a merged or base model) and/or --adapter"])
-    return load_config(args.config, overrides).generate
+        problems.append("give --model (a merged or base model) and/or --adapter")
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        raise ConfigError(problems + e.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _load_for_inference(args, config):
+    from .generate import load_for_inference
+
+    return load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype,
+                              trust_remote_code=config.model.trust_remote_code, allow_pickle=config.model.allow_pickle)
 
 
 def cmd_chat(args, extra) -> int:
     from .chat import run_chat
-    from .generate import load_for_inference
 
-    cfg = _inference_config(args, extra)
-    loaded = load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype)
+    config = _inference_config(args, extra)
+    cfg = config.generate
+    loaded = _load_for_inference(args, config)
     run_chat(loaded, cfg)
     return 0
 
 
 def cmd_serve(args, extra) -> int:
-    from .generate import load_for_inference
     from .serve import model_id_for, serve
 
-    cfg = _inference_config(args, extra)
     problems = [f"--port must be 0..65535, got {args.port}"] if not 0 <= args.port <= 65535 else []
     problems += [f"--max-batch-size must be at least 1, got {args.max_batch_size}"] if args.max_batch_size < 1 else []
+    try:
+        config = _inference_config(args, extra)
+    except ConfigError as e:
+        raise ConfigError(e.problems + problems) from None
     if problems:
         raise ConfigError(problems)
-    loaded = load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype)
+    cfg = config.generate
+    loaded = _load_for_inference(args, config)
     try:
         serve(loaded, args.served_model_name or model_id_for(args.model, args.adapter), args.host, args.port,
               args.api_key or None, args.max_batch_size, cfg)
@@ -154,9 +204,19 @@ def cmd_serve(args, extra) -> int:
     return 0
 
 
+def _add_safety_flags(p: argparse.ArgumentParser) -> None:
+    """The two switches that let a model folder run code on this machine; both off unless given."""
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load .bin/.pt (pickle) weights and adapters; unpickling can run any code the file carries, "
+                        "so give it only for files you trust (default: safetensors and GGUF only)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code a model folder or hub repo ships (auto_map); only for sources you trust")
+
+
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="merged or base model (default: the adapter's base)")
     p.add_argument("--adapter", help="LoRA adapter folder to apply")
+    _add_safety_flags(p)
     p.add_argument("--config", help="YAML config whose generate section gives defaults")
     p.add_argument("--greedy", action="store_true", help="deterministic answers (no sampling)")
     p.add_argument("--max-new-tokens", type=int)
@@ -175,7 +235,8 @@ def cmd_eval(args, extra) -> int:
         raise ConfigError(["give --model (a merged or base model) and/or --adapter"])
     output_dir = args.output_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}"
     run_eval(args.data, output_dir, model=args.model, adapter=args.adapter, baseline=args.baseline,
-             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, overwrite=args.overwrite)
+             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, overwrite=args.overwrite,
+             allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -240,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
     p.add_argument("--overwrite", action="store_true")
+    _add_safety_flags(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("generate", help="answer a question with a model (merged, base, or base + adapter)")
@@ -256,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16, help="questions generated together")
     p.add_argument("--overwrite", action="store_true")
+    _add_safety_flags(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal (streamed answers, remembered conversation)")
@@ -309,17 +372,22 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command in ("merge", "data", "eval") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # Under torchrun every process meets the same user error; one copy of the message is enough.
+    err = sys.stderr if is_main_process() else open(os.devnull, "w")
     try:
         return args.func(args, extra)
     except ConfigError as e:
         for problem in e.problems:
-            print(f"error: {problem}", file=sys.stderr)
+            print(f"error: {problem}", file=err)
         return EXIT_USER_ERROR
+    except TrainingInterrupted as e:  # not an error: the run stopped where asked and says how to go on
+        print(str(e), file=err)
+        return EXIT_INTERRUPTED
     except LmtuneError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=err)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("\ninterrupted: no output folder was written or changed", file=sys.stderr)
+        print("\ninterrupted: no output folder was written or changed", file=err)
         return EXIT_INTERRUPTED
 
 

@@ -12,6 +12,7 @@ and it flattens sections so that `lora.dropout` and a training dropout would col
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -35,9 +36,15 @@ class ModelConfig:
     name_or_path: str = "bigscience/bloom-560m"
     # Off unless asked: the models we target need no custom code, and running code from the Hub is a risk.
     trust_remote_code: bool = False
+    # Off unless asked: .bin/.pt weights are Python pickles, and unpickling a file can run any code it
+    # carries; safetensors and GGUF files hold only tensors. True also loads pickled weights and adapters.
+    allow_pickle: bool = False
     # "auto": bf16 autocast where the hardware supports it, else fp32 (fp16 on older CUDA GPUs).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    # QLoRA: load the frozen base in 4 bits (nf4, double quantization) or 8 bits through bitsandbytes and
+    # train LoRA on top. Needs a CUDA GPU and `pip install 'lmtune[gpu]'`; merging uses the full-precision base.
+    quantization: Literal["none", "4bit", "8bit"] = "none"
 
 
 @dataclass
@@ -83,8 +90,11 @@ class TrainConfig:
     epochs: float = 3.0
     # Stops after this many optimizer steps when > 0 (overrides epochs).
     max_steps: int = -1
-    batch_size: int = 2
+    batch_size: int = 2  # per device (per process)
     grad_accum: int = 8
+    # Samples per optimizer step over all processes = batch_size x grad_accum x processes. When > 0, grad_accum is
+    # derived from it at launch, so the same config trains with the same global batch on 1 or N processes.
+    global_batch_size: int = 0
     learning_rate: float = 2e-4
     warmup_steps: int = 2
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
@@ -102,6 +112,14 @@ class TrainConfig:
     early_stopping_patience: int = 0
     seed: int = 42
     overwrite_output_dir: bool = False
+    # Interrupt and resume: a run writes to <output_dir>.partial/ and saves a resumable checkpoint (adapter,
+    # optimizer, scheduler, RNG states, data position) at least every checkpoint_minutes (0 = only when
+    # stopped by Ctrl-C/SIGTERM), keeping the newest keep_checkpoints complete ones.
+    checkpoint_minutes: float = 10.0
+    keep_checkpoints: int = 2
+    # true: continue the interrupted run of this output_dir from its newest complete checkpoint;
+    # a path: continue from that run folder or checkpoint.
+    resume: Union[bool, str] = False
 
 
 @dataclass
@@ -173,7 +191,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin is Literal:
         allowed = get_args(annotation)
         if value not in allowed:
-            raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}{hint}")
         return value
     if origin in (Union, types.UnionType):
         errors = []
@@ -200,6 +220,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise ValueError(f"{where}: expected an integer, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML reads .inf and .nan; no setting means anything with them
+                raise ValueError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
         raise ValueError(f"{where}: expected a number, got {value!r}")
     if annotation is str:
@@ -212,6 +234,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 def _type_name(annotation: Any) -> str:
     if get_origin(annotation) is list:
         return "a list"
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(map(repr, get_args(annotation)))
     return {str: "text", int: "an integer", float: "a number", bool: "true/false"}.get(annotation, str(annotation))
 
 
@@ -261,7 +285,7 @@ def build_config(base: dict[str, Any] | None = None, overrides: dict[str, Any] |
         if content is None:
             continue
         if not isinstance(content, dict):
-            problems.append(f"{source}: section '{section}' must be a mapping of keys to values")
+            problems.append(f"{source}: section '{section}' must be a mapping of keys to values, got {content!r}")
             continue
         for name, value in content.items():
             sec, resolved = resolve_key(f"{section}.{name}")
@@ -294,27 +318,45 @@ def build_config(base: dict[str, Any] | None = None, overrides: dict[str, Any] |
 
 
 def _check_ranges(c: Config) -> list[str]:
+    """Every value out of its range, each message with the key, the bad value and what is allowed."""
+    l, d, t, g = c.lora, c.data, c.train, c.generate
     checks = [
-        (c.lora.r > 0, "lora.r must be positive"),
-        (c.lora.alpha > 0, "lora.alpha must be positive"),
-        (0 <= c.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
-        (c.data.max_length >= 8, "data.max_length must be at least 8 tokens"),
-        (c.data.max_samples >= 0, "data.max_samples must be 0 (all) or positive"),
-        (c.train.batch_size > 0, "train.batch_size must be positive"),
-        (c.train.grad_accum > 0, "train.grad_accum must be positive"),
-        (c.train.learning_rate > 0, "train.learning_rate must be positive"),
-        (c.train.epochs > 0 or c.train.max_steps > 0, "train.epochs or train.max_steps must be positive"),
-        (c.train.warmup_steps >= 0, "train.warmup_steps must not be negative"),
-        (c.data.val_size >= 0, "data.val_size must be 0 (none), a share below 1, or a number of rows"),
-        (c.train.eval_steps >= 0 and c.train.early_stopping_patience >= 0, "train.eval_steps and train.early_stopping_patience must not be negative"),
-        (c.train.early_stopping_patience == 0 or c.data.val_size > 0 or bool(c.data.eval_paths),
-         "train.early_stopping_patience needs validation data: set data.val_size or data.eval_paths"),
-        (c.generate.max_new_tokens > 0, "generate.max_new_tokens must be positive"),
-        (c.generate.temperature > 0, "generate.temperature must be positive (use greedy: true for deterministic answers)"),
-        (0 < c.generate.top_p <= 1, "generate.top_p must be in (0, 1]"),
+        (l.r > 0, f"lora.r must be positive, got {l.r!r}"),
+        (l.alpha > 0, f"lora.alpha must be positive, got {l.alpha!r}"),
+        (0 <= l.dropout < 1, f"lora.dropout must be in [0, 1), got {l.dropout!r}"),
+        (d.max_length >= 8, f"data.max_length must be at least 8 tokens, got {d.max_length!r}"),
+        (d.max_samples >= 0, f"data.max_samples must be 0 (all) or positive, got {d.max_samples!r}"),
+        (t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size!r}"),
+        (t.grad_accum > 0, f"train.grad_accum must be positive, got {t.grad_accum!r}"),
+        (t.global_batch_size >= 0 and (t.batch_size <= 0 or t.global_batch_size % t.batch_size == 0),
+         f"train.global_batch_size must be 0 (off) or a multiple of train.batch_size {t.batch_size!r}, got {t.global_batch_size!r}"),
+        (t.learning_rate > 0, f"train.learning_rate must be positive, got {t.learning_rate!r}"),
+        (t.epochs > 0 or t.max_steps > 0,
+         f"train.epochs or train.max_steps must be positive, got epochs {t.epochs!r} and max_steps {t.max_steps!r}"),
+        (t.warmup_steps >= 0, f"train.warmup_steps must not be negative, got {t.warmup_steps!r}"),
+        (t.weight_decay >= 0, f"train.weight_decay must not be negative, got {t.weight_decay!r}"),
+        (t.max_grad_norm >= 0, f"train.max_grad_norm must not be negative (0 = no clipping), got {t.max_grad_norm!r}"),
+        (t.logging_steps > 0, f"train.logging_steps must be positive, got {t.logging_steps!r}"),
+        # Below 1 a share of the rows, from 1 on a number of rows: 1.5 rows means nothing.
+        (d.val_size >= 0 and (d.val_size < 1 or float(d.val_size).is_integer()),
+         f"data.val_size must be 0 (none), a share below 1, or a whole number of rows, got {d.val_size!r}"),
+        (t.eval_steps >= 0, f"train.eval_steps must not be negative, got {t.eval_steps!r}"),
+        (t.early_stopping_patience >= 0, f"train.early_stopping_patience must not be negative, got {t.early_stopping_patience!r}"),
+        (t.early_stopping_patience == 0 or d.val_size > 0 or bool(d.eval_paths),
+         f"train.early_stopping_patience needs validation data, got {t.early_stopping_patience!r} and none: "
+         "set data.val_size or data.eval_paths"),
+        (g.max_new_tokens > 0, f"generate.max_new_tokens must be positive, got {g.max_new_tokens!r}"),
+        (g.temperature > 0, f"generate.temperature must be positive (use greedy: true for deterministic answers), got {g.temperature!r}"),
+        (0 < g.top_p <= 1, f"generate.top_p must be in (0, 1], got {g.top_p!r}"),
+        (g.top_k >= 0, f"generate.top_k must be 0 (off) or positive, got {g.top_k!r}"),
+        (g.repetition_penalty > 0, f"generate.repetition_penalty must be positive (1.0 = off), got {g.repetition_penalty!r}"),
     ]
-    if isinstance(c.lora.target_modules, str) and c.lora.target_modules not in ("auto", "attention", "all-linear"):
-        checks.append((False, "lora.target_modules must be 'auto', 'attention', 'all-linear' or a list of module names"))
+    modes = ("auto", "attention", "all-linear")
+    if isinstance(l.target_modules, str) and l.target_modules not in modes:
+        close = difflib.get_close_matches(l.target_modules, modes, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        checks.append((False, f"lora.target_modules must be 'auto', 'attention', 'all-linear' or a list of module names, "
+                              f"got {l.target_modules!r}{hint}"))
     return [message for ok, message in checks if not ok]
 
 

@@ -164,7 +164,18 @@ def _iter_jsonl(path: str, text: str, on_invalid: OnInvalid = None) -> Iterator[
             hint = "; the file ends in the middle of this line (truncated?)" if cut_off and number == len(lines) else ""
             _invalid(DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}){hint}"), on_invalid)
             continue
+        except (ValueError, RecursionError) as e:
+            _invalid(DataError(f"{where}: unreadable JSON ({_json_limit(e)})"), on_invalid)
+            continue
         yield where, record
+
+
+def _json_limit(error: Exception) -> str:
+    """Valid JSON that Python's parser still refuses: a number over 4,300 digits (int() refuses it, against a
+    denial of service) or nesting deeper than the interpreter's recursion limit. Neither is a Q/A record."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error).split(";")[0]
 
 
 def _iter_json(path: str, text: str, on_invalid: OnInvalid = None) -> Iterator[tuple[str, Any]]:
@@ -176,6 +187,9 @@ def _iter_json(path: str, text: str, on_invalid: OnInvalid = None) -> Iterator[t
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             _invalid(DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})"), on_invalid)
+            return
+        except (ValueError, RecursionError) as e:
+            _invalid(DataError(f"{path}: unreadable JSON ({_json_limit(e)})"), on_invalid)
             return
         for index, row in enumerate(rows):
             yield f"{path}[{index}]", row
@@ -189,7 +203,13 @@ def _iter_csv(path: str, text: str, on_invalid: OnInvalid = None) -> Iterator[tu
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         for row in reader:
-            yield f"{path}:{reader.line_num}", dict(row)
+            where = f"{path}:{reader.line_num}"
+            if None in row:  # DictReader files the values beyond the header's columns under the key None
+                count = len(reader.fieldnames) + len(row[None])
+                _invalid(DataError(f"{where}: {count} fields, but the header has {len(reader.fieldnames)}; "
+                                   "put fields that hold commas in double quotes"), on_invalid)
+                continue
+            yield where, dict(row)
     except csv.Error as e:  # e.g. a field over csv.field_size_limit(); the parser cannot resume after it
         _invalid(DataError(f"{path}:{reader.line_num}: malformed CSV ({e})"), on_invalid)
 

@@ -264,7 +264,9 @@ def row_problems(row: Row) -> list[tuple[str, str, list[str]]]:
 
 def _snippet(text: str, width: int = 60) -> str:
     flat = " ".join(text.split())
-    return json.dumps(flat if len(flat) <= width else flat[: width - 1] + "…", ensure_ascii=False)
+    quoted = json.dumps(flat if len(flat) <= width else flat[: width - 1] + "…", ensure_ascii=False)
+    # A lone surrogate cannot be printed or written as UTF-8: show it as its JSON escape, as the file had it.
+    return SURROGATE_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", quoted)
 
 
 # ---------------------------------------------------------------- the report

@@ -77,9 +77,10 @@ def evaluate_model(loaded: LoadedModel, examples: list[Example], cfg: GenerateCo
 
 
 def load_and_evaluate(model: str | None, adapter: str | None, examples: list[Example], cfg: GenerateConfig,
-                      label: str, template: PromptTemplate | None = None, batch_size: int = 16) -> ModelEval:
+                      label: str, template: PromptTemplate | None = None, batch_size: int = 16,
+                      allow_pickle: bool = False, trust_remote_code: bool = False) -> ModelEval:
     """Load, evaluate, free. A baseline gets the tuned model's `template`, so both see the same prompts."""
-    loaded = load_for_inference(model, adapter)
+    loaded = load_for_inference(model, adapter, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if template is not None:
         loaded.template = template
     result = evaluate_model(loaded, examples, cfg, label, batch_size)
@@ -157,15 +158,17 @@ def _loss_plot_of(model: str | None, adapter: str | None) -> Path | None:
 
 def run_eval(data: list[str], output_dir: str, model: str | None = None, adapter: str | None = None,
              baseline: str | None = None, max_new_tokens: int = 256, batch_size: int = 16, overwrite: bool = False,
-             log: Callable[[str], None] = print) -> dict:
+             log: Callable[[str], None] = print, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
     """The `lmtune eval` command as a function: evaluate, compare with `baseline`, write the report folder."""
     from .outputs import check_output_free
 
     check_output_free(output_dir, overwrite)
     examples, _ = load_examples(data)
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, greedy=True, repetition_penalty=1.0)
-    tuned = load_and_evaluate(model, adapter, examples, cfg, "tuned", batch_size=batch_size)
-    base = load_and_evaluate(baseline, None, examples, cfg, "base", template=tuned.template, batch_size=batch_size) if baseline else None
+    safety = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    tuned = load_and_evaluate(model, adapter, examples, cfg, "tuned", batch_size=batch_size, **safety)
+    base = (load_and_evaluate(baseline, None, examples, cfg, "base", template=tuned.template, batch_size=batch_size, **safety)
+            if baseline else None)
     report = {"model": model or adapter, "adapter": adapter, "baseline": baseline, "data": list(data), "n": len(examples),
               "max_new_tokens": max_new_tokens, "tuned": tuned.figures(), "base": base.figures() if base else None}
     if base:

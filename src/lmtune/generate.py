@@ -13,6 +13,7 @@ from .data import PromptTemplate
 from .errors import ModelError
 from .model import choose_precision, load_model, load_tokenizer, resolve_source
 from .outputs import read_json
+from .safeload import check_adapter_weights
 
 
 @dataclass
@@ -46,6 +47,7 @@ def load_for_inference(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     template_choice: str = "auto",
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a model (and optionally apply an adapter) for generation.
 
@@ -60,7 +62,9 @@ def load_for_inference(
     # The adapter folder holds the tokenizer as training used it; prefer it.
     tokenizer = load_adapter_tokenizer(adapter, source, trust_remote_code) if adapter else load_tokenizer(source, trust_remote_code)
     precision = choose_precision(device, "float32" if dtype == "auto" else dtype)
-    network = load_model(source, trust_remote_code, dtype=torch.float32)
+    if adapter:
+        check_adapter_weights(adapter, allow_pickle)
+    network = load_model(source, trust_remote_code, dtype=torch.float32, allow_pickle=allow_pickle)
     if adapter:
         from peft import PeftModel
 

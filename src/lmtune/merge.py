@@ -16,6 +16,8 @@ from .data import PromptTemplate
 from .errors import LmtuneError
 from .generate import load_adapter_tokenizer, base_model_of_adapter
 from .model import load_model, resolve_source
+from .safeload import check_adapter_weights
+from .quantization import trained_quantization
 from .outputs import atomic_output, check_output_free, now_iso, read_json, write_json
 from .train import CONFIG_FILE, LOG_FILE, MANIFEST_FILE, PLOT_FILE
 
@@ -43,7 +45,7 @@ def _probe_batch(tokenizer, template: PromptTemplate) -> dict[str, torch.Tensor]
 
 
 def merge(adapter: str, output_dir: str, model: str | None = None, overwrite: bool = False, atol: float = 1e-3,
-          log=print) -> MergeResult:
+          log=print, allow_pickle: bool = False, trust_remote_code: bool = False) -> MergeResult:
     """Merge `adapter` into its base model (read from the adapter unless `model` is given) and save to `output_dir`.
 
     Raises MergeMismatchError if the merged model's logits differ from base+adapter by more than `atol`
@@ -54,12 +56,18 @@ def merge(adapter: str, output_dir: str, model: str | None = None, overwrite: bo
     check_output_free(output_dir, overwrite)
     base_name = model or base_model_of_adapter(adapter)
     source = resolve_source(base_name)
-    tokenizer = load_adapter_tokenizer(adapter, source, False)
+    check_adapter_weights(adapter, allow_pickle)
+    tokenizer = load_adapter_tokenizer(adapter, source, trust_remote_code)
     template = PromptTemplate.load(adapter) or PromptTemplate.for_tokenizer(tokenizer)
 
     log(f"merge: loading {base_name} and {adapter}")
+    quantized = trained_quantization(adapter)
+    if quantized != "none":
+        # LoRA learned a correction to the quantized weights; added to the full-precision ones it is the usual QLoRA
+        # result (a merged model without k-bit kernels), which the probe below compares against base+adapter.
+        log(f"merge: base was trained {quantized} quantized; merging into the full-precision base")
     # Merge in fp32 so the sum W + BA is exact to float precision, then store in the base's own dtype.
-    base = load_model(source, dtype=torch.float32)
+    base = load_model(source, trust_remote_code, dtype=torch.float32, allow_pickle=allow_pickle)
     stored_dtype = _stored_dtype(source)
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
     probe = _probe_batch(tokenizer, template)

@@ -24,9 +24,10 @@ DEMO_COUNT = 4
 EVAL_BATCH = 24
 
 
-def _evaluate(model: str, sets: dict[str, list[Example]], cfg: GenerateConfig, label: str, template=None) -> dict[str, ModelEval]:
+def _evaluate(model: str, sets: dict[str, list[Example]], cfg: GenerateConfig, label: str, template=None,
+              safety: dict | None = None) -> dict[str, ModelEval]:
     """Load once, evaluate every question set, free the memory."""
-    loaded = load_for_inference(model)
+    loaded = load_for_inference(model, **(safety or {}))
     if template is not None:
         loaded.template = template  # the base model is asked with exactly the prompts the tuned one saw
     results = {name: evaluate_model(loaded, examples, cfg, label, EVAL_BATCH) for name, examples in sets.items()}
@@ -61,7 +62,8 @@ def run_quickstart(config: Config, explicit_output_dir: bool = False) -> dict:
 
     print(f"== lmtune quickstart: {base_model} on {', '.join(config.data.paths)} -> {run_dir}")
     result = train(config)
-    merge(str(adapter_dir), str(merged_dir))
+    safety = {"allow_pickle": config.model.allow_pickle, "trust_remote_code": config.model.trust_remote_code}
+    merge(str(adapter_dir), str(merged_dir), **safety)
 
     examples, _ = load_examples(config.data.paths, config.data.question_field, config.data.answer_field,
                                 config.data.context_field, config.data.max_samples)
@@ -71,8 +73,8 @@ def run_quickstart(config: Config, explicit_output_dir: bool = False) -> dict:
         sets["reworded held-out questions"] = heldout
 
     eval_cfg = GenerateConfig(**{**config.generate.__dict__, "greedy": True, "repetition_penalty": 1.0})
-    tuned = _evaluate(str(merged_dir), sets, eval_cfg, "tuned")
-    base = _evaluate(base_model, sets, eval_cfg, "base", template=tuned["training questions"].template)
+    tuned = _evaluate(str(merged_dir), sets, eval_cfg, "tuned", safety=safety)
+    base = _evaluate(base_model, sets, eval_cfg, "base", template=tuned["training questions"].template, safety=safety)
 
     print("\n== answers, side by side (greedy)")
     demo = [("reworded held-out questions", i) for i in range(min(DEMO_COUNT // 2, len(heldout)))]

@@ -47,6 +47,13 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
                 405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error"}
 
 
+def _shown(name: str) -> str:
+    """A model name a client sent, quoted for an error message, unless it looks like a file path: error
+    messages never hold paths, not even ones the client typed (they may be probing the disk)."""
+    looks_like_path = name.startswith(("/", "~", ".")) or "\\" in name or name.count("/") > 1 or ":" in name
+    return "you asked for" if looks_like_path or len(name) > 200 else repr(name)
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "invalid_request_error"), "param": param, "code": code}}
 
@@ -110,7 +117,8 @@ class Service:
 
     def check_model(self, name: str) -> None:
         if name != self.model_id:
-            raise APIError(400, f"The model '{name}' does not exist; this server serves '{self.model_id}'", "model", "model_not_found")
+            raise APIError(400, f"The model {_shown(name)} does not exist; this server serves '{self.model_id}'", "model",
+                           "model_not_found")
 
     def stops(self, stop: str | list[str] | None) -> list[str]:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -387,7 +395,7 @@ def create_app(loaded: LoadedModel, worker: BatchWorker, model_id: str, defaults
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
         if name != model_id:
-            raise APIError(404, f"The model '{name}' does not exist", "model", "model_not_found")
+            raise APIError(404, f"The model {_shown(name)} does not exist", "model", "model_not_found")
         return {"id": model_id, "object": "model", "created": service.created, "owned_by": "lmtune"}
 
     @app.post("/v1/completions")

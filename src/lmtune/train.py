@@ -9,23 +9,61 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from . import data as data_mod
+from . import distributed
+from .checkpoints import (
+    CHECKPOINTS_DIR,
+    GracefulStop,
+    RunFolder,
+    TrainingInterrupted,
+    checkpoint_callback,
+    open_run_folder,
+    resume_command,
+)
 from .config import Config
-from .data import Collator, PromptTemplate, load_examples, render_example, tokenize_examples
+from .data import (
+    Collator,
+    PromptTemplate,
+    load_examples,
+    render_example,
+    tokenize_examples,
+)
 from .errors import LmtuneError
-from .loss import answer_only_loss, causal_lm_of, make_trainer_class, supports_answer_only
-from .model import add_lora, choose_precision, configure_cpu_threads, describe, frozen_weights_dtype, load_model, load_tokenizer, resolve_source
-from .outputs import atomic_output, check_output_free, command_line, file_sha256, library_versions, now_iso, write_json
+from .loss import (
+    answer_only_loss,
+    causal_lm_of,
+    make_trainer_class,
+    supports_answer_only,
+)
+from .model import (
+    add_lora,
+    choose_precision,
+    configure_cpu_threads,
+    describe,
+    frozen_weights_dtype,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+)
+from .outputs import (
+    command_line,
+    disk_full_error,
+    file_sha256,
+    library_versions,
+    now_iso,
+    write_json,
+)
 from .plot import plot_loss
+from .quantization import check_quantization, load_quantized_model
+from .safeload import check_model_weights
 from .split import leaked_questions, split_train_val
 
 CONFIG_FILE = "lmtune_config.yaml"
@@ -96,9 +134,14 @@ def preflight(prepared: PreparedData, tokenizer, batch_size: int, log: Callable[
 class _LossLog:
     """Collects the Trainer's log entries and appends them to train_log.jsonl as they come."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume_step: int | None = None, write: bool = True):
         self.path = path
+        self.write = write  # every process sees the same (already averaged) entries; one writes them
         self.entries: list[dict] = []
+        if write and resume_step is not None and path.is_file():  # keep what was logged up to the checkpoint, drop the rest
+            lines = path.read_text(encoding="utf-8").splitlines()
+            self.entries = [e for e in map(json.loads, filter(None, lines)) if e.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(e) + "\n" for e in self.entries), encoding="utf-8")
 
     def make_callback(self):
         from transformers import TrainerCallback
@@ -110,6 +153,8 @@ class _LossLog:
                 if logs and ("loss" in logs or "eval_loss" in logs):
                     entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs, "time": now_iso()}
                     outer.entries.append(entry)
+                    if not outer.write:
+                        return
                     with open(outer.path, "a", encoding="utf-8") as f:
                         f.write(json.dumps(entry) + "\n")
 
@@ -140,9 +185,10 @@ def build_trainer(config: Config, model, tokenizer, samples: list[dict], precisi
     )
 
 
-def total_steps(config: Config, n_samples: int) -> int:
+def total_steps(config: Config, n_samples: int, processes: int = 1) -> int:
+    """Optimizer steps of the run. Each of `processes` gets every processes-th micro-batch (as the Trainer shards them)."""
     t = config.train
-    micro_batches = math.ceil(n_samples / t.batch_size)
+    micro_batches = math.ceil(math.ceil(n_samples / t.batch_size) / processes)
     return t.max_steps if t.max_steps > 0 else math.ceil(math.ceil(micro_batches / t.grad_accum) * t.epochs)
 
 
@@ -181,15 +227,16 @@ def _training_arguments(config: Config, precision, scratch: Path, use_checkpoint
     from transformers import TrainingArguments
 
     t = config.train
-    every = t.eval_steps or max(1, total_steps(config, n_samples) // 10)
+    every = t.eval_steps or max(1, total_steps(config, n_samples, distributed.world_size()) // 10)
     evaluation = dict(
-        eval_strategy="steps", eval_steps=every, save_strategy="steps", save_steps=every, save_total_limit=2,
+        eval_strategy="steps", eval_steps=every, save_strategy="steps", save_steps=every,
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
         per_device_eval_batch_size=t.batch_size,
     ) if validate else dict(save_strategy="no")
     return TrainingArguments(
         **evaluation,
-        output_dir=str(scratch / "trainer"),
+        output_dir=str(scratch / CHECKPOINTS_DIR),
+        save_total_limit=None,  # checkpoints.prune_checkpoints keeps train.keep_checkpoints complete ones
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
@@ -210,6 +257,9 @@ def _training_arguments(config: Config, precision, scratch: Path, use_checkpoint
         remove_unused_columns=False,
         activation_checkpointing=use_checkpointing,
         dataloader_num_workers=0,
+        # DDP: every LoRA weight takes part in every forward pass, so skip the search for unused ones
+        # (an extra walk of the autograd graph per step).
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -245,14 +295,24 @@ def _estimate_step_time(model, prepared: PreparedData, tokenizer, config: Config
 
 def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = print) -> TrainResult:
     """Fine-tune `config.model` with LoRA on `config.data`; write the adapter to `config.train.output_dir`."""
+    main = distributed.is_main_process()  # under torchrun / accelerate launch only rank 0 prints and writes
+    if not main:
+        log = distributed.quiet
+        distributed.silence_library_output()
+    plan = distributed.batch_plan(config.train.batch_size, config.train.grad_accum, config.train.global_batch_size,
+                                  distributed.world_size())
+    config = replace(config, train=replace(config.train, grad_accum=plan.grad_accum))
     t = config.train
     started, start_clock = now_iso(), time.perf_counter()
-    if not dry_run:
-        check_output_free(t.output_dir, t.overwrite_output_dir)  # fail before minutes of loading, not after
+    check_quantization(config.model)  # before anything is loaded or written: QLoRA needs a CUDA GPU and bitsandbytes
+    # Fail before minutes of loading, not after: the output must be free, a --resume must find its checkpoint.
+    # Every process checks (and finds the same checkpoint); only rank 0 creates, renames or removes the run folder.
+    run = None if dry_run else open_run_folder(t.output_dir, t.overwrite_output_dir, t.resume, log)
     random.seed(t.seed)
     torch.manual_seed(t.seed)
 
     source = resolve_source(config.model.name_or_path)
+    check_model_weights(source.path, config.model.allow_pickle)  # refuse pickle-only weights before the data work
     tokenizer = load_tokenizer(source, config.model.trust_remote_code)
     prepared = prepare_data(config, tokenizer, log)
     preflight(prepared, tokenizer, t.batch_size, log)
@@ -260,12 +320,18 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
     precision = choose_precision(config.model.device, config.model.dtype)
     threads = f", {configure_cpu_threads()} threads" if precision.device == "cpu" else ""
     log(f"model: {describe(source)} on {precision.device}{threads}, compute dtype {str(precision.compute_dtype).removeprefix('torch.')}")
-    model = load_model(source, config.model.trust_remote_code, dtype=frozen_weights_dtype(precision))
+    if config.model.quantization != "none":
+        log(f"model: loading the base {config.model.quantization} quantized (bitsandbytes) for QLoRA")
+        model = load_quantized_model(source, config.model.quantization, precision.compute_dtype,
+                                     config.model.trust_remote_code, config.model.allow_pickle)
+    else:
+        model = load_model(source, config.model.trust_remote_code, dtype=frozen_weights_dtype(precision),
+                           allow_pickle=config.model.allow_pickle)
     model = add_lora(model, config.lora.r, config.lora.alpha, config.lora.dropout, config.lora.bias, config.lora.target_modules)
     trainable, total = model.get_nb_trainable_parameters()
     log(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
-    steps = total_steps(config, len(prepared.samples))
+    steps = total_steps(config, len(prepared.samples), plan.processes)
 
     if dry_run:
         estimate = _estimate_step_time(model, prepared, tokenizer, config, precision)
@@ -276,36 +342,83 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         return TrainResult(output_dir="", steps=steps, dry_run_estimate={**estimate, "samples": len(prepared.samples),
                                                                           "tokens": prepared.token_report.tokens, "optimizer_steps": steps})
 
-    with atomic_output(t.output_dir, t.overwrite_output_dir) as out:
-        loss_log = _LossLog(out / LOG_FILE)
-        trainer = build_trainer(config, model, tokenizer, prepared.samples, precision, out, [loss_log.make_callback()],
-                                prepared.val_samples)
-        log(f"training: {steps} optimizer steps of {t.batch_size * t.grad_accum} samples")
-        trainer.train()  # errors propagate: an untrained adapter is never saved (the tutorial's defect 9)
+    if main:
+        run.start(replace(config, train=replace(t, resume=False)), log)
+    try:
+        result = _train_in(run, config, model, tokenizer, prepared, precision, steps, started, start_clock, log)
+    except BaseException as error:
+        if not main:
+            raise
+        kept = run.discard_unless_resumable(error)
+        if kept and isinstance(error, KeyboardInterrupt):  # a second Ctrl-C: stopped at once, no new checkpoint
+            raise TrainingInterrupted(_interrupted_message(run, "stopped at once", steps)) from None
+        raise disk_full_error(error, run.final) or error
+    if main:
+        run.finish()
+    log(f"saved adapter to {t.output_dir} (final loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
+    return result
 
-        losses = [e["loss"] for e in loss_log.entries if "loss" in e]
-        final_loss = losses[-1] if losses else float("nan")
-        if not math.isfinite(final_loss):
-            raise LmtuneError(f"training diverged (loss {final_loss}); lower train.learning_rate (now {t.learning_rate})")
 
-        _save_adapter(model, tokenizer, prepared, config, out)
-        evals = [e for e in loss_log.entries if "eval_loss" in e]
-        plot_loss([e["step"] for e in loss_log.entries if "loss" in e], losses, out / PLOT_FILE,
-                  title=f"{Path(config.model.name_or_path).name}, {len(prepared.samples)} samples: training loss",
-                  val_steps=[e["step"] for e in evals], val_losses=[e["eval_loss"] for e in evals])
-        shutil.rmtree(out / "trainer", ignore_errors=True)
-        seconds = time.perf_counter() - start_clock
-        manifest = _manifest(config, prepared, precision, started, seconds, final_loss, trainer.state.global_step)
-        if evals:
-            best = min(evals, key=lambda e: e["eval_loss"])
-            manifest["validation"] = {"samples": len(prepared.val_samples), "leaked_questions": prepared.leaked_val_questions,
-                                      "best_eval_loss": best["eval_loss"], "best_step": best["step"],
-                                      "stopped_early": trainer.state.global_step < steps}
-            log(f"validation: best loss {best['eval_loss']:.4f} at step {best['step']}; that adapter is the one saved")
+def _train_in(run: RunFolder, config: Config, model, tokenizer, prepared: PreparedData, precision, steps: int,
+              started: str, start_clock: float, log) -> TrainResult:
+    """Train, writing everything into the run folder; raises TrainingInterrupted after a graceful stop."""
+    t = config.train
+    out = run.partial
+    resume_step = run.resume_step
+    main = distributed.is_main_process()
+    loss_log = _LossLog(out / LOG_FILE, resume_step, write=main)
+    with GracefulStop(log) as stop:
+        callbacks = [loss_log.make_callback(), checkpoint_callback(stop, out, t.checkpoint_minutes, t.keep_checkpoints)]
+        trainer = build_trainer(config, model, tokenizer, prepared.samples, precision, out, callbacks, prepared.val_samples)
+        if run.resume_from:
+            log(f"resume: continuing from {run.resume_from} (step {resume_step} of {steps})")
+        plan = distributed.batch_plan(t.batch_size, t.grad_accum, 0, distributed.world_size())
+        log(f"training: {steps} optimizer steps of {plan.describe()}")
+        # Errors propagate: an untrained adapter is never saved (the tutorial's defect 9).
+        trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        # Every process may still be reading the best checkpoint back; rank 0 deletes checkpoints only after this.
+        trainer.accelerator.wait_for_everyone()
+    if stop.requested:
+        raise TrainingInterrupted(_interrupted_message(run, f"{stop.signal_name} received", steps))
+
+    losses = [e["loss"] for e in loss_log.entries if "loss" in e]
+    final_loss = losses[-1] if losses else float("nan")
+    if not math.isfinite(final_loss):
+        raise LmtuneError(f"training diverged (loss {final_loss}); lower train.learning_rate (now {t.learning_rate})")
+
+    state_dict = distributed.gathered_state_dict(trainer)  # FSDP / DeepSpeed: every process joins the gather
+    if not main:  # the others have trained; rank 0 writes the one copy of every output
+        return TrainResult(t.output_dir, trainer.state.global_step, final_loss, loss_log.entries, 0.0, model=model)
+    _save_adapter(model, tokenizer, prepared, config, out, state_dict)
+    evals = [e for e in loss_log.entries if "eval_loss" in e]
+    plot_loss([e["step"] for e in loss_log.entries if "loss" in e], losses, out / PLOT_FILE,
+              title=f"{Path(config.model.name_or_path).name}, {len(prepared.samples)} samples: training loss",
+              val_steps=[e["step"] for e in evals], val_losses=[e["eval_loss"] for e in evals])
+    seconds = time.perf_counter() - start_clock
+    manifest = _manifest(config, prepared, precision, started, seconds, final_loss, trainer.state.global_step)
+    if run.resume_from:
+        manifest["resumed_from_step"] = resume_step
+    if evals:
+        best = min(evals, key=lambda e: e["eval_loss"])
+        manifest["validation"] = {"samples": len(prepared.val_samples), "leaked_questions": prepared.leaked_val_questions,
+                                  "best_eval_loss": best["eval_loss"], "best_step": best["step"],
+                                  "stopped_early": trainer.state.global_step < steps}
+        log(f"validation: best loss {best['eval_loss']:.4f} at step {best['step']}; that adapter is the one saved")
+        engine = distributed.sharded_engine(trainer)
+        if engine:  # generating needs every shard, and the other processes have stopped
+            log(f"validation: no generation report under {engine}; run `lmtune eval --adapter {t.output_dir}` for one")
+        else:
             manifest["validation"]["report"] = _final_report(model, tokenizer, prepared, config, precision, out, log)
-        write_json(out / MANIFEST_FILE, manifest)
-    log(f"saved adapter to {t.output_dir} (final loss {final_loss:.4f}, {seconds:.0f} s)")
+    write_json(out / MANIFEST_FILE, manifest)
     return TrainResult(t.output_dir, trainer.state.global_step, final_loss, loss_log.entries, seconds, model=model)
+
+
+def _interrupted_message(run: RunFolder, why: str, steps: int) -> str:
+    newest = run.newest_checkpoint()
+    if newest is None:
+        return f"training interrupted ({why}) before its first checkpoint; nothing to resume, run the command again"
+    return (f"training interrupted ({why}); checkpoint of step {newest.name.removeprefix('checkpoint-')} of {steps} "
+            f"saved in {newest}\nresume with:\n  {resume_command()}")
 
 
 FINAL_REPORT_QUESTIONS = 200  # generation is the slow part of evaluation; a sample this size is enough to compare runs
@@ -327,11 +440,12 @@ def _final_report(model, tokenizer, prepared: PreparedData, config: Config, prec
     return {"n": len(examples), **result.figures()}
 
 
-def _save_adapter(model, tokenizer, prepared: PreparedData, config: Config, out: Path) -> None:
-    model.save_pretrained(out)  # adapter_model.safetensors + adapter_config.json
+def _save_adapter(model, tokenizer, prepared: PreparedData, config: Config, out: Path, state_dict: dict | None = None) -> None:
+    # adapter_model.safetensors + adapter_config.json; state_dict: the gathered weights when they were sharded
+    model.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(out)
     prepared.template.save(out)
-    config.save_yaml(out / CONFIG_FILE)
+    replace(config, train=replace(config.train, resume=False)).save_yaml(out / CONFIG_FILE)
 
 
 def _manifest(config: Config, prepared: PreparedData, precision, started: str, seconds: float, final_loss: float, steps: int) -> dict:
