@@ -111,3 +111,34 @@ def test_answer_only_path_runs_under_the_trainers_mixed_precision(tiny_bloom_dir
                                      "train.max_steps": 1, "model.dtype": "bfloat16", "model.device": "cpu"})
     train(config, log=lambda _: None)
     assert seen and all(seen)
+
+
+def test_fused_head_and_loss_equal_the_plain_ones_in_any_number_of_chunks(monkeypatch):
+    import lmtune.loss as loss_module
+
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(50, 16, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    targets = torch.randint(0, 50, (7,))
+    plain = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, bias), targets, reduction="sum")
+    (plain * 3).backward()
+    expected = hidden.grad.clone()
+    for rows_per_chunk in (1, 3, 7, 100):  # chunks of 1 row, uneven chunks, exactly one, more than the rows
+        monkeypatch.setattr(loss_module, "CHUNK_BYTES", 4 * 50 * rows_per_chunk)
+        hidden.grad = None
+        fused = loss_module.linear_cross_entropy(hidden, weight, bias, targets)
+        (fused * 3).backward()  # the upstream gradient is applied in backward
+        # float64 inputs, but the loss is computed in fp32 by design: fp32 agreement
+        torch.testing.assert_close(fused.double(), plain.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hidden.grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_trainable_head_gets_its_gradient():
+    from lmtune.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(5, 8), torch.randn(30, 8, requires_grad=True)
+    targets = torch.randint(0, 30, (5,))
+    linear_cross_entropy(hidden, weight, None, targets).backward()
+    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum"), weight)[0]
+    torch.testing.assert_close(weight.grad, expected)

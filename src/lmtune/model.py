@@ -227,7 +227,7 @@ def use_fused_gelu(model) -> int:
     ten element-wise ops in Python, and in training a hand-written backward of as many again. That is
     exactly F.gelu(approximate="tanh") (0.79788456 = sqrt(2/pi)), which torch runs as one vectorised kernel
     forward and one backward: several times faster on the 4h-wide MLP activations of every layer
-    (bench/gelu_speed.py measures a whole training step). The module holds no weights, so saved models are unchanged."""
+    (bench/step_levers.py measures it in a whole training step). The module holds no weights, so saved models are unchanged."""
     if getattr(model.config, "model_type", None) != "bloom":
         return 0
     from transformers.models.bloom.modeling_bloom import BloomGelu
