@@ -194,7 +194,7 @@ def run_lmtune(tok, pairs, steps: int, dtype: str, scratch: str, overrides: dict
     from lmtune.bundled import bundled_path
     from lmtune.config import load_config
     from lmtune.data import Example, PromptTemplate, tokenize_examples
-    from lmtune.model import add_lora, choose_precision, configure_cpu_threads, frozen_weights_dtype
+    from lmtune.model import add_lora, choose_precision, configure_cpu_threads, frozen_weights_dtype, use_fused_gelu
     from lmtune.train import build_trainer
 
     config = load_config(bundled_path("configs/bloom-560m.yaml"),
@@ -204,7 +204,9 @@ def run_lmtune(tok, pairs, steps: int, dtype: str, scratch: str, overrides: dict
     configure_cpu_threads()
     torch.manual_seed(config.train.seed)
     lora = config.lora
-    model = add_lora(make_model().to(frozen_weights_dtype(precision)), lora.r, lora.alpha, lora.dropout, lora.bias, lora.target_modules)
+    model = make_model().to(frozen_weights_dtype(precision))
+    use_fused_gelu(model)  # what lmtune's load_model does to a BLOOM model
+    model = add_lora(model, lora.r, lora.alpha, lora.dropout, lora.bias, lora.target_modules)
     timer = timing_callback(None)
     trainer = build_trainer(config, model, tok, samples, precision, Path(scratch), [timer])
     trainer.args.disable_tqdm = True

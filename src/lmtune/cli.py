@@ -81,8 +81,13 @@ def _train_config(args: argparse.Namespace, extra: list[str]):
                         f"--max-steps {given['train.max_steps']!r}): give one of them")
     elif "train.epochs" in given:
         overrides["train.max_steps"] = -1  # --epochs on the command line wins over a max_steps in the config file
+    return _load_config_reporting_all(args.config, overrides, problems)
+
+
+def _load_config_reporting_all(path, overrides: dict[str, Any], problems: list[str]):
+    """The config, or one ConfigError with the command line's `problems` and the config's own, all at once."""
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(path, overrides)
     except ConfigError as e:
         raise ConfigError(problems + e.problems) from None
     if problems:
@@ -157,13 +162,7 @@ def _inference_config(args, extra):
             overrides[f"model.{name}"] = True
     if not args.model and not args.adapter:
         problems.append("give --model (a merged or base model) and/or --adapter")
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as e:
-        raise ConfigError(problems + e.problems) from None
-    if problems:
-        raise ConfigError(problems)
-    return config
+    return _load_config_reporting_all(args.config, overrides, problems)
 
 
 def _load_for_inference(args, config):

@@ -78,11 +78,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk)
             logits = F.linear(hidden[rows], weight, bias).float()  # the matmul runs in the autocast dtype
             target = targets[rows]
-            log_norm = torch.logsumexp(logits, dim=-1)
-            loss += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            log_probs = torch.log_softmax(logits, dim=-1)  # one fused kernel: faster than logsumexp and a subtraction
+            del logits
+            loss -= log_probs.gather(1, target[:, None]).sum()
             if grad_hidden is not None:
-                # d(loss)/d(logits) = softmax - one_hot, computed in place in the logits buffer
-                probs = logits.sub_(log_norm[:, None]).exp_()
+                # d(loss)/d(logits) = softmax - one_hot, computed in place in the log-probabilities buffer
+                probs = log_probs.exp_()
                 probs[torch.arange(len(target), device=probs.device), target] -= 1
                 grad_hidden[rows] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
