@@ -1,7 +1,7 @@
 """Training speed on BLOOM-560m's shape: the tutorial's recipe vs lmtune vs TRL, measured in one run.
 
-    .venv/bin/python bench/train_speed.py --quick     # about 4 minutes on a 2-core CPU
-    .venv/bin/python bench/train_speed.py             # full optimizer steps for every path, ~25 minutes
+    .venv/bin/python bench/train_speed.py --quick     # about 3 minutes on a 2-core CPU
+    .venv/bin/python bench/train_speed.py             # full optimizer steps for every path, ~15 minutes
 
 All paths train the same randomly initialised BLOOM-560m-shaped model (seeded, LoRA r=8 on
 query_key_value) on the same 16 samples of data/vi_ai_qa.jsonl, one optimizer step = 16 samples:
@@ -10,7 +10,8 @@ query_key_value) on the same 16 samples of data/vi_ai_qa.jsonl, one optimizer st
           accumulation 8, fp32, prepare_model_for_kbit_training (gradient checkpointing on), the
           language-modeling collator after pad := eos, so the loss covers prompt, answer and padding.
   lmtune  lmtune's default CPU path (configs/bloom-560m.yaml: batch 2 x accumulation 8): dynamic
-          padding, length-grouped batches, answer-only labels and head, bf16 autocast, no checkpointing.
+          padding, length-grouped batches, answer-only labels and fused head + loss, fused GeLU, bf16
+          autocast, no checkpointing.
   trl     TRL's SFTTrainer with prompt/completion data (loss on the completion only), its defaults
           (gradient checkpointing on, per-device batch 8) with accumulation 2 for the same global
           batch, bf16 on CPU.
