@@ -201,3 +201,40 @@ def test_a_failed_run_without_checkpoints_leaves_nothing(tiny_bloom_dir, qa_file
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(_config(tiny_bloom_dir, qa_file, out), **QUIET)
     assert not out.exists() and not partial_dir(out).exists()
+
+
+def test_resume_with_validation_keeps_the_best_checkpoint_and_ends_like_an_uninterrupted_run(tiny_bloom_dir, tmp_path, monkeypatch):
+    """With validation the Trainer saves at every evaluation and reloads the best one at the end: that best
+    checkpoint must survive pruning and the interruption, and the resumed run must pick the same one."""
+    import transformers
+    from conftest import write_jsonl
+
+    rows = [{"question": f"Câu hỏi số {i} là gì?", "answer": f"Đây là câu trả lời số {i} về học máy."} for i in range(16)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    settings = {"data.val_size": 0.25, "train.max_steps": 24, "train.eval_steps": 3, "train.learning_rate": 0.05,
+                "train.lr_scheduler": "constant", "train.keep_checkpoints": 1, "model.dtype": "float32",
+                "generate.max_new_tokens": 8}
+    train(_config(tiny_bloom_dir, data, tmp_path / "reference", **settings), **QUIET)
+    reference = json.loads((tmp_path / "reference" / "lmtune_manifest.json").read_text())["validation"]
+    assert reference["best_step"] < 18  # the best is early, so it must outlive later checkpoints
+
+    real_step_end = transformers.trainer_callback.CallbackHandler.on_step_end
+
+    def press_ctrl_c_at_step_20(self, args, state, control):
+        if state.global_step == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step_end(self, args, state, control)
+
+    monkeypatch.setattr(transformers.trainer_callback.CallbackHandler, "on_step_end", press_ctrl_c_at_step_20)
+    out = tmp_path / "adapter"
+    with pytest.raises(TrainingInterrupted, match="checkpoint of step 20 of 24"):
+        train(_config(tiny_bloom_dir, data, out, **settings), **QUIET)
+    kept = [p.name for p in complete_checkpoints(partial_dir(out))]
+    assert kept == [f"checkpoint-{reference['best_step']}", "checkpoint-20"]  # keep 1, plus the best one
+    monkeypatch.undo()
+
+    train(_config(tiny_bloom_dir, data, out, **settings, **{"train.resume": True}), **QUIET)
+    resumed = json.loads((out / "lmtune_manifest.json").read_text())["validation"]
+    assert (resumed["best_step"], resumed["best_eval_loss"]) == (reference["best_step"], reference["best_eval_loss"])
+    for name, value in _lora_weights(tmp_path / "reference").items():
+        assert torch.equal(_lora_weights(out)[name], value), name
