@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmtune.checkpoints import COMPLETE_MARKER, complete_checkpoints, partial_dir
+from lmtune.checkpoints import COMPLETE_MARKER, complete_checkpoints, open_run_folder, partial_dir
 from lmtune.cli import main
-from lmtune.config import build_config
+from lmtune.config import ConfigError, build_config
 from lmtune.errors import LmtuneError, OutputExistsError, TrainingInterrupted
 from lmtune.train import train
 
@@ -114,7 +114,8 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tiny_bloom_dir,
     assert json.loads((out / "lmtune_manifest.json").read_text())["resumed_from_step"] == step
 
 
-def test_second_ctrl_c_while_saving_exits_at_once_and_keeps_the_last_complete_checkpoint(tiny_bloom_dir, qa_file, tmp_path, monkeypatch):
+def test_second_ctrl_c_while_saving_exits_at_once_and_keeps_the_last_complete_checkpoint(tiny_bloom_dir, qa_file, tmp_path, monkeypatch,
+                                                                                             capsys):
     """Real signals, delivered to this process at the worst moments: the first Ctrl-C after two periodic
     checkpoints, the second while the stop checkpoint is half-written."""
     import transformers
@@ -139,8 +140,10 @@ def test_second_ctrl_c_while_saving_exits_at_once_and_keeps_the_last_complete_ch
     # checkpoint_minutes tiny: a periodic checkpoint after every step; keep_checkpoints 1: only the newest stays.
     config = _config(tiny_bloom_dir, qa_file, out, **{"train.checkpoint_minutes": 1e-9, "train.keep_checkpoints": 1})
     messages = []
-    with pytest.raises(TrainingInterrupted, match=r"(?s)stopped at once\); checkpoint of step 2 of 1000 saved in .*resume with.*train.resume=True"):
+    with pytest.raises(TrainingInterrupted, match=r"(?s)stopped at once\); checkpoint of step 2 of 1000 saved in .*resume with") as stopped:
         train(config, log=messages.append)
+    command = str(stopped.value).splitlines()[-1].split()
+    assert command == ["lmtune", "train", "--config", str(run / "lmtune_config.yaml"), "--resume"]  # run from Python
     assert any("SIGINT received: finishing this optimizer step" in m for m in messages)
     assert saves == [1, 2, 3]
     assert [p.name for p in complete_checkpoints(run)] == ["checkpoint-2"]  # checkpoint-1 pruned, 3 never completed
@@ -148,10 +151,11 @@ def test_second_ctrl_c_while_saving_exits_at_once_and_keeps_the_last_complete_ch
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
     monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", real_save)
-    messages = []
-    result = train(_config(tiny_bloom_dir, qa_file, out, **{"train.resume": True, "train.max_steps": STEPS}), log=messages.append)
-    assert any("ignored 1 half-written checkpoint(s) (checkpoint-3)" in m for m in messages)
-    assert result.steps == STEPS and (out / "adapter_model.safetensors").is_file() and not run.exists()
+    capsys.readouterr()
+    assert main(command[1:]) == 0  # the printed command itself continues the run, from the run's saved config
+    assert "ignored 1 half-written checkpoint(s) (checkpoint-3)" in capsys.readouterr().out
+    assert (out / "adapter_model.safetensors").is_file() and not run.exists()
+    assert json.loads((out / "lmtune_manifest.json").read_text())["optimizer_steps"] == STEPS
 
 
 def _fake_interrupted_run(out: Path, config) -> Path:
@@ -238,3 +242,31 @@ def test_resume_with_validation_keeps_the_best_checkpoint_and_ends_like_an_unint
     assert (resumed["best_step"], resumed["best_eval_loss"]) == (reference["best_step"], reference["best_eval_loss"])
     for name, value in _lora_weights(tmp_path / "reference").items():
         assert torch.equal(_lora_weights(out)[name], value), name
+
+
+def test_the_printed_resume_command_keeps_overwrite_and_resumes_from_the_newest(monkeypatch, tmp_path):
+    from lmtune.checkpoints import resume_command
+
+    monkeypatch.setattr(sys, "argv", ["lmtune", "train", "--data", "a b.jsonl", "--overwrite", "--resume",
+                                      "out.partial/checkpoints/checkpoint-40", "--lora.r", "4"])
+    assert resume_command(tmp_path / "x.yaml") == "lmtune train --data 'a b.jsonl' --overwrite --lora.r 4 --resume"
+    monkeypatch.setattr(sys, "argv", ["lmtune", "train", "--resume=out.partial", "--epochs", "2"])
+    assert resume_command(tmp_path / "x.yaml") == "lmtune train --epochs 2 --resume"
+
+
+def test_resuming_an_older_checkpoint_drops_the_later_ones(tiny_bloom_dir, qa_file, tmp_path):
+    out = tmp_path / "adapter"
+    config = _config(tiny_bloom_dir, qa_file, out)
+    older = _fake_interrupted_run(out, config)  # checkpoint-7
+    later = older.parent / "checkpoint-9"
+    shutil.copytree(older, later)
+    (later / COMPLETE_MARKER).write_text('{"step": 9}')
+    messages = []
+    run = open_run_folder(out, False, str(older), messages.append, config)
+    assert run.resume_from == older and not later.exists()  # else a later --resume would pick the abandoned step 9
+    assert any("removed 1 checkpoint(s) later than checkpoint-7 (checkpoint-9)" in m for m in messages)
+
+
+def test_keep_checkpoints_below_one_is_refused():
+    with pytest.raises(ConfigError, match="train.keep_checkpoints must be at least 1, got 0"):
+        build_config(overrides={"train.keep_checkpoints": 0})

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .distributed import is_main_process, world_size
 from .errors import LmtuneError, OutputExistsError, TrainingInterrupted
 from .outputs import check_output_free, move_into_place
 
@@ -109,14 +110,28 @@ def remove_incomplete(run_dir: Path) -> list[Path]:
     return removed
 
 
-def resume_command() -> str:
-    """The command that was run, with --resume added: what a user types to continue."""
-    if sys.argv[1:2] != ["train"]:  # called as a library (or by quickstart): say which setting to change
-        return "the same training call with train.resume=True (on the command line: lmtune train ... --resume)"
-    args = [a for a in sys.argv[1:] if a != "--overwrite"]
-    if "--resume" not in args and not any(a.startswith("--resume=") for a in args):
-        args.append("--resume")
-    return "lmtune " + shlex.join(args)
+def resume_command(run_config: Path) -> str:
+    """What a user types to continue: the command that was run with a plain --resume (the newest complete
+    checkpoint of the run), or, for a run started from Python or by quickstart, `lmtune train` on the
+    run's own saved config."""
+    if sys.argv[1:2] != ["train"]:
+        command = f"lmtune train --config {shlex.quote(str(run_config))} --resume"
+    else:
+        args, tokens = [], sys.argv[1:]
+        i = 0
+        while i < len(tokens):
+            token = tokens[i]
+            if token == "--resume":  # an explicit checkpoint may be pruned by now: resume from the newest
+                i += 2 if i + 1 < len(tokens) and not tokens[i + 1].startswith("--") else 1
+                continue
+            if not token.startswith("--resume="):
+                args.append(token)
+            i += 1
+        command = "lmtune " + shlex.join(args + ["--resume"])
+    processes = world_size()
+    if processes > 1:
+        command += f"\n  (with the same launcher and {processes} processes: the data position is per process)"
+    return command
 
 
 # Settings a resumed run may change: they do not alter what is learned.
@@ -149,9 +164,7 @@ class RunFolder:
     def start(self, config, log: Callable[[str], None] = print) -> None:
         """Create the run folder with the run's config; on resume, refuse a config that would train differently."""
         saved = self.partial / RUN_CONFIG_FILE
-        if self.resume_from:
-            if saved.is_file():
-                _check_same_training(config, saved)
+        if self.resume_from:  # the folder and its config exist; open_run_folder checked the settings
             return
         if self.partial.exists():
             shutil.rmtree(self.partial)  # a run that died before its first complete checkpoint
@@ -188,17 +201,28 @@ def _check_same_training(config, saved: Path) -> None:
                           + "; ".join(changed) + ". Resume with the same settings, or drop --resume and pass --overwrite")
 
 
-def open_run_folder(output_dir: str | Path, overwrite: bool, resume: bool | str, log: Callable[[str], None] = print) -> RunFolder:
-    """Check the output and locate the run folder (nothing is written yet); with `resume`, find the newest
-    complete checkpoint and drop half-written ones."""
+def open_run_folder(output_dir: str | Path, overwrite: bool, resume: bool | str, log: Callable[[str], None] = print,
+                    config=None) -> RunFolder:
+    """Check the output and locate the run folder (nothing is written yet). With `resume`: find the checkpoint,
+    refuse a `config` that would train differently, and drop half-written checkpoints and any later than the
+    one resumed from (they belong to the abandoned continuation and would be taken for this run's)."""
     final = check_output_free(output_dir, overwrite)
     partial = partial_dir(final)
     if resume:
         checkpoint = find_resume_checkpoint(partial if resume is True else Path(str(resume)), partial)
         run_dir = checkpoint.parent.parent
-        removed = remove_incomplete(run_dir)
-        if removed:
-            log(f"resume: ignored {len(removed)} half-written checkpoint(s) ({', '.join(p.name for p in removed)})")
+        saved = run_dir / RUN_CONFIG_FILE
+        if config is not None and saved.is_file():
+            _check_same_training(config, saved)
+        if is_main_process():
+            removed = remove_incomplete(run_dir)
+            if removed:
+                log(f"resume: ignored {len(removed)} half-written checkpoint(s) ({', '.join(p.name for p in removed)})")
+            later = [p for p in complete_checkpoints(run_dir) if _step_of(p) > _step_of(checkpoint)]
+            for p in later:
+                shutil.rmtree(p)
+            if later:
+                log(f"resume: removed {len(later)} checkpoint(s) later than {checkpoint.name} ({', '.join(p.name for p in later)})")
         return RunFolder(final, run_dir, overwrite, checkpoint)
     done = complete_checkpoints(partial)
     if done and not overwrite:

@@ -202,7 +202,8 @@ def load_model(source: ModelSource, trust_remote_code: bool = False, dtype: torc
     Safetensors (or GGUF) weights only, unless `allow_pickle`: see safeload.py for why."""
     from transformers import AutoModelForCausalLM
 
-    check_model_weights(source.path, allow_pickle)
+    if not source.gguf_file:  # the folder around a .gguf file is not a model folder; GGUF is not a pickle
+        check_model_weights(source.path, allow_pickle)
     # use_safetensors=True makes transformers refuse .bin weights (hub repos included); None lets it fall back to them.
     # GGUF files are read by their own loader, which this switch does not touch.
     safety = {} if source.gguf_file else {"use_safetensors": None if allow_pickle else True}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from . import data as data_mod
 from . import distributed
 from .checkpoints import (
     CHECKPOINTS_DIR,
+    RUN_CONFIG_FILE,
     GracefulStop,
     RunFolder,
     TrainingInterrupted,
@@ -255,6 +257,8 @@ def _training_arguments(config: Config, precision, scratch: Path, use_checkpoint
         data_seed=t.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         remove_unused_columns=False,
+        # On resume, early stopping's patience counter and a pending stop come back with the checkpoint.
+        restore_callback_states_from_checkpoint=True,
         activation_checkpointing=use_checkpointing,
         dataloader_num_workers=0,
         # DDP: every LoRA weight takes part in every forward pass, so skip the search for unused ones
@@ -307,12 +311,14 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
     check_quantization(config.model)  # before anything is loaded or written: QLoRA needs a CUDA GPU and bitsandbytes
     # Fail before minutes of loading, not after: the output must be free, a --resume must find its checkpoint.
     # Every process checks (and finds the same checkpoint); only rank 0 creates, renames or removes the run folder.
-    run = None if dry_run else open_run_folder(t.output_dir, t.overwrite_output_dir, t.resume, log)
+    run = None if dry_run else open_run_folder(t.output_dir, t.overwrite_output_dir, t.resume, log,
+                                               replace(config, train=replace(t, resume=False)))
     random.seed(t.seed)
     torch.manual_seed(t.seed)
 
     source = resolve_source(config.model.name_or_path)
-    check_model_weights(source.path, config.model.allow_pickle)  # refuse pickle-only weights before the data work
+    if not source.gguf_file:  # refuse pickle-only weights before the data work (a GGUF file is not a pickle)
+        check_model_weights(source.path, config.model.allow_pickle)
     tokenizer = load_tokenizer(source, config.model.trust_remote_code)
     prepared = prepare_data(config, tokenizer, log)
     preflight(prepared, tokenizer, t.batch_size, log)
@@ -378,12 +384,12 @@ def _train_in(run: RunFolder, config: Config, model, tokenizer, prepared: Prepar
         trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
         # Every process may still be reading the best checkpoint back; rank 0 deletes checkpoints only after this.
         trainer.accelerator.wait_for_everyone()
-    if stop.requested:
+    if stop.requested and trainer.state.global_step < steps:
         raise TrainingInterrupted(_interrupted_message(run, f"{stop.signal_name} received", steps))
 
     losses = [e["loss"] for e in loss_log.entries if "loss" in e]
     final_loss = losses[-1] if losses else float("nan")
-    if not math.isfinite(final_loss):
+    if distributed.is_main_process() and not math.isfinite(final_loss):
         raise LmtuneError(f"training diverged (loss {final_loss}); lower train.learning_rate (now {t.learning_rate})")
 
     state_dict = distributed.gathered_state_dict(trainer)  # FSDP / DeepSpeed: every process joins the gather
@@ -418,7 +424,7 @@ def _interrupted_message(run: RunFolder, why: str, steps: int) -> str:
     if newest is None:
         return f"training interrupted ({why}) before its first checkpoint; nothing to resume, run the command again"
     return (f"training interrupted ({why}); checkpoint of step {newest.name.removeprefix('checkpoint-')} of {steps} "
-            f"saved in {newest}\nresume with:\n  {resume_command()}")
+            f"saved in {newest}\nresume with:\n  {resume_command(run.partial / RUN_CONFIG_FILE)}")
 
 
 FINAL_REPORT_QUESTIONS = 200  # generation is the slow part of evaluation; a sample this size is enough to compare runs
@@ -432,6 +438,7 @@ def _final_report(model, tokenizer, prepared: PreparedData, config: Config, prec
     examples = prepared.val_examples[:FINAL_REPORT_QUESTIONS]
     loaded = LoadedModel(model.eval(), tokenizer, prepared.template, precision.device, precision.compute_dtype)
     result = evaluate_model(loaded, examples, config.generate, "tuned", batch_size=max(config.train.batch_size, 8))
+    shutil.rmtree(out / "eval", ignore_errors=True)  # a resumed run may hold a report it was interrupted writing
     (out / "eval").mkdir()
     figures = {"model": config.train.output_dir, "data": ["validation split"], "n": len(examples),
                "max_new_tokens": config.generate.max_new_tokens, "tuned": result.figures(), "base": None}
