@@ -66,7 +66,10 @@ def mark_complete(checkpoint: Path, step: int) -> None:
     for path in sorted(checkpoint.rglob("*")):
         if path.is_file():
             with open(path, "rb") as f:
-                os.fsync(f.fileno())
+                try:
+                    os.fsync(f.fileno())
+                except OSError:  # Windows cannot fsync a file opened for reading
+                    pass
     tmp = checkpoint / (COMPLETE_MARKER + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
@@ -99,7 +102,14 @@ def prune_checkpoints(run_dir: Path, keep: int, protect: str | Path | None = Non
     surplus = complete[: max(0, len(complete) - keep)]
     for p in surplus:
         if protect is None or p.resolve() != protect:
-            shutil.rmtree(p, ignore_errors=True)
+            delete_checkpoint(p)
+
+
+def delete_checkpoint(checkpoint: Path) -> None:
+    """Marker first: a deletion cut short (a kill, a second Ctrl-C) leaves an incomplete checkpoint, never a
+    "complete" one with files missing."""
+    (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def remove_incomplete(run_dir: Path) -> list[Path]:
@@ -173,6 +183,8 @@ class RunFolder:
 
     def finish(self) -> None:
         """Drop the checkpoints and rename the run folder into place: the output appears whole or not at all."""
+        for checkpoint in _checkpoint_folders(self.partial):
+            delete_checkpoint(checkpoint)
         shutil.rmtree(self.checkpoints, ignore_errors=True)
         move_into_place(self.partial, self.final, self.overwrite)
 
@@ -220,7 +232,7 @@ def open_run_folder(output_dir: str | Path, overwrite: bool, resume: bool | str,
                 log(f"resume: ignored {len(removed)} half-written checkpoint(s) ({', '.join(p.name for p in removed)})")
             later = [p for p in complete_checkpoints(run_dir) if _step_of(p) > _step_of(checkpoint)]
             for p in later:
-                shutil.rmtree(p)
+                delete_checkpoint(p)
             if later:
                 log(f"resume: removed {len(later)} checkpoint(s) later than {checkpoint.name} ({', '.join(p.name for p in later)})")
         return RunFolder(final, run_dir, overwrite, checkpoint)
@@ -289,8 +301,12 @@ class GracefulStop:
             self._restore()
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        self.log(f"\n{self.signal_name} received: finishing this optimizer step and writing a checkpoint "
-                 f"(press Ctrl-C again to quit at once)")
+        message = (f"\n{self.signal_name} received: finishing this optimizer step and writing a checkpoint "
+                   f"(press Ctrl-C again to quit at once)")
+        try:
+            self.log(message)
+        except RuntimeError:  # the signal arrived in the middle of a print: write past Python's buffered stream
+            os.write(2, (message + "\n").encode())
 
 
 def _all_ranks_agree(*flags: bool) -> list[bool]:

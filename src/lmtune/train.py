@@ -237,7 +237,7 @@ def _training_arguments(config: Config, precision, scratch: Path, use_checkpoint
     ) if validate else dict(save_strategy="no")
     return TrainingArguments(
         **evaluation,
-        output_dir=str(scratch / CHECKPOINTS_DIR),
+        output_dir=str((scratch / CHECKPOINTS_DIR).resolve()),  # the trainer state records paths inside it
         save_total_limit=None,  # checkpoints.prune_checkpoints keeps train.keep_checkpoints complete ones
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -358,7 +358,11 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         kept = run.discard_unless_resumable(error)
         if kept and isinstance(error, KeyboardInterrupt):  # a second Ctrl-C: stopped at once, no new checkpoint
             raise TrainingInterrupted(_interrupted_message(run, "stopped at once", steps)) from None
-        raise disk_full_error(error, run.final) or error
+        full = disk_full_error(error, run.final)
+        if full and kept:
+            raise type(full)(f"{full}. The run's checkpoints are kept in {run.partial}: after freeing space, "
+                             f"continue with --resume") from error
+        raise full or error
     if main:
         run.finish()
     log(f"saved adapter to {t.output_dir} (final loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
