@@ -93,14 +93,9 @@ def _fsync_dir(folder: Path) -> None:
 def prune_checkpoints(run_dir: Path, keep: int, protect: str | Path | None = None) -> None:
     """Delete half-written checkpoints and all but the newest `keep` complete ones (never `protect`, the best one)."""
     protect = Path(protect).resolve() if protect else None
-    folders = _checkpoint_folders(run_dir)
-    complete = [p for p in folders if is_complete(p)]
-    newest = complete[-1] if complete else None
-    for p in folders:
-        if not is_complete(p) and (newest is None or _step_of(p) < _step_of(newest)):
-            shutil.rmtree(p, ignore_errors=True)  # a save that died; only ever older than the newest complete one
-    surplus = complete[: max(0, len(complete) - keep)]
-    for p in surplus:
+    remove_incomplete(run_dir)  # called right after a save is marked: any unmarked folder is one that died
+    complete = complete_checkpoints(run_dir)
+    for p in complete[: max(0, len(complete) - keep)]:
         if protect is None or p.resolve() != protect:
             delete_checkpoint(p)
 
@@ -113,7 +108,7 @@ def delete_checkpoint(checkpoint: Path) -> None:
 
 
 def remove_incomplete(run_dir: Path) -> list[Path]:
-    """Before resuming: drop every unmarked checkpoint folder (left by a process that died while saving)."""
+    """Drop every unmarked checkpoint folder (left by a process that died while saving it)."""
     removed = [p for p in _checkpoint_folders(run_dir) if not is_complete(p)]
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
@@ -172,7 +167,7 @@ class RunFolder:
         return done[-1] if done else None
 
     def start(self, config, log: Callable[[str], None] = print) -> None:
-        """Create the run folder with the run's config; on resume, refuse a config that would train differently."""
+        """Create the run folder with the run's config (a resumed run already has both)."""
         saved = self.partial / RUN_CONFIG_FILE
         if self.resume_from:  # the folder and its config exist; open_run_folder checked the settings
             return
