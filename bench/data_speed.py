@@ -20,8 +20,9 @@ import time
 import unicodedata
 from pathlib import Path
 
-from lmtune.data import iter_rows
-from lmtune.datatools import clean_data, inspect_data
+from lmtune.data.clean import clean_data
+from lmtune.data.inspect import inspect_data
+from lmtune.data.readers import iter_rows
 
 SAMPLE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "vi_alpaca_sample.jsonl"
 LIMIT_SECONDS = 30.0

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from lmtune.config import GenerateConfig
-from lmtune.generate import generate, generate_batch, load_for_inference
+from lmtune.inference.generate import generate, generate_batch
+from lmtune.inference.load import load_for_inference
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from train_speed import N_SAMPLES, REPO, bpe_tokenizer, make_model, read_pairs
 
 
@@ -30,8 +29,11 @@ def plain_head_loss(hidden, weight, bias, targets):
 
 
 def main() -> None:
-    import lmtune.loss as loss_module
-    from lmtune.data import Collator, Example, PromptTemplate, tokenize_examples
+    import lmtune.training.loss as loss_module
+    from lmtune.data.collate import Collator
+    from lmtune.data.readers import Example
+    from lmtune.data.template import PromptTemplate
+    from lmtune.data.tokenize import tokenize_examples
     from lmtune.model import add_lora, configure_cpu_threads, use_fused_gelu
 
     configure_cpu_threads()

@@ -194,9 +194,17 @@ def run_seed(tok, pairs, steps: int, micro_limit: int | None, scratch: str):
 def run_lmtune(tok, pairs, steps: int, dtype: str, scratch: str, overrides: dict | None = None):
     from lmtune.bundled import bundled_path
     from lmtune.config import load_config
-    from lmtune.data import Example, PromptTemplate, tokenize_examples
-    from lmtune.model import add_lora, choose_precision, configure_cpu_threads, frozen_weights_dtype, use_fused_gelu
-    from lmtune.train import build_trainer
+    from lmtune.data.readers import Example
+    from lmtune.data.template import PromptTemplate
+    from lmtune.data.tokenize import tokenize_examples
+    from lmtune.model import (
+        add_lora,
+        choose_precision,
+        configure_cpu_threads,
+        frozen_weights_dtype,
+        use_fused_gelu,
+    )
+    from lmtune.training.train import build_trainer
 
     config = load_config(bundled_path("configs/bloom-560m.yaml"),
                          {"train.max_steps": steps, "model.dtype": dtype, "train.logging_steps": 1, **(overrides or {})})

@@ -128,3 +128,63 @@ QA = [
 @pytest.fixture
 def qa_file(tmp_path) -> str:
     return write_jsonl(tmp_path / "qa.jsonl", QA)
+
+
+def train_config(model_dir, data, out, **overrides):
+    """A tiny, fast training config for the tiny random models."""
+    from lmtune.config import build_config
+
+    base = {"model.name_or_path": model_dir, "data.paths": [data], "train.output_dir": str(out),
+            "train.epochs": 10, "train.batch_size": 2, "train.grad_accum": 1, "train.learning_rate": 1e-2,
+            "train.warmup_steps": 0, "lora.dropout": 0.0}
+    return build_config(overrides={**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def trained_bloom(tiny_bloom_dir, tmp_path_factory):
+    """One real training run on the tiny BLOOM, with a snapshot of every parameter right after LoRA was added."""
+    import importlib
+
+    from lmtune.training.train import train
+
+    # the package re-exports train(), which hides the module attribute
+    train_module = importlib.import_module("lmtune.training.train")
+    root = tmp_path_factory.mktemp("run")
+    data = write_jsonl(root / "qa.jsonl", QA)
+    snapshot = {}
+    real_add_lora = train_module.add_lora
+
+    def recording_add_lora(*args, **kwargs):
+        model = real_add_lora(*args, **kwargs)
+        snapshot.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        return model
+
+    train_module.add_lora = recording_add_lora
+    try:
+        result = train(train_config(tiny_bloom_dir, data, root / "adapter"), log=lambda _: None)
+    finally:
+        train_module.add_lora = real_add_lora
+    return result, snapshot, root, data
+
+
+def conversation(*texts: str) -> list[dict]:
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
+
+
+def run(capsys, *args):
+    """Run the CLI in this process; (exit code, stdout, stderr)."""
+    from lmtune.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def inspect_rows(tmp_path, rows, **kwargs):
+    from lmtune.data.inspect import inspect_data
+
+    return inspect_data([write_jsonl(tmp_path / "d.jsonl", rows)], **kwargs)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]

@@ -6,11 +6,10 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from conftest import REPO
-
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DistributedType, constants
+from conftest import REPO
 
 CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
 EXPECTED = {"single_gpu.yaml": DistributedType.NO, "multi_gpu_ddp.yaml": DistributedType.MULTI_GPU,

@@ -10,10 +10,11 @@ import json
 import pytest
 
 from lmtune.config import GenerateConfig, build_config
-from lmtune.metrics import chrf
-from lmtune.generate import generate_batch, load_for_inference
-from lmtune.merge import merge
-from lmtune.train import train
+from lmtune.evaluation.metrics import chrf
+from lmtune.export.merge import merge
+from lmtune.inference.generate import generate_batch
+from lmtune.inference.load import load_for_inference
+from lmtune.training.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +55,8 @@ def test_smollm2_learns_the_answers_and_stops(smollm2, tmp_path):
     assert score >= 80, [a.text for a in answers]
 
     # The evaluation module agrees: the tuned model beats the base model on the training questions.
-    from lmtune.data import Example
-    from lmtune.evaluate import evaluate_model
+    from lmtune.data.readers import Example
+    from lmtune.evaluation.evaluate import evaluate_model
 
     examples = [Example(p["question"], p["answer"]) for p in PAIRS]
     cfg = GenerateConfig(greedy=True, max_new_tokens=64, repetition_penalty=1.0)

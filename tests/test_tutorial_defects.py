@@ -8,7 +8,10 @@ import torch
 from conftest import QA, write_jsonl
 
 from lmtune.config import build_config
-from lmtune.data import IGNORE_INDEX, Collator, Example, PromptTemplate, load_examples, tokenize_example, tokenize_examples
+from lmtune.data.collate import Collator
+from lmtune.data.readers import Example, load_examples
+from lmtune.data.template import PromptTemplate
+from lmtune.data.tokenize import IGNORE_INDEX, tokenize_example, tokenize_examples
 from lmtune.errors import DataError
 from lmtune.model import add_lora, load_model, load_tokenizer, resolve_source
 
@@ -94,8 +97,8 @@ def test_defect5_every_answer_ends_with_eos(bloom_tokenizer):
 
 
 def test_defect6_generation_uses_the_models_own_eos_and_pad(tiny_bloom_dir, qa_file, tmp_path):
-    from lmtune.merge import merge
-    from lmtune.train import train
+    from lmtune.export.merge import merge
+    from lmtune.training.train import train
 
     train(_config(tiny_bloom_dir, qa_file, tmp_path / "adapter", **{"train.max_steps": 1}), log=lambda _: None)
     merge(str(tmp_path / "adapter"), str(tmp_path / "merged"), log=lambda _: None)
@@ -105,8 +108,8 @@ def test_defect6_generation_uses_the_models_own_eos_and_pad(tiny_bloom_dir, qa_f
 
 
 def test_defect7_training_and_inference_prompts_are_the_same_ids(tiny_bloom_dir, qa_file, tmp_path):
-    from lmtune.generate import load_for_inference
-    from lmtune.train import prepare_data
+    from lmtune.inference.load import load_for_inference
+    from lmtune.training.train import prepare_data
 
     config = _config(tiny_bloom_dir, qa_file, tmp_path / "adapter")
     tok = load_tokenizer(resolve_source(tiny_bloom_dir))
@@ -140,7 +143,7 @@ def test_defect9_no_remote_code_and_training_errors_are_raised(tiny_bloom_dir, q
         raise RuntimeError("out of memory (simulated)")
 
     monkeypatch.setattr(transformers.Trainer, "train", broken_train)
-    from lmtune.train import train
+    from lmtune.training.train import train
 
     out = tmp_path / "adapter"
     with pytest.raises(RuntimeError, match="simulated"):

@@ -12,9 +12,10 @@ Library use mirrors the CLI:
 
 from .config import Config, ConfigError, load_config
 from .errors import DataError, LmtuneError, ModelError
-from .generate import generate, generate_batch, load_for_inference
-from .merge import merge
-from .train import train
+from .export.merge import merge
+from .inference.generate import generate, generate_batch
+from .inference.load import load_for_inference
+from .training.train import train
 
 __all__ = [
     "Config", "ConfigError", "DataError", "LmtuneError", "ModelError",

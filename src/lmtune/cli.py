@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 from .config import ConfigError, all_keys, load_config, parse_cli_value, resolve_key
-from .distributed import is_main_process
 from .errors import LmtuneError, TrainingInterrupted
+from .processes import is_main_process
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -110,7 +110,8 @@ def _add_train_flags(p: argparse.ArgumentParser, model_required: bool) -> None:
 
 
 def cmd_train(args, extra) -> int:
-    from .train import train
+    from .evaluation.evaluate import validation_report
+    from .training.train import train
 
     config = _train_config(args, extra)
     if not config.model.name_or_path:
@@ -119,12 +120,14 @@ def cmd_train(args, extra) -> int:
         raise ConfigError(["data.paths is empty: pass --data FILE"])
     if not args.dry_run and not config.train.output_dir:
         raise ConfigError(["train.output_dir is empty: pass --output-dir"])
-    train(config, dry_run=args.dry_run)
+    result = train(config, dry_run=args.dry_run)
+    if not args.dry_run:
+        validation_report(result, config.generate, config.train.batch_size)
     return 0
 
 
 def cmd_merge(args, extra) -> int:
-    from .merge import merge
+    from .export.merge import merge
 
     if extra:
         raise ConfigError([f"command line: unexpected arguments {' '.join(extra)}"])
@@ -134,7 +137,7 @@ def cmd_merge(args, extra) -> int:
 
 
 def cmd_generate(args, extra) -> int:
-    from .generate import generate
+    from .inference.generate import generate
 
     config = _inference_config(args, extra)
     cfg = config.generate
@@ -166,14 +169,14 @@ def _inference_config(args, extra):
 
 
 def _load_for_inference(args, config):
-    from .generate import load_for_inference
+    from .inference.load import load_for_inference
 
     return load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype,
                               trust_remote_code=config.model.trust_remote_code, allow_pickle=config.model.allow_pickle)
 
 
 def cmd_chat(args, extra) -> int:
-    from .chat import run_chat
+    from .inference.chat import run_chat
 
     config = _inference_config(args, extra)
     cfg = config.generate
@@ -183,7 +186,7 @@ def cmd_chat(args, extra) -> int:
 
 
 def cmd_serve(args, extra) -> int:
-    from .serve import model_id_for, serve
+    from .inference.serve import model_id_for, serve
 
     problems = [f"--port must be 0..65535, got {args.port}"] if not 0 <= args.port <= 65535 else []
     problems += [f"--max-batch-size must be at least 1, got {args.max_batch_size}"] if args.max_batch_size < 1 else []
@@ -228,7 +231,7 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args, extra) -> int:
-    from .evaluate import run_eval
+    from .evaluation.evaluate import run_eval
 
     if not args.model and not args.adapter:
         raise ConfigError(["give --model (a merged or base model) and/or --adapter"])
@@ -248,7 +251,12 @@ def cmd_quickstart(args, extra) -> int:
 
 
 def cmd_data_inspect(args, extra) -> int:
-    from .datatools import format_report, inspect_data, print_json_report, write_json_report
+    from .data.inspect import (
+        format_report,
+        inspect_data,
+        print_json_report,
+        write_json_report,
+    )
 
     if args.max_length < 2:
         raise ConfigError([f"--max-length must be at least 2, got {args.max_length}"])
@@ -266,7 +274,7 @@ def cmd_data_inspect(args, extra) -> int:
 
 
 def cmd_data_clean(args, extra) -> int:
-    from .datatools import clean_data
+    from .data.clean import clean_data
 
     if args.min_answer_chars < 0:
         raise ConfigError([f"--min-answer-chars must be 0 or more, got {args.min_answer_chars}"])

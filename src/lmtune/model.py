@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
-from .safeload import check_model_weights, hub_not_found_hint, missing_local_model, pickle_refused_on_hub
+from .outputs import CONFIG_FILE, read_json
+from .safeload import (
+    check_model_weights,
+    hub_not_found_hint,
+    missing_local_model,
+    pickle_refused_on_hub,
+)
 
 PACKAGE_PREFIX = "pypi:"
 
@@ -175,7 +181,7 @@ def configure_cpu_threads() -> int:
     Processes started together on one machine (torchrun, accelerate launch) share its cores: more threads
     than cores make every process wait for the others' time slices."""
     if "OMP_NUM_THREADS" not in os.environ:
-        from .distributed import local_world_size
+        from .processes import local_world_size
 
         cores = max(1, physical_cores() // local_world_size())
         if torch.get_num_threads() != cores:
@@ -312,3 +318,26 @@ def add_lora(model, r: int, alpha: int, dropout: float, bias: str, target_module
     )
     # No prepare_model_for_kbit_training here: the model is not quantized (the tutorial's defect 8).
     return get_peft_model(model, config)
+
+
+def base_model_of_adapter(adapter: str | Path) -> str:
+    """The base model an adapter was trained on, as the user named it (hub id, folder, .gguf, pypi:...)."""
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    config_file = adapter / CONFIG_FILE
+    if config_file.is_file():
+        import yaml
+
+        name = (yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}).get("model", {}).get("name_or_path")
+        if name:
+            return name
+    return read_json(adapter / "adapter_config.json")["base_model_name_or_path"]
+
+
+def load_adapter_tokenizer(adapter: str, source, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    if (Path(adapter) / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(adapter, trust_remote_code=trust_remote_code)
+    return load_tokenizer(source, trust_remote_code)

@@ -22,6 +22,13 @@ from typing import Iterator
 
 from .errors import DiskFullError, OutputExistsError
 
+# The files of a trained adapter folder, named here because training writes them and merge, evaluation,
+# the quickstart and the UI read them (a constant in one stage read by another would make them import each other).
+CONFIG_FILE = "lmtune_config.yaml"
+MANIFEST_FILE = "lmtune_manifest.json"
+LOG_FILE = "train_log.jsonl"
+PLOT_FILE = "loss.png"
+
 
 def check_output_free(path: str | Path, overwrite: bool) -> Path:
     path = Path(path)

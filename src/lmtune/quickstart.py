@@ -13,12 +13,18 @@ from pathlib import Path
 
 from .bundled import HELDOUT_DATA, TRAIN_DATA, bundled_path
 from .config import Config, GenerateConfig
-from .data import Example, load_examples
-from .evaluate import ModelEval, evaluate_model, format_table, write_report
-from .generate import load_for_inference
-from .merge import merge
-from .outputs import write_json
-from .train import PLOT_FILE, train
+from .data.readers import Example, load_examples
+from .evaluation.evaluate import (
+    ModelEval,
+    evaluate_model,
+    format_table,
+    validation_report,
+    write_report,
+)
+from .export.merge import merge
+from .inference.load import load_for_inference
+from .outputs import PLOT_FILE, write_json
+from .training.train import train
 
 DEMO_COUNT = 4
 EVAL_BATCH = 24
@@ -62,6 +68,7 @@ def run_quickstart(config: Config, explicit_output_dir: bool = False) -> dict:
 
     print(f"== lmtune quickstart: {base_model} on {', '.join(config.data.paths)} -> {run_dir}")
     result = train(config)
+    validation_report(result, config.generate, config.train.batch_size)
     safety = {"allow_pickle": config.model.allow_pickle, "trust_remote_code": config.model.trust_remote_code}
     merge(str(adapter_dir), str(merged_dir), **safety)
 

@@ -1,0 +1,158 @@
+"""`lmtune data clean`: write the rows worth training on, tidied, and every dropped row with its reason.
+
+What it does about each finding of `inspect` is listed in that module's docstring.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import DataError
+from ..outputs import atomic_files
+from .checks import broken_encoding, untidy_whitespace
+from .normalize import CONTROL_RE, digest, is_nfc, near_key, tidy_text
+from .readers import Row, check_not_an_input, iter_rows, resolve_paths
+
+DEDUPE_CHOICES = ("exact", "near")
+
+
+def rejects_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.stem + ".rejects.jsonl")
+
+
+def _json_line(data: dict) -> bytes:
+    try:
+        return (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: only the \u escape can carry it
+        return (json.dumps(data) + "\n").encode("utf-8")
+
+
+@dataclass
+class CleanReport:
+    output: str
+    rejects: str
+    rows_read: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason -> rows
+    fixed: Counter = field(default_factory=Counter)  # fix -> fields
+
+    def summary(self) -> str:
+        lines = [f"read {self.rows_read:,} rows; kept {self.kept:,} -> {self.output}",
+                 f"dropped {sum(self.dropped.values()):,} -> {self.rejects}"]
+        lines += [f"  {reason}: {n:,}" for reason, n in self.dropped.most_common()]
+        if self.fixed:
+            lines.append("fixed fields: " + ", ".join(f"{fix} {n:,}" for fix, n in self.fixed.most_common()))
+        return "\n".join(lines)
+
+
+class Cleaner:
+    """Decides, row by row, what to keep (tidied) and what to drop (with the reason)."""
+
+    def __init__(self, dedupe: str, min_answer_chars: int):
+        if dedupe not in DEDUPE_CHOICES:
+            raise DataError(f"--dedupe must be one of {', '.join(DEDUPE_CHOICES)}, got '{dedupe}'")
+        self.dedupe, self.min_answer_chars = dedupe, min_answer_chars
+        self._exact: dict[bytes, str] = {}
+        self._near: dict[bytes, str] = {}
+        self.fixed: Counter = Counter()
+        self._layout: tuple[str, str, str] | None = None  # the first file's column names, used for all rows
+
+    def _tidy(self, text: str) -> str:
+        tidy = tidy_text(text)
+        if tidy != text:
+            # Counted separately so the summary says what changed, not only that something did.
+            if not is_nfc(text):
+                self.fixed["to NFC"] += 1
+            if CONTROL_RE.search(text):
+                self.fixed["control/invisible characters removed"] += 1
+            if untidy_whitespace(text):
+                self.fixed["whitespace"] += 1
+        return tidy
+
+    def decide(self, row: Row) -> tuple[dict | None, str, str]:
+        """(record to write, "", "") to keep the row, or (None, reason, detail) to drop it."""
+        question, answer = self._tidy(row.question), self._tidy(row.answer)
+        context = self._tidy(row.context) if row.context else row.context
+        if not question:
+            return None, "empty_question", ""
+        if not answer:
+            return None, "empty_answer", ""
+        if len(answer) < self.min_answer_chars:
+            return None, "short_answer", f"{len(answer)} characters, fewer than --min-answer-chars {self.min_answer_chars}"
+        for text in (question, answer, context):
+            broken = broken_encoding(text)
+            if broken:
+                return None, "broken_encoding", broken
+        exact = digest(question, answer, context)
+        if exact in self._exact:
+            return None, "duplicate", f"same as {self._exact[exact]}"
+        if self.dedupe == "near":
+            near = digest(near_key(question), near_key(answer), near_key(context))
+            if near in self._near:
+                return None, "near_duplicate", f"nearly the same as {self._near[near]}"
+            self._near[near] = row.where
+        self._exact[exact] = row.where
+        return self._record(row, question, answer, context), "", ""
+
+    def _record(self, row: Row, question: str, answer: str, context: str) -> dict:
+        """The input record with its texts replaced; other fields and their order are kept."""
+        layout = self._layout = self._layout or row.columns
+        record = dict(row.record)
+        record[row.columns[0]], record[row.columns[1]] = question, answer
+        if isinstance(record.get(row.columns[2]), str):
+            record[row.columns[2]] = context
+        if row.columns != layout:  # a later file with other column names: one output file needs one layout
+            record = {dict(zip(row.columns, layout)).get(key, key): value for key, value in record.items()}
+        return record
+
+
+def clean_data(
+    paths: Iterable[str],
+    output: str,
+    dedupe: str = "exact",
+    min_answer_chars: int = 0,
+    overwrite: bool = False,
+    skip_invalid: bool = False,
+    question_field: str = "",
+    answer_field: str = "",
+    context_field: str = "",
+) -> CleanReport:
+    """Write the kept rows (tidied) to `output` as JSONL and the dropped ones, each with its
+    reason, to `<output stem>.rejects.jsonl`. Both appear only when complete; inputs are never touched."""
+    out = Path(output)
+    if out.suffix.lower() not in (".jsonl", ".json"):
+        raise DataError(f"{output}: clean writes JSON Lines; give the output a .jsonl name")
+    rejects = rejects_path(out)
+    cleaner = Cleaner(dedupe, min_answer_chars)
+    report = CleanReport(str(out), str(rejects))
+    unresolved: list[DataError] = []
+    files = resolve_paths(paths, unresolved.append if skip_invalid else None)
+    # Both checked before anything is read: a wrong --output should fail in a second, not after the data.
+    check_not_an_input([out, rejects], files)
+    with atomic_files([rejects, out], overwrite) as (tmp_rejects, tmp_out):
+        with open(tmp_rejects, "wb") as rejected, open(tmp_out, "wb") as kept:
+
+            def on_invalid(error: DataError) -> None:
+                report.dropped["invalid"] += 1
+                rejected.write(_json_line({"reason": "invalid", "error": str(error)}))
+
+            for error in unresolved:
+                on_invalid(error)
+            for row in iter_rows(files, question_field, answer_field, context_field, on_invalid if skip_invalid else None):
+                report.rows_read += 1
+                record, reason, detail = cleaner.decide(row)
+                if record is None:
+                    report.dropped[reason] += 1
+                    rejected.write(_json_line({"reason": reason, "detail": detail, "where": row.where, "row": row.record}))
+                else:
+                    report.kept += 1
+                    kept.write(_json_line(record))
+        if report.rows_read == 0:
+            raise DataError(f"{', '.join(files)}: no rows found")
+    report.fixed = cleaner.fixed
+    return report

@@ -1,0 +1,77 @@
+"""Batches that keep the label contract (see `tokenize`): right padding per batch, masked by position;
+`check_batch` proves it on every batch, `render_example` shows one sample's trained span."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LabelContractError
+from .tokenize import IGNORE_INDEX
+
+
+class Collator:
+    """Right-pad each batch to its own longest sample and check the label contract.
+
+    Padding positions get the pad id as filler input (or EOS when the tokenizer has no pad),
+    attention 0 and label -100: masking is by position, so the filler id never matters.
+    """
+
+    def __init__(self, tokenizer, check: bool = True):
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.check = check
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(s["input_ids"]) for s in samples)
+        input_ids = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(samples), width), dtype=torch.long)
+        for row, s in enumerate(samples):
+            n = len(s["input_ids"])
+            input_ids[row, :n] = torch.tensor(s["input_ids"])
+            labels[row, :n] = torch.tensor(s["labels"])
+            attention[row, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        if self.check:
+            check_batch(batch, [s["prompt_length"] for s in samples], [s["truncated"] for s in samples], self.eos_id)
+        return batch
+
+
+def check_batch(batch: dict[str, torch.Tensor], prompt_lengths: list[int], truncated: list[bool], eos_id: int) -> None:
+    """Raise LabelContractError if the batch breaks the contract in the module docstring."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if ids.shape != labels.shape or ids.shape != mask.shape:
+        raise LabelContractError(f"input_ids {tuple(ids.shape)}, attention_mask {tuple(mask.shape)} and labels {tuple(labels.shape)} differ in shape")
+    for row in range(ids.shape[0]):
+        length = int(mask[row].sum())
+        if not bool(mask[row, :length].all()):
+            raise LabelContractError(f"row {row}: padding is not only on the right")
+        p = prompt_lengths[row]
+        if bool((labels[row, :p] != IGNORE_INDEX).any()):
+            raise LabelContractError(f"row {row}: a prompt token is a training target")
+        if bool((labels[row, length:] != IGNORE_INDEX).any()):
+            raise LabelContractError(f"row {row}: a padding position is a training target")
+        answer = labels[row, p:length]
+        if answer.numel() == 0 or bool((answer == IGNORE_INDEX).any()):
+            raise LabelContractError(f"row {row}: the answer span is empty or partly ignored")
+        if not torch.equal(answer, ids[row, p:length]):
+            raise LabelContractError(f"row {row}: labels of the answer differ from its input ids")
+        if not truncated[row] and int(answer[-1]) != eos_id:
+            raise LabelContractError(f"row {row}: the answer does not end with EOS (id {eos_id}) as a target")
+    if int(mask.sum(1).max()) != ids.shape[1]:
+        raise LabelContractError("batch is wider than its longest sample (padding is not dynamic)")
+
+
+def render_example(sample: dict, tokenizer) -> str:
+    """Show one sample with the trained span marked, for the pre-flight check."""
+    p = sample["prompt_length"]
+    ids = sample["input_ids"]
+    ignored = tokenizer.decode(ids[:p], skip_special_tokens=False)
+    trained = tokenizer.decode(ids[p:], skip_special_tokens=False)
+    eos_note = "ends with EOS" if not sample["truncated"] else "TRUNCATED at max_length, no EOS"
+    lines = [
+        f"{len(ids)} tokens: {p} prompt (ignored, label -100), {len(ids) - p} answer (trained, {eos_note})",
+        *(f"  ignored | {line}" for line in ignored.split("\n")),
+        *(f"  trained | {line}" for line in trained.split("\n")),
+    ]
+    return "\n".join(lines)

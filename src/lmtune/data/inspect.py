@@ -1,0 +1,360 @@
+"""`lmtune data inspect`: find what is wrong with a data file
+before it costs a training run (`clean` fixes it).
+
+Both read through `data.iter_rows`, the reader training uses, so they see exactly the rows,
+columns and errors that training would see. Every check below works on one text (or one row)
+and is a plain function, so inspect, clean and the tests share them.
+
+What inspect counts, and what clean does about it:
+  * empty or blank question or answer (rows): clean drops the row;
+  * answer shorter than --min-answer-chars: clean drops the row (inspect shows answer lengths);
+  * exact duplicates (rows with identical texts): clean drops all but the first, comparing the
+    texts after its own fixes, so rows differing only in whitespace or NFC count as one;
+  * near-duplicates (equal after NFC, case folding, punctuation and whitespace collapsing):
+    dropped with --dedupe near;
+  * same question (near-equal), different answers: kept, both may be right; a person decides;
+  * text not in NFC (fields): normalised;
+  * control and invisible characters (fields): removed;
+  * broken encoding, i.e. U+FFFD, lone surrogates, mojibake (fields): the row is dropped, the
+    original text is lost and guessing it back could be wrong;
+  * Vietnamese missing diacritics (fields): kept, only a person can restore them;
+  * untidy whitespace (fields): normalised (see tidy_text).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import DataError
+from ..outputs import atomic_files
+from .checks import CHECKS, row_problems, snippet
+from .normalize import digest, near_key
+from .readers import Example, Row, check_not_an_input, iter_rows, resolve_paths
+from .template import PromptTemplate
+
+MAX_EXAMPLES = 10  # locations kept per finding: enough to find the pattern, small for 100k-row files
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class Finding:
+    """Rows (or fields) with one kind of problem: how many, the first few, and what exactly."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+    details: dict[str, int] = field(default_factory=dict)  # e.g. which invisible character, how often
+
+    def add(self, example: str, details: Iterable[str] = ()) -> None:
+        self.count += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(example)
+        for detail in details:
+            self.details[detail] = self.details.get(detail, 0) + 1
+
+    def top_details(self, n: int | None = None) -> list[tuple[str, int]]:
+        return sorted(self.details.items(), key=lambda item: -item[1])[:n]
+
+
+@dataclass
+class FileInfo:
+    path: str
+    format: str
+    rows: int = 0
+    columns: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LengthStats:
+    count: int
+    min: int
+    median: float
+    p95: int
+    max: int
+
+    @classmethod
+    def of(cls, values: list[int]) -> "LengthStats | None":
+        if not values:
+            return None
+        ordered = sorted(values)
+        p95 = ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]  # nearest rank: a value that occurs
+        return cls(len(ordered), ordered[0], statistics.median(ordered), p95, ordered[-1])
+
+    def __str__(self) -> str:
+        median = f"{self.median:g}" if isinstance(self.median, float) else str(self.median)
+        return f"min {self.min:,}, median {median}, p95 {self.p95:,}, max {self.max:,}"
+
+
+@dataclass
+class TokenStats:
+    model: str
+    max_length: int
+    template: str
+    lengths: LengthStats | None
+    truncated: int  # answer cut at max_length: the sample loses its EOS
+    prompt_too_long: int  # the prompt alone fills max_length: training drops the sample
+
+
+@dataclass
+class InspectReport:
+    files: list[FileInfo]
+    rows_read: int = 0
+    invalid: Finding = field(default_factory=Finding)
+    findings: dict[str, Finding] = field(default_factory=lambda: {name: Finding() for name in CHECKS})
+    conflicting_questions: int = 0
+    question_chars: LengthStats | None = None
+    answer_chars: LengthStats | None = None
+    tokens: TokenStats | None = None
+    verdict: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for finding in [data["invalid"], *data["findings"].values()]:
+            finding["details"] = dict(sorted(finding["details"].items(), key=lambda item: -item[1]))
+        return data
+
+
+def _file_info(path: str) -> FileInfo:
+    """Format and encoding notes of one file; reads its bytes, which is cheap next to parsing them."""
+    if path.startswith("hub:"):
+        return FileInfo(path, "Hugging Face dataset")
+    suffix = Path(path).suffix.lower()
+    if suffix in (".parquet", ".csv"):
+        return FileInfo(path, suffix[1:].upper())
+    try:
+        raw = Path(path).read_bytes()
+    except OSError:
+        return FileInfo(path, "unreadable")  # the reader reports why
+    fmt = "JSON Lines"
+    if suffix == ".json":
+        fmt = "JSON array" if re.match(rb"(\xef\xbb\xbf)?\s*\[", raw) else "JSON Lines (in a .json file)"
+    info = FileInfo(path, fmt)
+    if raw.startswith(b"\xef\xbb\xbf"):
+        info.notes.append("starts with a UTF-8 byte-order mark (read fine; clean writes none)")
+    if b"\r\n" in raw:
+        info.notes.append("Windows CRLF line ends (read fine; clean writes LF)")
+    return info
+
+
+class TokenCounter:
+    """Token lengths of samples exactly as training builds them (see data.tokenize_example)."""
+
+    def __init__(self, model: str, max_length: int, template: str = "auto"):
+        from ..model import load_tokenizer, resolve_source
+
+        self.model, self.max_length = model, max_length
+        self.tokenizer = load_tokenizer(resolve_source(model))
+        self.template = PromptTemplate.for_tokenizer(self.tokenizer, template)
+        self.lengths: list[int] = []
+        self.truncated = self.prompt_too_long = 0
+
+    def add(self, example: Example) -> None:
+        prompt = len(self.template.prompt_ids(self.tokenizer, example.question, example.context))
+        total = prompt + len(self.template.answer_ids(self.tokenizer, example.answer))
+        self.lengths.append(total)
+        # The same two conditions as tokenize_example: no room for an answer, or the answer cut.
+        if prompt >= self.max_length - 1:
+            self.prompt_too_long += 1
+        elif total > self.max_length:
+            self.truncated += 1
+
+    def stats(self) -> TokenStats:
+        return TokenStats(self.model, self.max_length, self.template.kind, LengthStats.of(self.lengths),
+                          self.truncated, self.prompt_too_long)
+
+
+class Inspector:
+    """Runs every check over a stream of rows; `finish()` returns the report."""
+
+    def __init__(self, files: list[str], tokens: TokenCounter | None = None):
+        self.report = InspectReport(files=[_file_info(path) for path in files])
+        self._files = {info.path: info for info in self.report.files}
+        self.tokens = tokens
+        self._exact: dict[bytes, str] = {}  # digest of the row -> where it first occurred
+        self._near: dict[bytes, str] = {}
+        # question -> (its first answer, where that was, rows that answer it differently)
+        self._answers: dict[bytes, tuple[bytes, str, list[str]]] = {}
+        self._question_chars: list[int] = []
+        self._answer_chars: list[int] = []
+
+    def invalid(self, error: DataError) -> None:
+        self.report.invalid.add(str(error))
+
+    def add(self, row: Row) -> None:
+        report = self.report
+        report.rows_read += 1
+        info = self._files[row.path]
+        info.rows += 1
+        if not info.columns:
+            info.columns = {"question": row.columns[0], "answer": row.columns[1]}
+        if row.columns[2] in row.record:
+            info.columns.setdefault("context", row.columns[2])
+        for check, field_name, details in row_problems(row):
+            example = f"{row.where} ({field_name})" + (f": {', '.join(details)}" if details else "")
+            if check == "missing_diacritics":
+                example += " " + snippet(getattr(row, field_name))
+            report.findings[check].add(example, details)
+        self._question_chars.append(len(row.question))
+        self._answer_chars.append(len(row.answer))
+        if row.question.strip() and row.answer.strip():  # empty rows are reported as such, not as duplicates
+            self._duplicates(row)
+            if self.tokens:
+                self.tokens.add(Example(row.question.strip(), row.answer.strip(), row.context.strip(), row.where))
+
+    def _duplicates(self, row: Row) -> None:
+        findings = self.report.findings
+        exact = digest(row.question, row.answer, row.context)
+        near_q, near_a, near_c = near_key(row.question), near_key(row.answer), near_key(row.context)
+        near = digest(near_q, near_a, near_c)
+        if exact in self._exact:
+            findings["exact_duplicate"].add(f"{row.where} repeats {self._exact[exact]}")
+        elif near in self._near:
+            findings["near_duplicate"].add(f"{row.where} nearly repeats {self._near[near]}")
+        self._exact.setdefault(exact, row.where)
+        self._near.setdefault(near, row.where)
+        question, answer = digest(near_q, near_c), digest(near_a)
+        first_answer, first_where, others = self._answers.setdefault(question, (answer, row.where, []))
+        if first_answer != answer:
+            others.append(row.where)
+
+    def finish(self) -> InspectReport:
+        report = self.report
+        conflicts = [(first, others) for _, first, others in self._answers.values() if others]
+        report.conflicting_questions = len(conflicts)
+        for first, others in conflicts:
+            for where in others:
+                report.findings["conflicting_answers"].add(f"{where} answers the question of {first} differently")
+        report.question_chars = LengthStats.of(self._question_chars)
+        report.answer_chars = LengthStats.of(self._answer_chars)
+        if self.tokens:
+            report.tokens = self.tokens.stats()
+        report.verdict = verdict(report)
+        return report
+
+
+def inspect_data(
+    paths: Iterable[str],
+    question_field: str = "",
+    answer_field: str = "",
+    context_field: str = "",
+    skip_invalid: bool = False,
+    model: str = "",
+    max_length: int = 512,
+    template: str = "auto",
+) -> InspectReport:
+    """Read the data once and run every check; token statistics only when a model is given."""
+    invalid: list[DataError] = []
+    files = resolve_paths(paths, invalid.append if skip_invalid else None)
+    tokens = TokenCounter(model, max_length, template) if model else None
+    inspector = Inspector(files, tokens)
+    for error in invalid:
+        inspector.invalid(error)
+    rows = iter_rows(files, question_field, answer_field, context_field, inspector.invalid if skip_invalid else None)
+    if tokens:  # tokenizing is the slow part: show progress on a terminal
+        from tqdm import tqdm
+
+        rows = tqdm(rows, desc="tokenizing", unit=" rows", disable=None)
+    for row in rows:
+        inspector.add(row)
+    if inspector.report.rows_read == 0:
+        raise DataError(f"{', '.join(files)}: no rows found")
+    return inspector.finish()
+
+
+# ---------------------------------------------------------------- verdict and text report
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+
+def verdict(report: InspectReport) -> list[str]:
+    """Short advice, most urgent first; one line per thing to do."""
+    f = {name: finding.count for name, finding in report.findings.items()}
+    lines = []
+    if report.invalid.count:
+        lines.append(f"{_n(report.invalid.count, 'invalid line or file')} skipped: fix them at the source or they stay out")
+    by_clean = []
+    if f["empty_question"] or f["empty_answer"]:
+        by_clean.append(f"drops the rows with an empty question ({f['empty_question']:,}) or answer ({f['empty_answer']:,})")
+    if f["exact_duplicate"]:
+        by_clean.append(f"drops {_n(f['exact_duplicate'], 'exact duplicate')}")
+    if f["broken_encoding"]:
+        by_clean.append(f"drops the rows of {_n(f['broken_encoding'], 'field')} with broken encoding (better: re-export them as UTF-8)")
+    if f["not_nfc"]:
+        by_clean.append(f"normalises {_n(f['not_nfc'], 'field')} to NFC")
+    if f["control_characters"]:
+        by_clean.append(f"removes control or invisible characters from {_n(f['control_characters'], 'field')}")
+    if f["untidy_whitespace"]:
+        by_clean.append(f"tidies whitespace in {_n(f['untidy_whitespace'], 'field')}")
+    if by_clean:
+        lines.append("run `lmtune data clean`: it " + "; ".join(by_clean))
+    if f["near_duplicate"]:
+        lines.append(f"{_n(f['near_duplicate'], 'near-duplicate')}: `lmtune data clean --dedupe near` drops them")
+    if report.conflicting_questions:
+        lines.append(f"{_n(report.conflicting_questions, 'question')} with different answers ({_n(f['conflicting_answers'], 'row')}): "
+                     "check by hand that each answer is right")
+    if f["missing_diacritics"]:
+        lines.append(f"{_n(f['missing_diacritics'], 'field')} of Vietnamese missing diacritics: "
+                     "restore them by hand or drop them; clean keeps them")
+    tokens = report.tokens
+    if tokens and (tokens.truncated or tokens.prompt_too_long):
+        advice = (f"raise --max-length to about {tokens.lengths.p95:,} (p95)" if tokens.lengths.p95 > tokens.max_length
+                  else "shorten them or raise --max-length")
+        lines.append(f"{_n(tokens.truncated, 'sample')} longer than {tokens.max_length} tokens lose their end and EOS, "
+                     f"{_n(tokens.prompt_too_long, 'prompt')} leave no room for an answer: {advice}")
+    return lines or ["no problems found: ready to train"]
+
+
+def format_report(report: InspectReport) -> str:
+    out = [f"{report.rows_read:,} rows read from {len(report.files)} file(s)"]
+    for info in report.files:
+        columns = ", ".join(f"{role}={name}" for role, name in info.columns.items()) or "none detected"
+        out.append(f"  {info.path}: {info.format}, {info.rows:,} rows, columns {columns}")
+        out += [f"    note: {note}" for note in info.notes]
+    if report.invalid.count:
+        out.append(f"  skipped {report.invalid.count:,} invalid lines or files (--skip-invalid):")
+        out += [f"    {message}" for message in report.invalid.examples]
+    if report.question_chars:
+        out.append(f"question length (characters): {report.question_chars}")
+        out.append(f"answer length (characters):   {report.answer_chars}")
+    if report.tokens:
+        t = report.tokens
+        out.append(f"tokens ({t.model}, {t.template} template, prompt + answer + EOS): {t.lengths}")
+        out.append(f"  --max-length {t.max_length}: {t.truncated:,} samples truncated, {t.prompt_too_long:,} prompts too long")
+    out.append("")
+    out.append("checks:")
+    for name, label in CHECKS.items():
+        finding = report.findings[name]
+        count = f"{finding.count:,}"
+        if name == "conflicting_answers" and finding.count:
+            count += f" rows, {report.conflicting_questions:,} questions"
+        out.append(f"  {label:<34} {count}")
+        if finding.details and name in ("control_characters", "broken_encoding", "missing_diacritics"):
+            out.append("    " + ", ".join(f"{detail}: {n:,}" for detail, n in finding.top_details(5)))
+        out += [f"    {example}" for example in finding.examples[:3]]
+    out.append("")
+    out.append("verdict:")
+    out += [f"  - {line}" for line in report.verdict]
+    return "\n".join(out)
+
+
+def write_json_report(report: InspectReport, path: str, inputs: list[str]) -> None:
+    """Write the report as JSON (replacing an older report, never one of the inputs)."""
+    check_not_an_input([Path(path)], inputs)
+    with atomic_files([path], overwrite=True) as (tmp,):
+        tmp.write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def print_json_report(report: InspectReport, stream=None) -> None:
+    json.dump(report.to_dict(), stream or sys.stdout, ensure_ascii=False, indent=2)
+    (stream or sys.stdout).write("\n")

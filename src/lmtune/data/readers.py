@@ -1,0 +1,368 @@
+"""Read data files into rows and question/answer examples: JSONL, JSON, CSV, parquet, `hub:` datasets.
+
+Why hand-written readers: `datasets.load_dataset("json")` reports malformed lines as pyarrow
+errors without file or line, and silently unifies schemas; users need "file:line: field".
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+from ..errors import DataError
+
+# Column layouts found without configuration, tried in this order: (question, answer, context).
+KNOWN_SCHEMAS: list[tuple[str, str, str]] = [
+    ("question", "answer", "context"),  # the tutorial
+    ("instruction", "output", "input"),  # Alpaca
+    ("input", "output", "context"),  # the schema the tutorial describes
+    ("prompt", "response", "context"),
+    ("prompt", "completion", "context"),  # TRL's prompt/completion
+    ("query", "response", "context"),
+]
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+# No question/answer pair is a million characters long; a longer line is a file whose line breaks
+# were lost (or binary junk), and parsing it would only produce a confusing error later.
+MAX_LINE_CHARS = 1_000_000
+
+# What to do with a bad file, line or row: None raises its DataError (the default, so training
+# fails fast); a callable receives the error and the reader skips that item and goes on
+# (`lmtune data --skip-invalid` counts them this way).
+OnInvalid = Optional[Callable[[DataError], None]]
+
+
+def _invalid(error: DataError, on_invalid: OnInvalid) -> None:
+    if on_invalid is None:
+        raise error
+    on_invalid(error)
+
+
+@dataclass
+class Example:
+    question: str
+    answer: str
+    context: str = ""
+    source: str = ""  # "file:line" for messages
+
+
+@dataclass
+class LoadReport:
+    files: list[str] = field(default_factory=list)
+    rows_read: int = 0
+    columns: tuple[str, str, str] | None = None
+    skipped_empty: int = 0
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _resolve_one(pattern: str) -> list[str]:
+    if pattern.startswith("hub:"):
+        return [pattern]
+    expanded = os.path.expanduser(pattern)
+    if glob.has_magic(expanded):
+        matches = sorted(glob.glob(expanded, recursive=True))
+        if not matches:
+            raise DataError(f"{pattern}: the pattern matches no file")
+        data_files = [m for m in matches if m.lower().endswith(SUPPORTED_SUFFIXES)]
+        if not data_files:
+            raise DataError(f"{pattern}: matches {len(matches)} file(s), none of them {', '.join(SUPPORTED_SUFFIXES)}")
+        return data_files
+    path = Path(expanded)
+    if path.is_dir():
+        raise DataError(f"{pattern}: is a folder; give files or a glob such as '{pattern}/*.jsonl'")
+    if not path.is_file():
+        raise DataError(f"{pattern}: file not found")
+    if not path.name.lower().endswith(SUPPORTED_SUFFIXES):
+        raise DataError(f"{pattern}: unsupported file type; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+    return [str(path)]
+
+
+def resolve_paths(patterns: Iterable[str], on_invalid: OnInvalid = None) -> list[str]:
+    """Expand globs; every entry must match at least one supported file. `hub:<id>` passes through.
+
+    With `on_invalid`, an entry that matches nothing is reported to it and left out.
+    """
+    resolved: list[str] = []
+    for pattern in patterns:
+        try:
+            resolved += _resolve_one(pattern)
+        except DataError as e:
+            _invalid(e, on_invalid)
+    if not resolved:
+        raise DataError("no data given: pass --data FILE (jsonl, json, csv or parquet)")
+    return resolved
+
+
+def _not_utf8(path: str, line: int, byte: int) -> DataError:
+    return DataError(f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x}); save the file as UTF-8")
+
+
+def _read_text(path: str, on_invalid: OnInvalid = None) -> str:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8-sig")  # tolerate a UTF-8 byte-order mark
+    except UnicodeDecodeError as e:
+        if on_invalid is None:
+            raise _not_utf8(path, raw[: e.start].count(b"\n") + 1, raw[e.start]) from None
+    # Skipping invalid input: blank out only the lines that are not UTF-8, so the other lines
+    # are still read and keep their line numbers.
+    lines = []
+    for number, line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            on_invalid(_not_utf8(path, number, line[e.start]))
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _iter_jsonl(path: str, text: str, on_invalid: OnInvalid = None) -> Iterator[tuple[str, Any]]:
+    if re.match(r"\s*\[", text):
+        _invalid(DataError(f"{path}:1: holds a JSON array, not JSON Lines (one object per line); "
+                           "rename the file to .json or write one object per line"), on_invalid)
+        return
+    # Split at "\n" only: str.splitlines() also splits at U+2028, U+0085 and other characters that
+    # JSON allows raw inside strings. The "\r" of CRLF line ends is JSON whitespace and parses fine.
+    lines = text.split("\n")
+    cut_off = not text.endswith("\n")  # a truncated file ends in the middle of its last line
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        if len(line) > MAX_LINE_CHARS:
+            _invalid(DataError(f"{where}: line is {len(line):,} characters long (limit {MAX_LINE_CHARS:,}); "
+                               "are its line breaks missing?"), on_invalid)
+            continue
+        try:
+            record = json.loads(line.lstrip("\ufeff"))  # a BOM inside the file comes from concatenated files
+        except json.JSONDecodeError as e:
+            hint = "; the file ends in the middle of this line (truncated?)" if cut_off and number == len(lines) else ""
+            _invalid(DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}){hint}"), on_invalid)
+            continue
+        except (ValueError, RecursionError) as e:
+            _invalid(DataError(f"{where}: unreadable JSON ({_json_limit(e)})"), on_invalid)
+            continue
+        yield where, record
+
+
+def _json_limit(error: Exception) -> str:
+    """Valid JSON that Python's parser still refuses: a number over 4,300 digits (int() refuses it, against a
+    denial of service) or nesting deeper than the interpreter's recursion limit. Neither is a Q/A record."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error).split(";")[0]
+
+
+def _iter_json(path: str, text: str, on_invalid: OnInvalid = None) -> Iterator[tuple[str, Any]]:
+    stripped = text.lstrip()
+    if not stripped:
+        return
+    if stripped[0] == "[":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            _invalid(DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})"), on_invalid)
+            return
+        except (ValueError, RecursionError) as e:
+            _invalid(DataError(f"{path}: unreadable JSON ({_json_limit(e)})"), on_invalid)
+            return
+        for index, row in enumerate(rows):
+            yield f"{path}[{index}]", row
+        return
+    # A .json file holding one object per line is common (the tutorial's own data); read it as JSONL.
+    yield from _iter_jsonl(path, text, on_invalid)
+
+
+def _iter_csv(path: str, text: str, on_invalid: OnInvalid = None) -> Iterator[tuple[str, Any]]:
+    # newline="" keeps the line breaks inside quoted fields (splitlines() would drop them).
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row:  # DictReader files the values beyond the header's columns under the key None
+                count = len(reader.fieldnames) + len(row[None])
+                _invalid(DataError(f"{where}: {count} fields, but the header has {len(reader.fieldnames)}; "
+                                   "put fields that hold commas in double quotes"), on_invalid)
+                continue
+            yield where, dict(row)
+    except csv.Error as e:  # e.g. a field over csv.field_size_limit(); the parser cannot resume after it
+        _invalid(DataError(f"{path}:{reader.line_num}: malformed CSV ({e})"), on_invalid)
+
+
+def _iter_parquet(path: str, on_invalid: OnInvalid = None) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq  # ships with `datasets`
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        _invalid(DataError(f"{path}: not a readable parquet file ({e})"), on_invalid)
+        return
+    for index, row in enumerate(table.to_pylist()):
+        yield f"{path}[row {index}]", row
+
+
+def _iter_hub(spec: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    name = spec[len("hub:") :]
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # network, missing dataset, bad config: all mean "cannot get it"
+        raise DataError(f"{spec}: cannot load the dataset from the Hugging Face Hub ({type(e).__name__}: {e})") from None
+    for index, row in enumerate(ds):
+        yield f"{spec}[row {index}]", row
+
+
+def iter_records(path: str, on_invalid: OnInvalid = None) -> Iterator[tuple[str, Any]]:
+    """Yield (location, raw record) from one file; bad lines and files go to `on_invalid` (None: raise)."""
+    if path.startswith("hub:"):
+        yield from _iter_hub(path)
+        return
+    suffix = Path(path).suffix.lower()
+    if suffix == ".parquet":
+        yield from _iter_parquet(path, on_invalid)
+        return
+    try:
+        text = _read_text(path, on_invalid)
+    except DataError as e:
+        _invalid(e, on_invalid)
+        return
+    if not text.strip():
+        _invalid(DataError(f"{path}: the file is empty"), on_invalid)
+        return
+    if suffix == ".jsonl":
+        yield from _iter_jsonl(path, text, on_invalid)
+    elif suffix == ".json":
+        yield from _iter_json(path, text, on_invalid)
+    else:
+        yield from _iter_csv(path, text, on_invalid)
+
+
+def detect_columns(keys: Iterable[str], where: str) -> tuple[str, str, str]:
+    keys = set(keys)
+    for question, answer, context in KNOWN_SCHEMAS:
+        if question in keys and answer in keys:
+            return question, answer, context
+    known = ", ".join(f"{q}/{a}" for q, a, _ in KNOWN_SCHEMAS)
+    raise DataError(
+        f"{where}: cannot tell question and answer columns apart among {sorted(keys)}; "
+        f"known layouts are {known}; or set data.question_field and data.answer_field"
+    )
+
+
+def _text_field(record: dict, name: str, where: str, required: bool) -> str:
+    if name not in record:
+        if required:
+            raise DataError(f"{where}: missing field '{name}'")
+        return ""
+    value = record[name]
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        raise DataError(f"{where}: field '{name}' must be text, got {kind}")
+    return value
+
+
+@dataclass
+class Row:
+    """One record as read, with its question, answer and context texts untouched (not stripped)."""
+
+    path: str
+    where: str  # "file:line" for messages
+    record: dict
+    columns: tuple[str, str, str]  # (question, answer, context) field names
+    question: str
+    answer: str
+    context: str
+
+
+def _choose_columns(record: dict, where: str, question_field: str, answer_field: str, context_field: str) -> tuple[str, str, str]:
+    if question_field or answer_field:
+        return (question_field or "question", answer_field or "answer", context_field or "context")
+    detected = detect_columns(record.keys(), where)
+    return (detected[0], detected[1], context_field or detected[2])
+
+
+def iter_rows(
+    files: Iterable[str],
+    question_field: str = "",
+    answer_field: str = "",
+    context_field: str = "",
+    on_invalid: OnInvalid = None,
+) -> Iterator[Row]:
+    """Yield every row of already resolved files; columns are detected on each file's first row.
+
+    A record that is not an object, or lacks a text question or answer, raises DataError naming
+    file, line and field; with `on_invalid` it is handed over and skipped instead.
+    """
+    for path in files:
+        columns: tuple[str, str, str] | None = None
+        for where, record in iter_records(path, on_invalid):
+            try:
+                if not isinstance(record, dict):
+                    raise DataError(f"{where}: expected a JSON object with question and answer fields, got {type(record).__name__}")
+                columns = columns or _choose_columns(record, where, question_field, answer_field, context_field)
+                q_name, a_name, c_name = columns
+                row = Row(path, where, record, columns,
+                          _text_field(record, q_name, where, required=True),
+                          _text_field(record, a_name, where, required=True),
+                          _text_field(record, c_name, where, required=False))
+            except DataError as e:
+                _invalid(e, on_invalid)
+                continue
+            yield row
+
+
+def load_examples(
+    paths: Iterable[str],
+    question_field: str = "",
+    answer_field: str = "",
+    context_field: str = "",
+    max_samples: int = 0,
+    on_invalid: OnInvalid = None,
+) -> tuple[list[Example], LoadReport]:
+    """Read every file, detect (or use the given) columns, and return the usable examples.
+
+    Raises DataError naming file, line and field for malformed input (or, with `on_invalid`,
+    hands it over and skips that row or file). Rows whose question or answer is empty after
+    stripping are skipped and counted (they would teach nothing).
+    """
+    report = LoadReport(files=resolve_paths(paths, on_invalid))
+    examples: list[Example] = []
+    for row in iter_rows(report.files, question_field, answer_field, context_field, on_invalid):
+        report.columns = report.columns or row.columns
+        report.rows_read += 1
+        question, answer, context = row.question.strip(), row.answer.strip(), row.context.strip()
+        if not question or not answer:
+            report.skipped_empty += 1
+            continue
+        examples.append(Example(question, answer, context, row.where))
+        if max_samples and len(examples) >= max_samples:
+            return examples, report
+    if report.rows_read == 0:
+        raise DataError(f"{', '.join(report.files)}: no rows found (empty file?)")
+    if not examples:
+        raise DataError(f"{', '.join(report.files)}: all {report.rows_read} rows have an empty question or answer; nothing to train on")
+    return examples, report
+
+
+def check_not_an_input(outputs: list[Path], files: list[str]) -> None:
+    """Data tools never write over what they read: refuse an output path that is one of the input files."""
+    inputs = {os.path.realpath(path) for path in files if not path.startswith("hub:")}
+    for out in outputs:
+        if os.path.realpath(out) in inputs:
+            raise DataError(f"{out} is one of the input files; clean never edits its input: choose another --output")

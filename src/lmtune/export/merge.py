@@ -1,0 +1,137 @@
+"""Merge a LoRA adapter into its base model, prove the merge changed nothing, and save a plain model.
+
+The merged folder loads with `AutoModelForCausalLM.from_pretrained` alone: safetensors weights,
+tokenizer, a generation_config.json with the right eos/pad ids, and the prompt template.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.template import PromptTemplate
+from ..errors import LmtuneError
+from ..model import (
+    base_model_of_adapter,
+    load_adapter_tokenizer,
+    load_model,
+    resolve_source,
+)
+from ..outputs import (
+    CONFIG_FILE,
+    LOG_FILE,
+    MANIFEST_FILE,
+    PLOT_FILE,
+    atomic_output,
+    check_output_free,
+    now_iso,
+    read_json,
+    write_json,
+)
+from ..safeload import check_adapter_weights
+from ..training.quantization import trained_quantization
+
+PROBE_QUESTIONS = ["Trí tuệ nhân tạo là gì?", "Học máy khác gì học sâu?", "What is LoRA?"]
+
+
+@dataclass
+class MergeResult:
+    output_dir: str
+    max_logit_diff: float
+
+
+class MergeMismatchError(LmtuneError):
+    pass
+
+
+def _probe_batch(tokenizer, template: PromptTemplate) -> dict[str, torch.Tensor]:
+    prompts = [template.prompt_ids(tokenizer, q) + template.answer_ids(tokenizer, "AI là khả năng của máy.") for q in PROBE_QUESTIONS]
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {
+        "input_ids": torch.tensor([p + [pad] * (width - len(p)) for p in prompts]),
+        "attention_mask": torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts]),
+    }
+
+
+def merge(adapter: str, output_dir: str, model: str | None = None, overwrite: bool = False, atol: float = 1e-3,
+          log=print, allow_pickle: bool = False, trust_remote_code: bool = False) -> MergeResult:
+    """Merge `adapter` into its base model (read from the adapter unless `model` is given) and save to `output_dir`.
+
+    Raises MergeMismatchError if the merged model's logits differ from base+adapter by more than `atol`
+    on a probe batch; nothing is written then.
+    """
+    from peft import PeftModel
+
+    check_output_free(output_dir, overwrite)
+    base_name = model or base_model_of_adapter(adapter)
+    source = resolve_source(base_name)
+    check_adapter_weights(adapter, allow_pickle)
+    tokenizer = load_adapter_tokenizer(adapter, source, trust_remote_code)
+    template = PromptTemplate.load(adapter) or PromptTemplate.for_tokenizer(tokenizer)
+
+    log(f"merge: loading {base_name} and {adapter}")
+    quantized = trained_quantization(adapter)
+    if quantized != "none":
+        # LoRA learned a correction to the quantized weights; added to the full-precision ones it is the usual QLoRA
+        # result (a merged model without k-bit kernels), which the probe below compares against base+adapter.
+        log(f"merge: base was trained {quantized} quantized; merging into the full-precision base")
+    # Merge in fp32 so the sum W + BA is exact to float precision, then store in the base's own dtype.
+    base = load_model(source, trust_remote_code, dtype=torch.float32, allow_pickle=allow_pickle)
+    stored_dtype = _stored_dtype(source)
+    peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    probe = _probe_batch(tokenizer, template)
+    mask = probe["attention_mask"].bool()
+    with torch.no_grad():
+        expected = peft_model(**probe).logits[mask]
+        merged = peft_model.merge_and_unload()
+        actual = merged(**probe).logits[mask]
+    diff = float((expected - actual).abs().max())
+    log(f"merge: max |logit difference| base+adapter vs merged on the probe batch = {diff:.2e} (tolerance {atol:g})")
+    if not diff <= atol:
+        raise MergeMismatchError(f"merged model differs from base+adapter by {diff:.3g} > {atol:g}; nothing was written")
+
+    with atomic_output(output_dir, overwrite) as out:
+        if stored_dtype is not None and stored_dtype != torch.float32:
+            merged = merged.to(stored_dtype)
+        merged.save_pretrained(out)  # safetensors
+        tokenizer.save_pretrained(out)
+        _write_generation_config(merged, tokenizer, out)
+        template.save(out)
+        for name in (CONFIG_FILE, LOG_FILE, PLOT_FILE):
+            if (Path(adapter) / name).is_file():
+                shutil.copy2(Path(adapter) / name, out / name)
+        manifest = read_json(Path(adapter) / MANIFEST_FILE) if (Path(adapter) / MANIFEST_FILE).is_file() else {}
+        manifest["merge"] = {"adapter": str(adapter), "base_model": base_name, "max_logit_diff": diff, "finished": now_iso()}
+        write_json(out / MANIFEST_FILE, manifest)
+    log(f"merge: saved merged model to {output_dir}")
+    return MergeResult(output_dir, diff)
+
+
+def _stored_dtype(source) -> torch.dtype | None:
+    """The dtype the base checkpoint was published in (None for GGUF, which we dequantize to fp32)."""
+    if source.gguf_file:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.path)
+    except (OSError, ValueError):
+        return None
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _write_generation_config(model, tokenizer, out: Path) -> None:
+    config = model.generation_config
+    config.eos_token_id = tokenizer.eos_token_id
+    # For generation only: a model without a pad token pads batched prompts with EOS (masked by attention).
+    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if tokenizer.bos_token_id is not None:
+        config.bos_token_id = tokenizer.bos_token_id
+    config.save_pretrained(out)

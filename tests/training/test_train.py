@@ -1,0 +1,96 @@
+"""train(): LoRA parameters change and only they, the loss falls, the adapter folder, overwriting, dry runs."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QA, train_config
+
+from lmtune.errors import ModelError, OutputExistsError
+from lmtune.export.merge import merge
+from lmtune.model import add_lora, load_model, resolve_source
+from lmtune.training.train import train
+
+train_module = importlib.import_module("lmtune.training.train")  # the package re-exports train(), which hides the module attribute
+
+
+QUIET = {"log": lambda _: None}
+
+
+def test_only_lora_parameters_changed_and_all_of_them(trained_bloom):
+    result, before, _, _ = trained_bloom
+    after = dict(result.model.named_parameters())
+    lora = [n for n in before if "lora_" in n]
+    assert lora
+    for name, value in before.items():
+        changed = not torch.equal(value, after[name].detach())
+        assert changed == ("lora_" in name), name
+
+
+def test_loss_falls(trained_bloom):
+    result, _, _, _ = trained_bloom
+    losses = [e["loss"] for e in result.log]
+    assert len(losses) == result.steps == 20
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_adapter_folder_holds_everything(trained_bloom):
+    result, _, _, data = trained_bloom
+    out = Path(result.output_dir)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "lmtune_config.yaml", "lmtune_manifest.json",
+                 "lmtune_template.json", "train_log.jsonl", "loss.png", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = json.loads((out / "lmtune_manifest.json").read_text())
+    assert manifest["data"]["rows_read"] == len(QA) and manifest["data"]["files"][0]["path"] == data
+    assert len(manifest["data"]["files"][0]["sha256"]) == 64
+    assert manifest["seed"] == 42 and manifest["final_loss"] == pytest.approx(result.final_loss)
+    assert {"torch", "transformers", "peft"} <= set(manifest["versions"])
+    assert manifest["started"] <= manifest["finished"]
+    log_lines = (out / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log_lines] == list(range(1, result.steps + 1))
+    assert not list(out.parent.glob(".adapter.tmp-*"))
+
+
+def test_existing_output_is_never_silently_overwritten(trained_bloom, tiny_bloom_dir):
+    result, _, root, data = trained_bloom
+    before = (Path(result.output_dir) / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(OutputExistsError, match="already exists"):
+        train(train_config(tiny_bloom_dir, data, result.output_dir, **{"train.max_steps": 1}), **QUIET)
+    assert (Path(result.output_dir) / "adapter_model.safetensors").read_bytes() == before
+    with pytest.raises(OutputExistsError, match="already exists"):
+        merge(result.output_dir, result.output_dir, **QUIET)
+
+
+def test_overwrite_replaces_when_asked(tiny_bloom_dir, qa_file, tmp_path):
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    train(train_config(tiny_bloom_dir, qa_file, out, **{"train.max_steps": 1, "train.overwrite_output_dir": True}), **QUIET)
+    assert not (out / "old.txt").exists() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_llama_lora_targets(tiny_llama_dir):
+    model = load_model(resolve_source(tiny_llama_dir))
+    names = lambda m: {n.split(".")[-4] for n, p in m.named_parameters() if p.requires_grad}
+    assert names(add_lora(load_model(resolve_source(tiny_llama_dir)), 4, 8, 0.0, "none", "auto")) == {"q_proj", "v_proj"}
+    assert names(add_lora(load_model(resolve_source(tiny_llama_dir)), 4, 8, 0.0, "none", "attention")) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert names(add_lora(model, 4, 8, 0.0, "none", "all-linear")) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    with pytest.raises(ModelError, match=r"\['query_key_value'\] not found in LlamaForCausalLM; its linear layers are: .*q_proj"):
+        add_lora(load_model(resolve_source(tiny_llama_dir)), 4, 8, 0.0, "none", ["query_key_value"])
+
+
+def test_dry_run_trains_nothing_and_estimates(tiny_bloom_dir, qa_file, tmp_path):
+    lines = []
+    result = train(train_config(tiny_bloom_dir, qa_file, tmp_path / "a"), dry_run=True, log=lines.append)
+    assert not (tmp_path / "a").exists()
+    estimate = result.dry_run_estimate
+    assert estimate["samples"] == len(QA) and estimate["optimizer_steps"] == 20 and estimate["seconds_per_epoch"] > 0
+    text = "\n".join(lines)
+    assert "ignored | Human: Trí tuệ nhân tạo (AI) là gì?" in text
+    assert "trained |  AI là khả năng" in text and "</s>" in text
+    assert "label contract holds on all 2 batches" in text
