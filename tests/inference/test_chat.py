@@ -93,6 +93,27 @@ def test_a_question_longer_than_the_context_is_refused_not_crashed(loaded):
     assert [q for q, _ in history] == ["LoRA là gì?"]
 
 
+def test_a_too_long_message_is_refused_before_any_turn_is_forgotten(loaded):
+    terminal = Terminal("Học máy là gì?", "LoRA là gì?", "Học máy là gì? " * 50, "/exit")
+    history = chat_loop(loaded, GREEDY, terminal.read, terminal.write, context=64)
+    assert "too long for this model's context" in terminal.text
+    assert "[context full" not in terminal.text
+    assert [q for q, _ in history] == ["Học máy là gì?", "LoRA là gì?"]  # nothing was sent, so nothing is lost
+
+
+def test_a_mistyped_command_is_not_sent_to_the_model(loaded, monkeypatch):
+    import lmtune.inference.chat as chat
+
+    sent = []
+    real_run_batch = chat.run_batch
+    monkeypatch.setattr(chat, "run_batch", lambda model, rows: (sent.append(rows[0].prompt_ids), real_run_batch(model, rows)))
+    terminal = Terminal("/exi", "/etc/hosts là gì?", "/exit", "never read")
+    history = chat_loop(loaded, GREEDY, terminal.read, terminal.write)
+    assert "unknown command /exi: did you mean /exit?" in terminal.text and "/reset" in terminal.text
+    assert [q for q, _ in history] == ["/etc/hosts là gì?"]  # a question that starts with a path is a question
+    assert len(sent) == 1 and terminal.lines == ["never read"]
+
+
 def test_ctrl_c_stops_the_answer_not_the_chat(loaded):
     terminal = Terminal(KeyboardInterrupt(), "Học máy là gì?", "LoRA là gì?")
     interrupted = []

@@ -8,6 +8,7 @@ full answer, the oldest turns are dropped, with a notice.
 
 from __future__ import annotations
 
+import difflib
 import sys
 from typing import Callable
 
@@ -23,8 +24,12 @@ Turn = tuple[str, str]  # (question, answer)
 def fit_conversation(loaded: LoadedModel, history: list[Turn], question: str, budget: int) -> tuple[list[int] | None, int]:
     """Prompt ids of history + question within `budget` tokens, dropping the oldest turns from `history`.
 
-    Returns (ids or None if the question alone does not fit, number of turns dropped).
+    Returns (ids or None if the question alone does not fit, number of turns dropped). A question that cannot
+    fit even without history is refused before anything is dropped: nothing would be sent, so nothing is lost.
     """
+    alone = loaded.template.conversation_ids(loaded.tokenizer, [{"role": "user", "content": question}])
+    if len(alone) > budget:
+        return None, 0
     dropped = 0
     while True:
         messages = []
@@ -37,6 +42,20 @@ def fit_conversation(loaded: LoadedModel, history: list[Turn], question: str, bu
             return None, dropped
         history.pop(0)
         dropped += 1
+
+
+COMMANDS = ("/reset", "/exit", "/help")
+
+
+def _looks_like_command(line: str) -> bool:
+    # One word after a slash: a question that starts with a path ("/etc/hosts là gì?") has spaces and is sent.
+    return line.startswith("/") and len(line.split()) == 1
+
+
+def unknown_command(line: str) -> str:
+    close = difflib.get_close_matches(line, COMMANDS, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown command {line}: {hint}commands are {', '.join(COMMANDS)} (nothing was sent to the model)"
 
 
 def answer_reserve(cfg: GenerateConfig, context: int) -> int:
@@ -71,6 +90,9 @@ def chat_loop(loaded: LoadedModel, cfg: GenerateConfig, read: Callable[[str], st
             continue
         if question in ("/help", "/?"):
             write(f"{HELP}\n")
+            continue
+        if _looks_like_command(question):  # a mistyped /exit must not become a question to the model
+            write(f"[{unknown_command(question)}]\n")
             continue
         ids, dropped = fit_conversation(loaded, history, question, context - reserve)
         if dropped:
