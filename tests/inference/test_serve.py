@@ -150,6 +150,22 @@ def test_streamed_chat_equals_whole_answer(client, loaded):
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_an_answer_cut_inside_a_character_ends_without_a_replacement_character(client, loaded):
+    from test_batching import (
+        cut_mid_character,  # the same search, in the engine's own test file
+    )
+
+    question, limit = cut_mid_character(loaded)
+    messages = [{"role": "user", "content": question}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=limit, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=limit, temperature=0,
+                                                 stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert whole.choices[0].finish_reason == "length"
+    assert not whole.choices[0].message.content.endswith("\ufffd")
+    assert streamed == whole.choices[0].message.content
+
+
 def test_streamed_completion_equals_whole_and_ends_with_done(client, base_url):
     whole = client.completions.create(model=MODEL, prompt="LoRA là", max_tokens=10, temperature=0)
     streamed = list(client.completions.create(model=MODEL, prompt="LoRA là", max_tokens=10, temperature=0, stream=True))

@@ -92,7 +92,9 @@ class PromptTemplate:
         return ids + [tokenizer.eos_token_id]
 
     def clean_answer(self, text: str) -> str:
-        return text.strip()
+        # An answer cut at the token limit inside a multi-byte character decodes with a trailing U+FFFD whose
+        # missing bytes never come: dropped, as chat and serve drop it (inference.batching._finish).
+        return text.strip().rstrip("\ufffd").rstrip()
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

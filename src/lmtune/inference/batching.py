@@ -187,6 +187,12 @@ def _send(row: Row, end: int, finish_reason: str | None = None) -> None:
 
 def _finish(row: Row, reason: str) -> None:
     row.finish_reason = reason
+    # A character whose bytes were split across tokens and cut by the token limit (or a stop, or EOS) will never
+    # get its last bytes: the U+FFFD _safe_end held back is dropped, not shown, in the stream and in row.text.
+    end = len(row.text)
+    while end > row.sent and row.text[end - 1] == "\ufffd":
+        end -= 1
+    row.text = row.text[:end]
     if row.strip:
         row.text = row.text.rstrip()
     _send(row, len(row.text), reason)

@@ -74,6 +74,8 @@ def generate(loaded: LoadedModel, question: str, cfg: GenerateConfig, on_text: C
                 if not self.started:  # the plain template's answer begins with its separator space
                     text = text.lstrip()
                     self.started = bool(text)
+                if stream_end:  # cut inside a multi-byte character: its last bytes never come (see clean_answer)
+                    text = text.rstrip("\ufffd")
                 if text:
                     on_text(text)
 
