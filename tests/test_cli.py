@@ -96,3 +96,33 @@ def test_epochs_and_max_steps_conflict(capsys, tiny_bloom_dir, qa_file, tmp_path
     code, _, err = run(capsys, "train", "--model", tiny_bloom_dir, "--data", qa_file, "--output-dir", tmp_path / "a",
                        "--epochs", 2, "--max-steps", 5)
     assert code == 2 and "--epochs and --max-steps both say when to stop" in err
+
+
+def test_output_piped_into_head_ends_quietly(tmp_path):
+    """`lmtune data inspect ... | head -2` through a real pipe: head leaves after two lines, lmtune stops without a
+    traceback. The report (one line per file) is longer than a pipe's buffer, so lmtune is still writing then."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(400):
+        (folder / f"{i:04d}-{'a-rather-long-file-name-as-exports-make-them-' * 3}.jsonl").write_text(
+            '{"question": "Học máy là gì?", "answer": "Một nhánh của AI."}\n', encoding="utf-8")
+    script = f'"$0" -m lmtune data inspect "{folder}/*.jsonl" | head -2; echo "lmtune exit ${{PIPESTATUS[0]}}" >&2'
+    result = subprocess.run(["bash", "-c", script, sys.executable], capture_output=True, text=True, timeout=300)
+    assert result.stdout.splitlines()[0].startswith("400 rows read from 400 file(s)")
+    assert len(result.stdout.splitlines()) == 2
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+    assert result.stderr.strip() == "lmtune exit 141"  # as a Unix tool killed by SIGPIPE
+
+
+def test_version(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lmtune {metadata.version('lmtune')}"
+
+
+def test_generate_refuses_an_empty_prompt_before_loading(capsys, tmp_path):
+    code, out, err = run(capsys, "generate", "--model", tmp_path / "never-loaded", "--prompt", "  ")
+    assert code == 2 and err == "error: --prompt is empty: give the question to answer\n" and not out

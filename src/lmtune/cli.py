@@ -18,6 +18,7 @@ from .processes import is_main_process
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away
 
 # Short flags for the settings people change most; each maps to a config key.
 TRAIN_SHORTCUTS = {
@@ -139,7 +140,14 @@ def cmd_merge(args, extra) -> int:
 def cmd_generate(args, extra) -> int:
     from .inference.generate import generate
 
-    config = _inference_config(args, extra)
+    # An empty prompt would be answered with whatever the model says after an empty template: refuse before loading.
+    problems = [] if args.prompt.strip() else ["--prompt is empty: give the question to answer"]
+    try:
+        config = _inference_config(args, extra)
+    except ConfigError as e:
+        raise ConfigError(e.problems + problems) from None
+    if problems:
+        raise ConfigError(problems)
     cfg = config.generate
     loaded = _load_for_inference(args, config)
     answer = generate(loaded, args.prompt, cfg, on_text=lambda t: print(t, end="", flush=True))
@@ -294,8 +302,18 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-field", default="", help="context column (default: detected)")
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("lmtune")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmtune", description="LoRA fine-tuning of causal language models on question/answer data.")
+    parser.add_argument("--version", action="version", version=f"lmtune {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune a model with LoRA", epilog="Any config key can be overridden: " + ", ".join(f"--{k}" for k in all_keys()))
@@ -374,6 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reader_gone() -> int:
+    """The program reading our output exited (`lmtune data inspect f.jsonl | head -2`): stop quietly, as Unix
+    tools do. stdout is pointed at /dev/null so that the interpreter's last flush of what is still buffered
+    does not fail a second time with "Exception ignored ... BrokenPipeError"."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (an embedding program replaced it)
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -382,7 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     # Under torchrun every process meets the same user error; one copy of the message is enough.
     err = sys.stderr if is_main_process() else open(os.devnull, "w")
     try:
-        return args.func(args, extra)
+        code = args.func(args, extra)
+        sys.stdout.flush()  # here, not at exit: a reader that has gone (`| head -2`) is then caught below
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except ConfigError as e:
         for problem in e.problems:
             print(f"error: {problem}", file=err)
