@@ -4,6 +4,7 @@ namespace, where the machine allows it), once with ENOSPC simulated at the exact
 
 import errno
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from conftest import QA, write_jsonl
 
 from lmtune.cli import main
 from lmtune.config import build_config
+from lmtune.outputs import umask
 from lmtune.training.train import train
 
 
@@ -95,3 +97,24 @@ def test_merge_with_the_disk_filling_mid_write_keeps_the_previous_model(adapter,
     assert f"no space left on the disk while writing {out}" in err and f"the previous {out} is untouched" in err
     assert _digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary sibling left behind
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
+
+
+def test_adapter_and_merged_weights_get_the_users_normal_permissions(adapter, tmp_path, capsys):
+    """safetensors writes 0600; on a shared machine the weights must be as readable as the other outputs."""
+    modes = _modes(adapter)  # trained under the test run's umask
+    mask = umask()
+    assert modes["adapter_model.safetensors"] == 0o666 & ~mask
+    assert {m for name, m in modes.items() if (adapter / name).is_file()} == {0o666 & ~mask}
+    previous = os.umask(0o027)  # a lab that shares with its group only
+    try:
+        assert main(["merge", "--adapter", str(adapter), "--output-dir", str(tmp_path / "merged")]) == 0, capsys.readouterr().err
+    finally:
+        os.umask(previous)
+    merged = _modes(tmp_path / "merged")
+    assert merged["model.safetensors"] == 0o640
+    assert {m for name, m in merged.items() if (tmp_path / "merged" / name).is_file()} == {0o640}
+    assert merged["."] == 0o750

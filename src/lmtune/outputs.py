@@ -57,9 +57,35 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     move_into_place(tmp, final, overwrite)
 
 
+def umask() -> int:
+    """The process's file-creation mask (022 on most systems: files 644, folders 755)."""
+    try:  # Linux shows it without changing it; os.umask can only be read by setting it
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_normal_permissions(path: Path) -> None:
+    """Set the modes a file or folder made with open()/mkdir() gets, under the user's umask, on `path` and
+    everything in it. safetensors (and tempfile) create files 0600: on a shared machine nobody else could read
+    the weights while every other output file is readable. Symbolic links are left alone."""
+    mask = umask()
+    for item in [path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else [])]:
+        if item.is_symlink():
+            continue
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
     """Rename a finished temporary folder to `final`; an existing `final` (overwrite asked for) is replaced only
     after the new one is whole, by moving it aside first and deleting it after the swap."""
+    give_normal_permissions(tmp)
     if final.exists():
         if not overwrite:
             raise OutputExistsError(f"{final} appeared while this run was writing; its output is kept in {tmp}")
@@ -116,6 +142,7 @@ def atomic_files(paths: list[str | Path], overwrite: bool = False) -> Iterator[l
             tmp.unlink(missing_ok=True)
         raise disk_full_error(error, finals[-1]) or error
     for tmp, final in zip(tmps, finals):
+        give_normal_permissions(tmp)
         os.replace(tmp, final)
 
 
