@@ -235,7 +235,8 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and compute: auto = bf16 where the hardware has fast bf16 (as training), else float32")
 
 
 def cmd_eval(args, extra) -> int:

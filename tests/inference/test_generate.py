@@ -5,7 +5,8 @@ from __future__ import annotations
 from conftest import QA
 
 from lmtune.config import GenerateConfig
-from lmtune.inference.generate import _finish, generate, generate_batch
+from lmtune.data.template import PromptTemplate
+from lmtune.inference.generate import generate, generate_batch
 from lmtune.inference.load import load_for_inference
 
 
@@ -23,10 +24,18 @@ def test_generation_uses_the_trained_template_and_batching_matches_one_by_one(tr
     assert "".join(streamed).strip() == answer.text
 
 
-def test_finish_stops_at_eos(bloom_tokenizer):
-    from lmtune.data.template import PromptTemplate
+def test_a_row_stops_at_eos_and_keeps_what_came_before(bloom_tokenizer):
+    from lmtune.inference.batching import Row, _advance
+    from lmtune.inference.generate import _answer
 
     ids = bloom_tokenizer(" AI là", add_special_tokens=False)["input_ids"]
-    answer = _finish(ids + [2, 3, 3], [2], bloom_tokenizer, PromptTemplate())
+    row = Row([1], max_tokens=10, emit=lambda text, reason: None, strip=True)
+    for token in ids + [2, 3, 3]:
+        if not row.done:
+            _advance(row, token, {2}, bloom_tokenizer)
+    answer = _answer(row, PromptTemplate())
     assert answer.stopped_at_eos and answer.text == "AI là" and answer.new_tokens == len(ids)
-    assert not _finish(ids, [2], bloom_tokenizer, PromptTemplate()).stopped_at_eos
+    cut = Row([1], max_tokens=len(ids), emit=lambda text, reason: None, strip=True)
+    for token in ids:
+        _advance(cut, token, {2}, bloom_tokenizer)
+    assert cut.finish_reason == "length" and not _answer(cut, PromptTemplate()).stopped_at_eos

@@ -1,18 +1,14 @@
-"""Generate many sequences together: one `model.generate` call per batch, each row with its own settings.
+"""Generate many sequences together: one decode loop (decode.py) per batch, each row with its own settings.
 
-`chat` runs `run_batch` directly with one row; `serve` feeds rows from many HTTP requests to a
-`BatchWorker` thread, which takes whatever rows are waiting (up to a batch size) and runs them as
-one left-padded batch, so throughput grows with load.
+`generate` and `generate_batch` run `run_batch` directly, `chat` with one row; `serve` feeds rows from many
+HTTP requests to a `BatchWorker` thread, which takes whatever rows are waiting (up to a batch size) and runs
+them as one left-padded batch, so throughput grows with load.
 
-Why not plain `generate(do_sample=True, temperature=..., repetition_penalty=...)` per batch:
-those settings are per call, while each request brings its own temperature, top_p, seed, stop
-strings and max_tokens; and transformers' repetition penalty also penalises the left padding,
-which for a tokenizer whose pad id is its EOS id (SmolLM2) makes a batched answer differ from
-the same request alone. So `_RowSampler` picks every row's next token itself (with the row's own
-torch.Generator, so a seed gives the same answer whatever else is in the batch) and hands
-`generate` a one-hot score row that its greedy step then selects; `_RowTracker` (a stopping
-criterion, called after every step) records tokens, finds EOS, stop strings and length limits,
-streams text, and stops rows whose client has gone.
+Each row picks its own next token (`_choose`: its temperature, top_p, top_k and repetition penalty, with
+its own torch.Generator, so a seed gives the same answer whatever else is in the batch; the penalty counts
+only the row's own tokens, never other rows' left padding, which for a tokenizer whose pad id is its EOS id
+would make a batched answer differ from the same request alone); `_advance`, called after every step,
+records tokens, finds EOS, stop strings and length limits, streams text, and stops rows whose client has gone.
 """
 
 from __future__ import annotations
@@ -26,13 +22,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import (
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
 
+from .decode import decode
 from .load import LoadedModel, inference_autocast, padding_id, stop_token_ids
 
 # (text to append, finish reason or None). Finish reasons follow OpenAI: "stop" (EOS or a stop
@@ -83,20 +74,6 @@ def context_length(loaded: LoadedModel) -> int:
 # ---------------------------------------------------------------- per-row token choice
 
 
-class _RowSampler(LogitsProcessor):
-    def __init__(self, rows: list[Row]):
-        self.rows = rows
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for i, row in enumerate(self.rows):
-            if row.done:
-                continue  # generate() replaces a finished row's token with padding anyway
-            token = _choose(row, scores[i].float())
-            scores[i] = float("-inf")
-            scores[i, token] = 0.0
-        return scores
-
-
 def _choose(row: Row, logits: torch.Tensor) -> int:
     if row.repetition_penalty != 1.0:
         # Only the row's own tokens count: never the left padding of other rows' prompts.
@@ -119,20 +96,6 @@ def _choose(row: Row, logits: torch.Tensor) -> int:
 
 
 # ---------------------------------------------------------------- per-row bookkeeping after each step
-
-
-class _RowTracker(StoppingCriteria):
-    def __init__(self, rows: list[Row], loaded: LoadedModel):
-        self.rows = rows
-        self.tokenizer = loaded.tokenizer
-        self.eos_ids = set(stop_token_ids(loaded))
-
-    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        last = input_ids[:, -1].tolist()
-        for row, token in zip(self.rows, last):
-            if not row.done:
-                _advance(row, token, self.eos_ids, self.tokenizer)
-        return torch.tensor([row.done for row in self.rows], device=input_ids.device)
 
 
 def _advance(row: Row, token: int, eos_ids: set[int], tokenizer) -> None:
@@ -206,29 +169,24 @@ def run_batch(loaded: LoadedModel, rows: list[Row]) -> None:
     for row in rows:
         if row.generator is None:
             row.generator = torch.Generator().manual_seed(row.seed if row.seed is not None else random.getrandbits(63))
-    pad = padding_id(loaded.tokenizer)
-    width = max(len(r.prompt_ids) for r in rows)
-    input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
-    attention = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows])
-    with torch.no_grad(), inference_autocast(loaded):
-        loaded.model.generate(
-            input_ids=input_ids.to(loaded.device),
-            attention_mask=attention.to(loaded.device),
-            max_new_tokens=max(r.max_tokens for r in rows),
-            eos_token_id=stop_token_ids(loaded),
-            pad_token_id=pad,
-            # Sampling, penalties and stopping are per row (see the module docstring); generate() must
-            # only take the token _RowSampler marked, so everything of its own is switched off.
-            do_sample=False, temperature=None, top_p=None, top_k=None, repetition_penalty=None,
-            logits_processor=LogitsProcessorList([_RowSampler(rows)]),
-            stopping_criteria=StoppingCriteriaList([_RowTracker(rows, loaded)]),
-        )
-    for row in rows:  # generate() can end before a row did only if the row was cut at max_new_tokens
-        if not row.done:
-            _finish(row, "length")
+    tokenizer, pad = loaded.tokenizer, padding_id(loaded.tokenizer)
+    eos_ids = set(stop_token_ids(loaded))
+    plain_greedy = all(r.temperature <= 0 and r.repetition_penalty == 1.0 for r in rows)
 
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        if plain_greedy:  # one batched argmax instead of a Python loop over rows
+            return logits.argmax(dim=-1)
+        return torch.tensor([pad if row.done else _choose(row, logits[i]) for i, row in enumerate(rows)])
 
-# ---------------------------------------------------------------- the worker thread
+    def observe(tokens: list[int]) -> list[bool]:
+        for row, token in zip(rows, tokens):
+            if not row.done:
+                _advance(row, token, eos_ids, tokenizer)
+        return [row.done for row in rows]
+
+    with inference_autocast(loaded):
+        decode(loaded.model, [r.prompt_ids for r in rows], pad, max(r.max_tokens for r in rows), choose, observe,
+               loaded.device)
 
 
 class BatchWorker:
