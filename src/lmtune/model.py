@@ -335,6 +335,28 @@ def base_model_of_adapter(adapter: str | Path) -> str:
     return read_json(adapter / "adapter_config.json")["base_model_name_or_path"]
 
 
+def apply_adapter(network, adapter: str | Path, base_name: str):
+    """`network` (the loaded base model) with the LoRA adapter attached.
+
+    An adapter trained on another base does not fit its layers: peft raises a size-mismatch RuntimeError that
+    lists every layer (or finds none of the adapter's target modules in another architecture). Either becomes
+    one line naming the base the adapter was trained on.
+    """
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(network, str(adapter))
+    except (RuntimeError, ValueError) as e:
+        if "size mismatch" not in str(e) and "not found in the base model" not in str(e):
+            raise
+    trained_on = base_model_of_adapter(adapter)
+    if str(trained_on) == str(base_name):
+        raise ModelError(f"the adapter {adapter} does not fit {base_name}, the base it was trained on: its layer shapes "
+                         f"differ, so that model has changed since training") from None
+    raise ModelError(f"the adapter {adapter} was trained on {trained_on} and does not fit {base_name} (other layer "
+                     f"shapes or names): pass --model {trained_on}, or leave --model out") from None
+
+
 def load_adapter_tokenizer(adapter: str, source, trust_remote_code: bool):
     from transformers import AutoTokenizer
 

@@ -15,6 +15,7 @@ import torch
 from ..data.template import PromptTemplate
 from ..errors import LmtuneError
 from ..model import (
+    apply_adapter,
     base_model_of_adapter,
     load_adapter_tokenizer,
     load_model,
@@ -64,8 +65,6 @@ def merge(adapter: str, output_dir: str, model: str | None = None, overwrite: bo
     Raises MergeMismatchError if the merged model's logits differ from base+adapter by more than `atol`
     on a probe batch; nothing is written then.
     """
-    from peft import PeftModel
-
     check_output_free(output_dir, overwrite)
     base_name = model or base_model_of_adapter(adapter)
     source = resolve_source(base_name)
@@ -82,7 +81,7 @@ def merge(adapter: str, output_dir: str, model: str | None = None, overwrite: bo
     # Merge in fp32 so the sum W + BA is exact to float precision, then store in the base's own dtype.
     base = load_model(source, trust_remote_code, dtype=torch.float32, allow_pickle=allow_pickle)
     stored_dtype = _stored_dtype(source)
-    peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    peft_model = apply_adapter(base, adapter, base_name).eval()
     probe = _probe_batch(tokenizer, template)
     mask = probe["attention_mask"].bool()
     with torch.no_grad():
