@@ -48,7 +48,7 @@ class MergeMismatchError(LmtuneError):
     pass
 
 
-def _probe_batch(tokenizer, template: PromptTemplate) -> dict[str, torch.Tensor]:
+def probe_batch(tokenizer, template: PromptTemplate) -> dict[str, torch.Tensor]:
     prompts = [template.prompt_ids(tokenizer, q) + template.answer_ids(tokenizer, "AI là khả năng của máy.") for q in PROBE_QUESTIONS]
     width = max(map(len, prompts))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -58,14 +58,25 @@ def _probe_batch(tokenizer, template: PromptTemplate) -> dict[str, torch.Tensor]
     }
 
 
-def merge(adapter: str, output_dir: str, model: str | None = None, overwrite: bool = False, atol: float = 1e-3,
-          log=print, allow_pickle: bool = False, trust_remote_code: bool = False) -> MergeResult:
-    """Merge `adapter` into its base model (read from the adapter unless `model` is given) and save to `output_dir`.
+@dataclass
+class MergedInMemory:
+    """An adapter merged into its base, checked against base + adapter, not yet saved anywhere."""
+
+    model: object  # the merged transformers model, fp32 weights
+    tokenizer: object
+    template: PromptTemplate
+    base_name: str  # the base model as the user (or the adapter) named it
+    stored_dtype: torch.dtype | None  # the dtype the base was published in (None: keep fp32)
+    max_logit_diff: float
+
+
+def merge_in_memory(adapter: str, model: str | None = None, atol: float = 1e-3, log=print,
+                    allow_pickle: bool = False, trust_remote_code: bool = False) -> MergedInMemory:
+    """Merge `adapter` into its base model (read from the adapter unless `model` is given), in memory.
 
     Raises MergeMismatchError if the merged model's logits differ from base+adapter by more than `atol`
-    on a probe batch; nothing is written then.
+    on a probe batch. Shared by `merge` (which saves a folder) and the GGUF export (which writes a file).
     """
-    check_output_free(output_dir, overwrite)
     base_name = model or base_model_of_adapter(adapter)
     source = resolve_source(base_name)
     check_adapter_weights(adapter, allow_pickle)
@@ -82,7 +93,7 @@ def merge(adapter: str, output_dir: str, model: str | None = None, overwrite: bo
     base = load_model(source, trust_remote_code, dtype=torch.float32, allow_pickle=allow_pickle)
     stored_dtype = _stored_dtype(source)
     peft_model = apply_adapter(base, adapter, base_name).eval()
-    probe = _probe_batch(tokenizer, template)
+    probe = probe_batch(tokenizer, template)
     mask = probe["attention_mask"].bool()
     with torch.no_grad():
         expected = peft_model(**probe).logits[mask]
@@ -92,10 +103,23 @@ def merge(adapter: str, output_dir: str, model: str | None = None, overwrite: bo
     log(f"merge: max |logit difference| base+adapter vs merged on the probe batch = {diff:.2e} (tolerance {atol:g})")
     if not diff <= atol:
         raise MergeMismatchError(f"merged model differs from base+adapter by {diff:.3g} > {atol:g}; nothing was written")
+    return MergedInMemory(merged, tokenizer, template, base_name, stored_dtype, diff)
+
+
+def merge(adapter: str, output_dir: str, model: str | None = None, overwrite: bool = False, atol: float = 1e-3,
+          log=print, allow_pickle: bool = False, trust_remote_code: bool = False) -> MergeResult:
+    """Merge `adapter` into its base model (read from the adapter unless `model` is given) and save to `output_dir`.
+
+    Raises MergeMismatchError if the merged model's logits differ from base+adapter by more than `atol`
+    on a probe batch; nothing is written then.
+    """
+    check_output_free(output_dir, overwrite)
+    done = merge_in_memory(adapter, model, atol, log, allow_pickle, trust_remote_code)
+    merged, tokenizer, template = done.model, done.tokenizer, done.template
 
     with atomic_output(output_dir, overwrite) as out:
-        if stored_dtype is not None and stored_dtype != torch.float32:
-            merged = merged.to(stored_dtype)
+        if done.stored_dtype is not None and done.stored_dtype != torch.float32:
+            merged = merged.to(done.stored_dtype)
         merged.save_pretrained(out)  # safetensors
         tokenizer.save_pretrained(out)
         _write_generation_config(merged, tokenizer, out)
@@ -104,10 +128,11 @@ def merge(adapter: str, output_dir: str, model: str | None = None, overwrite: bo
             if (Path(adapter) / name).is_file():
                 shutil.copy2(Path(adapter) / name, out / name)
         manifest = read_json(Path(adapter) / MANIFEST_FILE) if (Path(adapter) / MANIFEST_FILE).is_file() else {}
-        manifest["merge"] = {"adapter": str(adapter), "base_model": base_name, "max_logit_diff": diff, "finished": now_iso()}
+        manifest["merge"] = {"adapter": str(adapter), "base_model": done.base_name, "max_logit_diff": done.max_logit_diff,
+                             "finished": now_iso()}
         write_json(out / MANIFEST_FILE, manifest)
     log(f"merge: saved merged model to {output_dir}")
-    return MergeResult(output_dir, diff)
+    return MergeResult(output_dir, done.max_logit_diff)
 
 
 def _stored_dtype(source) -> torch.dtype | None:
