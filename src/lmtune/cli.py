@@ -137,6 +137,15 @@ def cmd_merge(args, extra) -> int:
     return 0
 
 
+def cmd_export(args, extra) -> int:
+    from .export.exporter import export_gguf
+
+    export_gguf(args.output, model=args.model, adapter=args.adapter, quant=args.quant,
+                ollama=args.ollama or args.format == "ollama", overwrite=args.overwrite, name=args.name,
+                allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    return 0
+
+
 def cmd_generate(args, extra) -> int:
     from .inference.generate import generate
 
@@ -330,6 +339,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_safety_flags(p)
     p.set_defaults(func=cmd_merge)
 
+    p = sub.add_parser("export", help="export to one GGUF file (llama.cpp, Ollama, LM Studio), verified by loading it back",
+                       description="Writes the model, its tokenizer and its training prompt as a chat template into one "
+                                   "GGUF file, loads it back (transformers' GGUF reader, and llama.cpp when "
+                                   "llama-cpp-python is installed) and compares logits with the merged model before "
+                                   "the file appears. Supported: BLOOM, Llama (incl. SmolLM2), Mistral, Qwen2/Qwen2.5.")
+    p.add_argument("--model", help="merged model folder (or, with --adapter, the base model; default: the adapter's base)")
+    p.add_argument("--adapter", help="LoRA adapter folder, merged in memory first (with merge's logit check)")
+    p.add_argument("--output", required=True, help="the .gguf file to write (must not exist unless --overwrite)")
+    p.add_argument("--quant", default="q8_0", choices=["f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"],
+                   help="weight type (default q8_0); k-quants need llama-cpp-python: pip install 'lmtune[gguf]'")
+    p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the file")
+    p.add_argument("--format", choices=["gguf", "ollama"], default="gguf", help="'ollama' is the same as --ollama")
+    p.add_argument("--name", help="model name stored in the file and used in the ollama create line (default: file stem)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file (and Modelfile)")
+    _add_safety_flags(p)
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("generate", help="answer a question with a model (merged, base, or base + adapter)")
     p.add_argument("--prompt", required=True, help="the question; it is wrapped in the training template")
     _add_inference_flags(p)
@@ -408,7 +434,7 @@ def _reader_gone() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("merge", "data", "eval") and extra:
+    if args.command in ("merge", "data", "eval", "export") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # Under torchrun every process meets the same user error; one copy of the message is enough.
     err = sys.stderr if is_main_process() else open(os.devnull, "w")

@@ -1,0 +1,162 @@
+"""Prove an exported GGUF is the model: load it back and compare its logits with the merged model's.
+
+Two readers: transformers' GGUF loader (always; it dequantizes into a torch model) and, when the
+`llama-cpp-python` bindings are installed, the real llama.cpp. llama.cpp is also asked to tokenize test
+sentences and to render the file's chat template, which must give the ids lmtune trains and prompts with.
+
+Logits are compared as distributions: the mean KL divergence per token of the file's next-token
+distribution from the merged model's, with a tolerance per quant type. Quantization moves logits by
+amounts that depend on their scale, but a wrong tensor layout (an unpermuted Q/K, a misordered fused QKV)
+gives a KL near 1 or more, orders of magnitude above every tolerance here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.template import PromptTemplate
+from ..errors import LmtuneError
+from . import llamacpp
+
+# Mean KL(merged || file) per probe token allowed for each quant type. Measured on the tiny random test models
+# (logits of std ~3, the worst case here) and SmolLM2-135M; each is about 3x the largest value seen.
+KL_TOLERANCE = {"f32": 1e-4, "f16": 2e-3, "bf16": 1e-2, "q8_0": 3e-2, "q6_k": 6e-2, "q5_k_m": 0.12, "q4_k_m": 0.3}
+
+# Sentences llama.cpp must tokenize exactly as the training tokenizer does.
+TOKENIZE_CHECKS = ["Trí tuệ nhân tạo là gì?", "Học máy khác gì học sâu?",
+                   "Mạng nơ-ron tích chập (CNN) xử lý ảnh 224x224 như thế nào?", "What is LoRA? It's low-rank adaptation."]
+CONVERSATION = [{"role": "user", "content": "Học máy là gì?"},
+                {"role": "assistant", "content": "Học máy là một nhánh của AI."},
+                {"role": "user", "content": "Còn học sâu?"}]
+
+
+class ExportVerificationError(LmtuneError):
+    """The exported file does not reproduce the merged model; nothing was written."""
+
+
+@dataclass
+class LogitCheck:
+    reader: str  # "transformers" or "llama.cpp"
+    max_abs_diff: float
+    mean_kl: float
+    top1_agreement: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.mean_kl <= self.tolerance
+
+    def describe(self) -> str:
+        return (f"{self.reader}: mean KL {self.mean_kl:.2e} (tolerance {self.tolerance:.0e}), max |logit diff| "
+                f"{self.max_abs_diff:.3g}, same top token {100 * self.top1_agreement:.1f}%")
+
+
+@dataclass
+class Verification:
+    checks: list[LogitCheck] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def compare(reader: str, expected: torch.Tensor, actual: torch.Tensor, quant: str) -> LogitCheck:
+    expected, actual = expected.float(), actual.float()
+    kl = torch.nn.functional.kl_div(actual.log_softmax(-1), expected.log_softmax(-1), log_target=True, reduction="none")
+    return LogitCheck(reader, float((expected - actual).abs().max()), float(kl.sum(-1).mean()),
+                      float((expected.argmax(-1) == actual.argmax(-1)).float().mean()), KL_TOLERANCE[quant])
+
+
+def runtime_ids(tokenizer, text: str, add_bos: bool) -> list[int]:
+    """Ids a runtime (llama.cpp, Ollama) feeds for a rendered chat: special tokens parsed, and BOS in front when
+    the vocabulary asks for one and the text does not already start with it."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if add_bos and tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def check_with_transformers(path: Path, probe: dict, expected: torch.Tensor, quant: str) -> LogitCheck:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its progress bars and dequantization notes are noise here
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    except Exception as e:  # anything transformers' reader trips on means the file is not what it should be
+        raise ExportVerificationError(f"transformers could not load the exported file back: {type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''}; nothing was written") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    with torch.no_grad():
+        actual = model(**probe).logits[probe["attention_mask"].bool()]
+    return compare("transformers", expected, actual, quant)
+
+
+def check_with_llama_cpp(path: Path, probe: dict, expected: torch.Tensor, quant: str, tokenizer,
+                         template: PromptTemplate, add_bos: bool) -> tuple[LogitCheck, list[str]]:
+    """Logits, tokenization and chat template, each through the real llama.cpp. Returns the logit check and
+    the problems found with tokenization or the template (empty when all agree)."""
+    mask = probe["attention_mask"].bool()
+    sequences = [row[m].tolist() for row, m in zip(probe["input_ids"], mask)]
+    llm = llamacpp.load(path, n_ctx=max(64, max(map(len, sequences)) + 16))
+    try:
+        actual = torch.from_numpy(np.concatenate([llamacpp.logits(llm, ids) for ids in sequences]))
+        check = compare("llama.cpp", expected, actual, quant)
+        problems = []
+        for text in TOKENIZE_CHECKS:
+            ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+            theirs = llamacpp.tokenize(llm, text)
+            if ours != theirs:
+                problems.append(f"llama.cpp tokenizes {text!r} as {theirs[:12]}..., training used {ours[:12]}...")
+        expected_ids = template.conversation_ids(tokenizer, CONVERSATION)
+        rendered = llamacpp.render_chat(llm, CONVERSATION)
+        got = llamacpp.tokenize(llm, rendered)
+        if add_bos and got[:1] != [tokenizer.bos_token_id]:
+            got = [tokenizer.bos_token_id] + got
+        if got != expected_ids:
+            problems.append(f"the chat template in the file renders {rendered!r} for a two-turn conversation, which is "
+                            "not the prompt lmtune trains with")
+    finally:
+        llm.close()
+    return check, problems
+
+
+def check_chat_template(chat_template: str, tokenizer, template: PromptTemplate, add_bos: bool) -> str | None:
+    """None if the template, rendered by transformers' Jinja for a two-turn conversation, gives the ids lmtune
+    builds (PromptTemplate.conversation_ids); else what it rendered."""
+    text = tokenizer.apply_chat_template(CONVERSATION, chat_template=chat_template, add_generation_prompt=True,
+                                         tokenize=False)
+    if runtime_ids(tokenizer, text, add_bos) != template.conversation_ids(tokenizer, CONVERSATION):
+        return text
+    return None
+
+
+def verify(path: Path, probe: dict, expected: torch.Tensor, quant: str, tokenizer, template: PromptTemplate,
+           chat_template: str, add_bos: bool, use_llama_cpp: bool = True, log=print) -> Verification:
+    """Raise ExportVerificationError unless every available reader reproduces the merged model."""
+    result = Verification()
+    rendered = check_chat_template(chat_template, tokenizer, template, add_bos)
+    if rendered is not None:
+        raise ExportVerificationError(f"the chat template written to the file renders {rendered!r}, not the prompt "
+                                      "lmtune trains with; nothing was written")
+    checks = [check_with_transformers(path, probe, expected, quant)]
+    problems: list[str] = []
+    if use_llama_cpp and llamacpp.available():
+        check, problems = check_with_llama_cpp(path, probe, expected, quant, tokenizer, template, add_bos)
+        checks.append(check)
+    elif use_llama_cpp:
+        result.notes.append(f"llama.cpp check skipped: llama-cpp-python is not installed; {llamacpp.INSTALL_HINT}")
+    for check in checks:
+        log(f"export: verified with {check.describe()}")
+    failed = [c for c in checks if not c.passed]
+    if failed or problems:
+        reasons = [f"{c.describe()}" for c in failed] + problems
+        raise ExportVerificationError("the exported file does not reproduce the merged model: " + "; ".join(reasons)
+                                      + "; nothing was written")
+    result.checks = checks
+    return result
