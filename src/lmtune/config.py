@@ -68,6 +68,9 @@ class DataConfig:
     question_field: str = ""
     answer_field: str = ""
     context_field: str = ""
+    # CSV separator; empty = read it off the header line (Excel writes ";" under Vietnamese and other regional
+    # settings where the comma is the decimal separator). One character, or "tab".
+    csv_delimiter: str = ""
     # "auto" = the tokenizer's chat template when it has one, else "plain";
     # "plain" = "Human: {question}\nAssistant:" + " " + answer; "chat" = require a chat template.
     template: Literal["auto", "plain", "chat"] = "auto"
@@ -326,6 +329,8 @@ def _check_ranges(c: Config) -> list[str]:
         (0 <= l.dropout < 1, f"lora.dropout must be in [0, 1), got {l.dropout!r}"),
         (d.max_length >= 8, f"data.max_length must be at least 8 tokens, got {d.max_length!r}"),
         (d.max_samples >= 0, f"data.max_samples must be 0 (all) or positive, got {d.max_samples!r}"),
+        (len(d.csv_delimiter) <= 1 or d.csv_delimiter == "tab",
+         f"data.csv_delimiter must be empty (detect), one character or 'tab', got {d.csv_delimiter!r}"),
         (t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size!r}"),
         (t.grad_accum > 0, f"train.grad_accum must be positive, got {t.grad_accum!r}"),
         (t.global_batch_size >= 0 and (t.batch_size <= 0 or t.global_batch_size % t.batch_size == 0),

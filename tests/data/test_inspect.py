@@ -142,3 +142,13 @@ def test_alpaca_sample_report(alpaca):
     assert any(e.startswith(f"{alpaca}:11 (question): some diacritics missing") for e in report.findings["missing_diacritics"].examples)
     assert report.findings["control_characters"].details == {"U+200B ZERO WIDTH SPACE": findings["control_characters"]}
     assert "1,000 rows read" in format_report(report)
+
+
+def test_counts_of_one_are_singular(tmp_path):
+    from lmtune.data.inspect import format_report
+
+    rows = [{"question": "Q?", "answer": "A."}, {"question": "Q?", "answer": "B."}]
+    text = format_report(inspect_rows(tmp_path, rows[:1]))
+    assert "1 row," in text and "1 rows" not in text
+    text = format_report(inspect_rows(tmp_path, rows))
+    assert "1 row, 1 question" in text and "1 rows" not in text and "1 questions" not in text

@@ -130,3 +130,70 @@ def test_glob_reads_all_matching_files(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", QA[2:])
     examples, report = load_examples([str(tmp_path / "*.jsonl")])
     assert len(examples) == len(QA) and len(report.files) == 2
+
+
+def _excel_csv(path, header: str, rows: list[tuple[str, str]], separator: str = ";"):
+    """A CSV as Excel saves "CSV UTF-8" under Vietnamese regional settings: BOM, CRLF, ';', quotes where needed."""
+    lines = [header] + [separator.join(f'"{cell}"' if separator in cell or "," in cell else cell for cell in row)
+                        for row in rows]
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode("utf-8") + b"\r\n")
+    return str(path)
+
+
+EXCEL_ROWS = [("Thủ đô của Việt Nam là gì?", "Hà Nội, thủ đô của Việt Nam."), ("LoRA là gì?", "Một kỹ thuật tinh chỉnh; rất nhẹ.")]
+
+
+def test_excel_csv_with_semicolons_bom_crlf_and_capitalised_headers(tmp_path):
+    examples, report = load_examples([_excel_csv(tmp_path / "excel.csv", "Question;Answer", EXCEL_ROWS)])
+    assert [(e.question, e.answer) for e in examples] == EXCEL_ROWS
+    assert report.columns[:2] == ("Question", "Answer")
+
+
+def test_csv_separator_can_be_forced_and_is_a_config_key(tmp_path):
+    from lmtune.config import ConfigError, build_config
+
+    tabs = tmp_path / "tabs.csv"
+    tabs.write_text("question\tanswer\nHọc máy là gì?\tMột nhánh của AI; học từ dữ liệu.\n", encoding="utf-8")
+    examples, _ = load_examples([str(tabs)], csv_delimiter="tab")
+    assert (examples[0].question, examples[0].answer) == ("Học máy là gì?", "Một nhánh của AI; học từ dữ liệu.")
+    with pytest.raises(DataError, match=r"excel\.csv:2: 2 fields, but the header has 1"):  # forced wrong: one column
+        load_examples([_excel_csv(tmp_path / "excel.csv", "Question;Answer", EXCEL_ROWS)], csv_delimiter=",")
+    assert build_config(overrides={"csv-delimiter": ";"}).data.csv_delimiter == ";"
+    with pytest.raises(ConfigError, match="data.csv_delimiter must be empty"):
+        build_config(overrides={"data.csv_delimiter": ";;"})
+
+
+def test_column_names_match_in_any_case(tmp_path):
+    rows = [{"Question": "Q?", "ANSWER ": "A."}]
+    assert load_examples([write_jsonl(tmp_path / "d.jsonl", rows)])[0][0].answer == "A."
+    rows = [{"Câu hỏi": "Q?", "Trả lời": "A."}]
+    examples, report = load_examples([write_jsonl(tmp_path / "v.jsonl", rows)], "câu hỏi", "trả lời")
+    assert (examples[0].question, examples[0].answer) == ("Q?", "A.") and report.columns[:2] == ("Câu hỏi", "Trả lời")
+
+
+def test_unknown_columns_error_names_the_flags(tmp_path):
+    with pytest.raises(DataError, match="name them with --question-field and --answer-field"):
+        load_examples([write_jsonl(tmp_path / "d.jsonl", [{"hoi": "Q?", "dap": "A."}])])
+
+
+def test_a_control_character_in_json_is_reported_once_with_its_column(tmp_path):
+    bad = tmp_path / "d.jsonl"
+    bad.write_text('{"question": "Q\x01?", "answer": "A."}\n', encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        load_examples([str(bad)])
+    assert str(error.value) == f"{bad}:1: malformed JSON (Invalid control character at column 16)"
+
+
+def test_an_nfd_copy_of_the_bundled_data_reads_as_the_same_examples(tmp_path):
+    """Decomposed Vietnamese (Unikey's "Unicode tổ hợp") is trained on as the NFC text it looks like."""
+    import unicodedata
+
+    from conftest import TRAIN_DATA
+
+    nfd = tmp_path / "nfd.jsonl"
+    nfd.write_text(unicodedata.normalize("NFD", TRAIN_DATA.read_text(encoding="utf-8")), encoding="utf-8")
+    assert nfd.read_bytes() != TRAIN_DATA.read_bytes()
+    normal, normal_report = load_examples([str(TRAIN_DATA)])
+    decomposed, report = load_examples([str(nfd)])
+    assert [(e.question, e.answer) for e in decomposed] == [(e.question, e.answer) for e in normal]
+    assert normal_report.normalized == 0 and report.normalized == report.rows_read == normal_report.rows_read

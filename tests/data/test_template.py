@@ -77,3 +77,26 @@ def test_chat_turns_use_the_chat_template_with_every_message(chat_tokenizer):
 def test_conversations_that_do_not_alternate_are_refused(llama_tokenizer, messages):
     with pytest.raises(DataError):
         PromptTemplate.for_tokenizer(llama_tokenizer).conversation_ids(llama_tokenizer, messages)
+
+
+@pytest.mark.parametrize("kind", ["plain", "chat"])
+def test_decomposed_unicode_gives_the_same_prompt_and_answer_ids(llama_tokenizer, kind):
+    """Text typed in NFD (Unikey's "Unicode tổ hợp") is tokenized as the NFC text it looks like, everywhere."""
+    import unicodedata
+
+    tok = copy.deepcopy(llama_tokenizer)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}<assistant>"
+    template = PromptTemplate.for_tokenizer(tok, kind, system_prompt="Trả lời ngắn gọn.")
+
+    def nfd(text: str) -> str:
+        return unicodedata.normalize("NFD", text)
+
+    question, answer, context = "Học sâu là gì?", "Một nhánh của học máy.", "Ngữ cảnh: mạng nơ-ron."
+    assert tok(nfd(question))["input_ids"] != tok(question)["input_ids"]  # the tokenizer alone does see a difference
+    assert template.prompt_ids(tok, nfd(question), nfd(context)) == template.prompt_ids(tok, question, context)
+    assert template.answer_ids(tok, nfd(answer)) == template.answer_ids(tok, answer)
+    turns = conversation(question, answer, "Còn LoRA?")
+    assert template.conversation_ids(tok, [{**m, "content": nfd(m["content"])} for m in turns]) == \
+        template.conversation_ids(tok, turns)
+    decomposed_system = PromptTemplate.for_tokenizer(tok, kind, system_prompt=nfd("Trả lời ngắn gọn."))
+    assert decomposed_system.prompt_ids(tok, question) == template.prompt_ids(tok, question)

@@ -63,3 +63,15 @@ def test_chat_shows_no_half_character_at_the_token_limit(loaded):
     assert f"[answer cut at {limit} tokens]" in shown
     assert "\ufffd\n[answer cut" not in shown
     assert not history[0][1].endswith("\ufffd")
+
+
+def test_a_question_typed_in_decomposed_unicode_gets_the_same_answer(loaded):
+    import unicodedata
+
+    from lmtune.inference.generate import generate
+
+    cfg = GenerateConfig(greedy=True, max_new_tokens=12, repetition_penalty=1.0)
+    for question in QUESTIONS:
+        decomposed = unicodedata.normalize("NFD", question)
+        assert decomposed != question
+        assert generate(loaded, decomposed, cfg).text == generate(loaded, question, cfg).text

@@ -166,6 +166,18 @@ def test_an_answer_cut_inside_a_character_ends_without_a_replacement_character(c
     assert streamed == whole.choices[0].message.content
 
 
+def test_decomposed_unicode_prompts_get_the_answers_of_the_same_text_in_nfc(client):
+    import unicodedata
+
+    question, prompt = QUESTIONS[0], "Học máy là"
+    nfd = unicodedata.normalize("NFD", question)
+    chat = [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=8,
+                                           temperature=0).choices[0].message.content for q in (question, nfd)]
+    text = [client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0).choices[0].text
+            for p in (prompt, unicodedata.normalize("NFD", prompt))]
+    assert chat[0] == chat[1] and text[0] == text[1]
+
+
 def test_streamed_completion_equals_whole_and_ends_with_done(client, base_url):
     whole = client.completions.create(model=MODEL, prompt="LoRA là", max_tokens=10, temperature=0)
     streamed = list(client.completions.create(model=MODEL, prompt="LoRA là", max_tokens=10, temperature=0, stream=True))

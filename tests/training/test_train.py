@@ -94,3 +94,24 @@ def test_dry_run_trains_nothing_and_estimates(tiny_bloom_dir, qa_file, tmp_path)
     assert "ignored | Human: Trí tuệ nhân tạo (AI) là gì?" in text
     assert "trained |  AI là khả năng" in text and "</s>" in text
     assert "label contract holds on all 2 batches" in text
+
+
+def test_an_nfd_copy_of_the_data_gives_the_same_samples_and_says_so_once(tiny_bloom_dir, tmp_path):
+    import unicodedata
+
+    from conftest import TRAIN_DATA
+
+    from lmtune.model import load_tokenizer
+
+    nfd = tmp_path / "nfd.jsonl"
+    nfd.write_text(unicodedata.normalize("NFD", TRAIN_DATA.read_text(encoding="utf-8")), encoding="utf-8")
+    tokenizer = load_tokenizer(resolve_source(tiny_bloom_dir), False)
+    normal_log, nfd_log = [], []
+    normal = train_module.prepare_data(train_config(tiny_bloom_dir, str(TRAIN_DATA), tmp_path / "a"), tokenizer, normal_log.append)
+    decomposed = train_module.prepare_data(train_config(tiny_bloom_dir, str(nfd), tmp_path / "b"), tokenizer, nfd_log.append)
+    assert decomposed.samples == normal.samples  # the same token ids and labels, row for row
+    rows = normal.load_report.rows_read
+    assert [m for m in nfd_log if "NFC" in m] == [
+        f"data: normalised {rows} of {rows} rows to NFC (they held decomposed Unicode, as Unikey's 'Unicode tổ hợp' "
+        f"or some macOS tools write it)"]
+    assert not [m for m in normal_log if "NFC" in m]

@@ -282,7 +282,8 @@ def verdict(report: InspectReport) -> list[str]:
     f = {name: finding.count for name, finding in report.findings.items()}
     lines = []
     if report.invalid.count:
-        lines.append(f"{_n(report.invalid.count, 'invalid line or file')} skipped: fix them at the source or they stay out")
+        invalid = "invalid line or file" if report.invalid.count == 1 else "invalid lines or files"
+        lines.append(f"{report.invalid.count:,} {invalid} skipped: fix them at the source or they stay out")
     by_clean = []
     if f["empty_question"] or f["empty_answer"]:
         by_clean.append(f"drops the rows with an empty question ({f['empty_question']:,}) or answer ({f['empty_answer']:,})")
@@ -316,13 +317,14 @@ def verdict(report: InspectReport) -> list[str]:
 
 
 def format_report(report: InspectReport) -> str:
-    out = [f"{report.rows_read:,} rows read from {len(report.files)} file(s)"]
+    out = [f"{_n(report.rows_read, 'row')} read from {len(report.files)} file(s)"]
     for info in report.files:
         columns = ", ".join(f"{role}={name}" for role, name in info.columns.items()) or "none detected"
-        out.append(f"  {info.path}: {info.format}, {info.rows:,} rows, columns {columns}")
+        out.append(f"  {info.path}: {info.format}, {_n(info.rows, 'row')}, columns {columns}")
         out += [f"    note: {note}" for note in info.notes]
     if report.invalid.count:
-        out.append(f"  skipped {report.invalid.count:,} invalid lines or files (--skip-invalid):")
+        invalid = "invalid line or file" if report.invalid.count == 1 else "invalid lines or files"
+        out.append(f"  skipped {report.invalid.count:,} {invalid} (--skip-invalid):")
         out += [f"    {message}" for message in report.invalid.examples]
     if report.question_chars:
         out.append(f"question length (characters): {report.question_chars}")
@@ -337,7 +339,7 @@ def format_report(report: InspectReport) -> str:
         finding = report.findings[name]
         count = f"{finding.count:,}"
         if name == "conflicting_answers" and finding.count:
-            count += f" rows, {report.conflicting_questions:,} questions"
+            count = f"{_n(finding.count, 'row')}, {_n(report.conflicting_questions, 'question')}"
         out.append(f"  {label:<34} {count}")
         if finding.details and name in ("control_characters", "broken_encoding", "missing_diacritics"):
             out.append("    " + ", ".join(f"{detail}: {n:,}" for detail, n in finding.top_details(5)))

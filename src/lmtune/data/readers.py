@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from ..errors import DataError
+from .normalize import nfc
 
 # Column layouts found without configuration, tried in this order: (question, answer, context).
 KNOWN_SCHEMAS: list[tuple[str, str, str]] = [
@@ -60,6 +61,8 @@ class LoadReport:
     rows_read: int = 0
     columns: tuple[str, str, str] | None = None
     skipped_empty: int = 0
+    # Rows whose question, answer or context was not in NFC (decomposed Unicode) and was normalised.
+    normalized: int = 0
 
 
 # ---------------------------------------------------------------- reading
@@ -150,12 +153,17 @@ def _iter_jsonl(path: str, text: str, on_invalid: OnInvalid = None) -> Iterator[
             record = json.loads(line.lstrip("\ufeff"))  # a BOM inside the file comes from concatenated files
         except json.JSONDecodeError as e:
             hint = "; the file ends in the middle of this line (truncated?)" if cut_off and number == len(lines) else ""
-            _invalid(DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}){hint}"), on_invalid)
+            _invalid(DataError(f"{where}: malformed JSON ({_json_message(e)} at column {e.colno}){hint}"), on_invalid)
             continue
         except (ValueError, RecursionError) as e:
             _invalid(DataError(f"{where}: unreadable JSON ({_json_limit(e)})"), on_invalid)
             continue
         yield where, record
+
+
+def _json_message(error: json.JSONDecodeError) -> str:
+    # Some of json's messages end in "at" ("Invalid control character at"), meant to be followed by the position.
+    return error.msg.removesuffix(" at")
 
 
 def _json_limit(error: Exception) -> str:
@@ -174,7 +182,7 @@ def _iter_json(path: str, text: str, on_invalid: OnInvalid = None) -> Iterator[t
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            _invalid(DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})"), on_invalid)
+            _invalid(DataError(f"{path}:{e.lineno}: malformed JSON ({_json_message(e)} at column {e.colno})"), on_invalid)
             return
         except (ValueError, RecursionError) as e:
             _invalid(DataError(f"{path}: unreadable JSON ({_json_limit(e)})"), on_invalid)
@@ -186,20 +194,46 @@ def _iter_json(path: str, text: str, on_invalid: OnInvalid = None) -> Iterator[t
     yield from _iter_jsonl(path, text, on_invalid)
 
 
-def _iter_csv(path: str, text: str, on_invalid: OnInvalid = None) -> Iterator[tuple[str, Any]]:
-    # newline="" keeps the line breaks inside quoted fields (splitlines() would drop them).
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+CSV_DELIMITERS = ",;\t|"
+
+
+def sniff_delimiter(text: str) -> str:
+    """The separator of a CSV file, read off its header line: the candidate that occurs most often there outside
+    quotes. Excel writes `;` where the decimal separator is a comma (Vietnamese, German, French regional settings),
+    and a header has no free text in which a comma could hide."""
+    counts = dict.fromkeys(CSV_DELIMITERS, 0)
+    quoted = False
+    for char in text:
+        if char == '"':
+            quoted = not quoted
+        elif not quoted and char in "\r\n":
+            break
+        elif not quoted and char in counts:
+            counts[char] += 1
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
+def _iter_csv(path: str, text: str, on_invalid: OnInvalid = None, delimiter: str = "") -> Iterator[tuple[str, Any]]:
+    # newline="" keeps the line breaks inside quoted fields (splitlines() would drop them); CRLF ends are read as
+    # line ends, and _read_text already dropped a UTF-8 BOM: Excel's "CSV UTF-8" reads as is.
+    delimiter = "\t" if delimiter == "tab" else delimiter or sniff_delimiter(text)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         for row in reader:
             where = f"{path}:{reader.line_num}"
             if None in row:  # DictReader files the values beyond the header's columns under the key None
                 count = len(reader.fieldnames) + len(row[None])
-                _invalid(DataError(f"{where}: {count} fields, but the header has {len(reader.fieldnames)}; "
-                                   "put fields that hold commas in double quotes"), on_invalid)
+                _invalid(DataError(f"{where}: {count} fields, but the header has {len(reader.fieldnames)}; put fields "
+                                   f"that hold {_separator_name(delimiter)} in double quotes"), on_invalid)
                 continue
             yield where, dict(row)
     except csv.Error as e:  # e.g. a field over csv.field_size_limit(); the parser cannot resume after it
         _invalid(DataError(f"{path}:{reader.line_num}: malformed CSV ({e})"), on_invalid)
+
+
+def _separator_name(delimiter: str) -> str:
+    return {",": "commas", ";": "semicolons", "\t": "tabs", "|": "'|'"}.get(delimiter, repr(delimiter))
 
 
 def _iter_parquet(path: str, on_invalid: OnInvalid = None) -> Iterator[tuple[str, Any]]:
@@ -226,8 +260,9 @@ def _iter_hub(spec: str) -> Iterator[tuple[str, Any]]:
         yield f"{spec}[row {index}]", row
 
 
-def iter_records(path: str, on_invalid: OnInvalid = None) -> Iterator[tuple[str, Any]]:
-    """Yield (location, raw record) from one file; bad lines and files go to `on_invalid` (None: raise)."""
+def iter_records(path: str, on_invalid: OnInvalid = None, csv_delimiter: str = "") -> Iterator[tuple[str, Any]]:
+    """Yield (location, raw record) from one file; bad lines and files go to `on_invalid` (None: raise).
+    A CSV file's separator is `csv_delimiter`, or read off its header when empty."""
     if path.startswith("hub:"):
         yield from _iter_hub(path)
         return
@@ -248,18 +283,30 @@ def iter_records(path: str, on_invalid: OnInvalid = None) -> Iterator[tuple[str,
     elif suffix == ".json":
         yield from _iter_json(path, text, on_invalid)
     else:
-        yield from _iter_csv(path, text, on_invalid)
+        yield from _iter_csv(path, text, on_invalid, csv_delimiter)
+
+
+def _by_lower(keys: Iterable[str]) -> dict[str, str]:
+    """Column names by their case-folded, stripped form: spreadsheets write `Question`, `ANSWER `."""
+    found: dict[str, str] = {}
+    for key in keys:
+        found.setdefault(str(key).strip().casefold(), key)
+    return found
 
 
 def detect_columns(keys: Iterable[str], where: str) -> tuple[str, str, str]:
-    keys = set(keys)
+    keys = list(keys)
+    exact, folded = set(keys), _by_lower(keys)
     for question, answer, context in KNOWN_SCHEMAS:
-        if question in keys and answer in keys:
+        if question in exact and answer in exact:
             return question, answer, context
+    for question, answer, context in KNOWN_SCHEMAS:
+        if question in folded and answer in folded:
+            return folded[question], folded[answer], folded.get(context, context)
     known = ", ".join(f"{q}/{a}" for q, a, _ in KNOWN_SCHEMAS)
     raise DataError(
-        f"{where}: cannot tell question and answer columns apart among {sorted(keys)}; "
-        f"known layouts are {known}; or set data.question_field and data.answer_field"
+        f"{where}: cannot tell question and answer columns apart among {sorted(map(str, keys))}; "
+        f"known layouts are {known}; or name them with --question-field and --answer-field"
     )
 
 
@@ -292,7 +339,11 @@ class Row:
 
 def _choose_columns(record: dict, where: str, question_field: str, answer_field: str, context_field: str) -> tuple[str, str, str]:
     if question_field or answer_field:
-        return (question_field or "question", answer_field or "answer", context_field or "context")
+        folded = _by_lower(record.keys())
+        names = (question_field or "question", answer_field or "answer", context_field or "context")
+        # A name given in another case than the file's header (`--question-field question` for `Question`) is that column.
+        q, a, c = (name if name in record else folded.get(name.strip().casefold(), name) for name in names)
+        return q, a, c
     detected = detect_columns(record.keys(), where)
     return (detected[0], detected[1], context_field or detected[2])
 
@@ -303,6 +354,7 @@ def iter_rows(
     answer_field: str = "",
     context_field: str = "",
     on_invalid: OnInvalid = None,
+    csv_delimiter: str = "",
 ) -> Iterator[Row]:
     """Yield every row of already resolved files; columns are detected on each file's first row.
 
@@ -311,7 +363,7 @@ def iter_rows(
     """
     for path in files:
         columns: tuple[str, str, str] | None = None
-        for where, record in iter_records(path, on_invalid):
+        for where, record in iter_records(path, on_invalid, csv_delimiter):
             try:
                 if not isinstance(record, dict):
                     raise DataError(f"{where}: expected a JSON object with question and answer fields, got {type(record).__name__}")
@@ -334,19 +386,23 @@ def load_examples(
     context_field: str = "",
     max_samples: int = 0,
     on_invalid: OnInvalid = None,
+    csv_delimiter: str = "",
 ) -> tuple[list[Example], LoadReport]:
     """Read every file, detect (or use the given) columns, and return the usable examples.
 
     Raises DataError naming file, line and field for malformed input (or, with `on_invalid`,
     hands it over and skips that row or file). Rows whose question or answer is empty after
-    stripping are skipped and counted (they would teach nothing).
+    stripping are skipped and counted (they would teach nothing). Text is normalised to NFC,
+    as prompts are at inference, and the rows that changed are counted.
     """
     report = LoadReport(files=resolve_paths(paths, on_invalid))
     examples: list[Example] = []
-    for row in iter_rows(report.files, question_field, answer_field, context_field, on_invalid):
+    for row in iter_rows(report.files, question_field, answer_field, context_field, on_invalid, csv_delimiter):
         report.columns = report.columns or row.columns
         report.rows_read += 1
-        question, answer, context = row.question.strip(), row.answer.strip(), row.context.strip()
+        texts = (row.question, row.answer, row.context)
+        question, answer, context = (nfc(text).strip() for text in texts)
+        report.normalized += any(nfc(text) != text for text in texts)
         if not question or not answer:
             report.skipped_empty += 1
             continue

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from .normalize import nfc
 
 PLAIN_PROMPT = "Human: {question}\nAssistant:"
 # The separator belongs to the answer, so the prompt never ends in a dangling space: BPE
@@ -38,19 +39,23 @@ class PromptTemplate:
         return cls(kind="plain", system_prompt=system_prompt)
 
     def user_text(self, question: str, context: str = "") -> str:
+        # NFC here, where every prompt is built (training, generate, chat, serve, eval): a question typed in
+        # decomposed Unicode gets the same ids, and so the same answer, as the same question typed normally.
+        question, context = nfc(question), nfc(context)
         return f"{question}\n\n{context}" if context else question
 
     def prompt_text(self, tokenizer, question: str, context: str = "") -> str:
         user = self.user_text(question, context)
+        system_prompt = nfc(self.system_prompt)
         if self.kind == "chat":
-            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
+            messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
                 {"role": "user", "content": user}
             ]
             return tokenizer.apply_chat_template(
                 messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
             )
         text = self.prompt.format(question=user)
-        return f"{self.system_prompt}\n{text}" if self.system_prompt else text
+        return f"{system_prompt}\n{text}" if system_prompt else text
 
     def prompt_ids(self, tokenizer, question: str, context: str = "") -> list[int]:
         text = self.prompt_text(tokenizer, question, context)
@@ -65,7 +70,8 @@ class PromptTemplate:
         alternating. One user message gives exactly `prompt_ids(question)`. Plain templates join
         turns as training builds one sample: prompt ids + answer ids (answer prefix, answer, EOS).
         """
-        system, turns = _split_turns(messages, self.system_prompt)
+        messages = [{**m, "content": nfc(m["content"])} if isinstance(m.get("content"), str) else m for m in messages]
+        system, turns = _split_turns(messages, nfc(self.system_prompt))
         if self.kind == "chat":
             chat = [{"role": "system", "content": system}] if system else []
             for question, answer in turns:
@@ -88,7 +94,7 @@ class PromptTemplate:
         """The answer's ids followed by EOS: the model must learn to stop."""
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no EOS token; the model could never learn to stop")
-        ids = tokenizer(self.answer_prefix + answer, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(self.answer_prefix + nfc(answer), add_special_tokens=False)["input_ids"]
         return ids + [tokenizer.eos_token_id]
 
     def clean_answer(self, text: str) -> str:

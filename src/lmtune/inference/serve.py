@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from ..config import GenerateConfig
+from ..data.normalize import nfc
 from ..errors import DataError
 from .batching import BatchWorker, Row, context_length
 from .load import LoadedModel
@@ -405,7 +406,8 @@ def create_app(loaded: LoadedModel, worker: BatchWorker, model_id: str, defaults
         if not texts:
             raise APIError(400, "prompt must not be an empty list", "prompt")
         tokenizer = loaded.tokenizer
-        prompts = [tokenizer(t)["input_ids"] for t in texts]  # raw text, as OpenAI's completions define it
+        # Raw text, as OpenAI's completions define it, but in NFC as every other prompt (data.template, data.normalize).
+        prompts = [tokenizer(nfc(t))["input_ids"] for t in texts]
         if any(not p for p in prompts):
             raise APIError(400, "prompt must not be empty", "prompt")
         return await _generate(service, request, body, prompts, body.max_tokens, strip=False, kind="text")

@@ -101,10 +101,12 @@ class TrainResult:
 def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) -> PreparedData:
     d = config.data
     template = PromptTemplate.for_tokenizer(tokenizer, d.template, d.system_prompt)
-    examples, load_report = load_examples(d.paths, d.question_field, d.answer_field, d.context_field, d.max_samples)
+    examples, load_report = load_examples(d.paths, d.question_field, d.answer_field, d.context_field, d.max_samples,
+                                          csv_delimiter=d.csv_delimiter)
     examples, val_examples = split_train_val(examples, d.val_size, d.seed)
     if d.eval_paths:
-        val_examples += load_examples(d.eval_paths, d.question_field, d.answer_field, d.context_field)[0]
+        val_examples += load_examples(d.eval_paths, d.question_field, d.answer_field, d.context_field,
+                                      csv_delimiter=d.csv_delimiter)[0]
     samples, token_report = tokenize_examples(examples, tokenizer, template, d.max_length)
     val_samples = tokenize_examples(val_examples, tokenizer, template, d.max_length)[0] if val_examples else []
     leaked = leaked_questions(examples, val_examples)
@@ -115,6 +117,9 @@ def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) 
     )
     if load_report.skipped_empty:
         log(f"data: skipped {load_report.skipped_empty} rows with an empty question or answer")
+    if load_report.normalized:  # said once: the rows are trained on as prompts are built at inference, in NFC
+        log(f"data: normalised {load_report.normalized} of {load_report.rows_read} rows to NFC (they held decomposed "
+            f"Unicode, as Unikey's 'Unicode tổ hợp' or some macOS tools write it)")
     if token_report.truncated:
         log(f"data: {token_report.truncated} answers cut at data.max_length={d.max_length} (they lose their EOS)")
     if token_report.dropped_long_prompt:
