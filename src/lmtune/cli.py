@@ -133,7 +133,7 @@ def cmd_merge(args, extra) -> int:
     if extra:
         raise ConfigError([f"command line: unexpected arguments {' '.join(extra)}"])
     merge(args.adapter, args.output_dir, model=args.model, overwrite=args.overwrite,
-          allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+          allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
     return 0
 
 
@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter folder written by lmtune train")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights (default auto: the base model's own; bfloat16 or float16 halve "
+                        "the size of a float32 model); the merge itself is computed in float32")
     p.add_argument("--overwrite", action="store_true")
     _add_safety_flags(p)
     p.set_defaults(func=cmd_merge)

@@ -59,3 +59,21 @@ def test_llama_without_pad_token_trains_and_merges(tiny_llama_dir, qa_file, tmp_
     merge(str(tmp_path / "a"), str(tmp_path / "m"), **QUIET)
     generation = json.loads((tmp_path / "m" / "generation_config.json").read_text())
     assert generation["pad_token_id"] == generation["eos_token_id"] == 2  # generation-only filler, masked by attention
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_merge_dtype_stores_smaller_weights_that_still_load(trained_bloom, tmp_path, capsys, dtype):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.cli import main
+
+    result = trained_bloom[0]
+    assert main(["merge", "--adapter", result.output_dir, "--output-dir", str(tmp_path / "full")]) == 0
+    assert main(["merge", "--adapter", result.output_dir, "--output-dir", str(tmp_path / "half"), "--dtype", dtype]) == 0
+    full, half = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "half" / "model.safetensors"))
+    assert {t.dtype for t in full.values()} == {torch.float32}
+    assert {t.dtype for t in half.values()} == {getattr(torch, dtype)}
+    for name, value in full.items():
+        assert torch.allclose(half[name].float(), value, rtol=1e-2, atol=1e-2), name  # the same weights, rounded
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "half").dtype == getattr(torch, dtype)
