@@ -50,6 +50,22 @@ def test_unknown_key_on_the_command_line(capsys):
     assert err.strip() == "error: command line: unknown config key 'lora.rnak'; did you mean 'lora.r'?"
 
 
+def test_lr_is_the_learning_rate(capsys):
+    assert build_config(overrides={"lr": 1e-3}).train.learning_rate == 1e-3
+    assert build_config(overrides={"--lr": 5e-4}).train.learning_rate == 5e-4
+    code, _, err = run(capsys, *TRAIN, "--lr", "fast")
+    assert code == 2 and "error: train.learning_rate: expected a number, got 'fast'" in err  # not "did you mean 'r'?"
+
+
+def test_a_flag_without_its_value_says_so(capsys):
+    code, _, err = run(capsys, *TRAIN, "--batch-size", "--lora.r", "4", "--learning-rate")
+    assert code == 2
+    assert err.splitlines() == ["error: command line: --batch-size needs a value (an integer; default 2)",
+                                "error: command line: --learning-rate needs a value (a number; default 0.0002)"]
+    code, _, err = run(capsys, *TRAIN, "--group-by-length", "--max-length")  # a true/false key alone means true
+    assert err.splitlines() == ["error: command line: --max-length needs a value (an integer; default 512)"]
+
+
 # ---------------------------------------------------------------- wrong types and choices
 
 

@@ -12,7 +12,14 @@ import sys
 import time
 from typing import Any
 
-from .config import ConfigError, all_keys, load_config, parse_cli_value, resolve_key
+from .config import (
+    ConfigError,
+    all_keys,
+    load_config,
+    parse_cli_value,
+    resolve_key,
+    value_needed,
+)
 from .errors import LmtuneError, TrainingInterrupted
 from .processes import is_main_process
 
@@ -61,7 +68,11 @@ def _split_overrides(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
             overrides[key] = parse_cli_value(tokens[i + 1])
             i += 2
         else:
-            overrides[key] = True
+            needed = value_needed(key)
+            if needed:  # else _coerce would say "expected an integer, got True", which is not what was typed
+                problems.append(f"command line: --{key} needs a value ({needed})")
+            else:
+                overrides[key] = True
             i += 1
     return overrides, problems
 

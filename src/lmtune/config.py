@@ -162,13 +162,20 @@ def _owners(name: str) -> list[str]:
     return [s for s, cls in SECTIONS.items() if name in {f.name for f in fields(cls)}]
 
 
+# Names people bring from other tools' flags. Accepted as the key they mean, and so never answered with a far-off
+# suggestion ("lr" is closest to "r" by spelling).
+ALIASES = {"lr": "train.learning_rate"}
+
+
 def resolve_key(key: str) -> tuple[str | None, str]:
-    """Map 'lora.r', 'train.learning-rate' or a unique bare name like 'learning_rate' to (section, field).
+    """Map 'lora.r', 'train.learning-rate', an alias ('lr') or a unique bare name like 'learning_rate' to
+    (section, field).
 
     Returns (None, message) when the key is unknown or ambiguous.
     """
     typed = key.strip().lstrip("-")
     key = typed.replace("-", "_")
+    key = ALIASES.get(key, key)
     if "." in key:
         section, name = key.split(".", 1)
         if section in SECTIONS and name in {f.name for f in fields(SECTIONS[section])}:
@@ -232,6 +239,20 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return str(value)
         raise ValueError(f"{where}: expected text, got {value!r}")
     return value
+
+
+def value_needed(key: str) -> str | None:
+    """For a key given as a bare flag (`--batch-size` and nothing after it): what value it needs, e.g.
+    "an integer; default 2", or None when the flag alone means true (or the key is unknown: reported elsewhere)."""
+    section, name = resolve_key(key)
+    if section is None:
+        return None
+    annotation = typing.get_type_hints(SECTIONS[section])[name]
+    try:
+        _coerce(True, annotation, key)
+        return None
+    except ValueError:
+        return f"{_type_name(annotation)}; default {getattr(SECTIONS[section](), name)!r}"
 
 
 def _type_name(annotation: Any) -> str:
