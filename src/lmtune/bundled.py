@@ -10,6 +10,9 @@ CANDIDATES = (PACKAGE_DIR / "_bundled", PACKAGE_DIR.parent.parent)
 
 TRAIN_DATA = "data/vi_ai_qa.jsonl"
 HELDOUT_DATA = "data/vi_ai_qa_heldout.jsonl"
+# Two team-written rewordings of every training question, same answers (knowledge augmentation); none of them is a
+# held-out question (tests/data/test_bundled_data.py checks it).
+REWORDINGS_DATA = "data/vi_ai_qa_rewordings.jsonl"
 QUICKSTART_CONFIG = "configs/quickstart.yaml"
 
 
