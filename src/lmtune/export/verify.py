@@ -5,9 +5,9 @@ Two readers: transformers' GGUF loader (always; it dequantizes into a torch mode
 sentences and to render the file's chat template, which must give the ids lmtune trains and prompts with.
 
 Logits are compared as distributions: the mean KL divergence per token of the file's next-token
-distribution from the merged model's, with a tolerance per quant type. Quantization moves logits by
-amounts that depend on their scale, but a wrong tensor layout (an unpermuted Q/K, a misordered fused QKV)
-gives a KL near 1 or more, orders of magnitude above every tolerance here.
+distribution from the merged model's, with a tolerance per quant type (KL_TOLERANCE). Quantization moves
+logits by amounts that depend on their scale; a wrong tensor layout (an unpermuted Q/K, a misordered fused
+QKV) moves the distribution far more.
 """
 
 from __future__ import annotations
@@ -22,9 +22,14 @@ from ..data.template import PromptTemplate
 from ..errors import LmtuneError
 from . import llamacpp
 
-# Mean KL(merged || file) per probe token allowed for each quant type. Measured on the tiny random test models
-# (logits of std ~3, the worst case here) and SmolLM2-135M; each is about 3x the largest value seen.
-KL_TOLERANCE = {"f32": 1e-4, "f16": 2e-3, "bf16": 1e-2, "q8_0": 3e-2, "q6_k": 6e-2, "q5_k_m": 0.12, "q4_k_m": 0.3}
+# Mean KL(merged || file) per probe token allowed for each quant type, for the worse of the two readers (llama.cpp
+# also rounds activations to 8 bits in its quantized dot products, so it sits above transformers). Measured:
+#   SmolLM2-135M-Instruct: f16 1.5e-5, q8_0 9.7e-3, q6_k 3.6e-2, q5_k_m 2.1e-1, q4_k_m 1.2e-1 (a 135M model is
+#   sensitive to quantization, and its 576-wide rows make llama.cpp fall back to older types for k-quants);
+#   the tiny random test models (large weights): f32 1.6e-6, bf16 4e-4, q8_0 3.1e-3, q5_k_m 0.12;
+#   a Llama exported without the Q/K permutation: 1.85 (the error this check exists for).
+# Each tolerance is 3x or more above what was measured and at least 3x below the layout error.
+KL_TOLERANCE = {"f32": 1e-4, "f16": 2e-3, "bf16": 1e-2, "q8_0": 5e-2, "q6_k": 0.15, "q5_k_m": 0.6, "q4_k_m": 0.6}
 
 # Sentences llama.cpp must tokenize exactly as the training tokenizer does.
 TOKENIZE_CHECKS = ["Trí tuệ nhân tạo là gì?", "Học máy khác gì học sâu?",
