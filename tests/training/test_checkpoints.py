@@ -3,6 +3,7 @@ SIGTERM (or two Ctrl-Cs) mid-run, a checkpoint is left half-written, the command
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -93,7 +94,8 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tiny_bloom_dir,
     assert "SIGTERM received" in stderr + stdout
     assert f"checkpoint of step {step} of {STEPS}" in stderr
     resume_line = stderr.strip().splitlines()[-1].strip()
-    assert resume_line.startswith("lmtune train ") and resume_line.endswith("--resume")
+    # the command as it was invoked (`python -m lmtune` here), so that it works when pasted
+    assert resume_line.startswith(f"{shlex.join([sys.executable, '-m', 'lmtune'])} train ") and resume_line.endswith("--resume")
     assert not out.exists()  # the adapter folder appears only when training is finished
 
     # The process could also have died while writing a later checkpoint: that one must be ignored.
@@ -191,6 +193,21 @@ def test_resume_refuses_settings_that_would_train_differently(tiny_bloom_dir, qa
         train(changed, **QUIET)
 
 
+def test_resume_accepts_a_run_saved_before_a_setting_existed(tiny_bloom_dir, qa_file, tmp_path):
+    import yaml
+
+    out = tmp_path / "adapter"
+    config = _config(tiny_bloom_dir, qa_file, out)
+    _fake_interrupted_run(out, config)
+    saved = partial_dir(out) / "lmtune_config.yaml"
+    older = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    del older["data"]["csv_delimiter"]  # as an lmtune version without that key wrote it
+    saved.write_text(yaml.safe_dump(older), encoding="utf-8")
+    run = open_run_folder(out, False, True, lambda _: None, config)
+    assert run.resume_step == 7
+    run.release()
+
+
 def test_resume_without_an_interrupted_run_says_so(tiny_bloom_dir, qa_file, tmp_path, capsys):
     out = tmp_path / "adapter"
     assert main(_args(tiny_bloom_dir, qa_file, out, "--resume")) == 2
@@ -275,3 +292,80 @@ def test_resuming_an_older_checkpoint_drops_the_later_ones(tiny_bloom_dir, qa_fi
 def test_keep_checkpoints_below_one_is_refused():
     with pytest.raises(ConfigError, match="train.keep_checkpoints must be at least 1, got 0"):
         build_config(overrides={"train.keep_checkpoints": 0})
+
+
+def test_the_printed_resume_command_is_the_program_as_invoked(monkeypatch, tmp_path):
+    from lmtune.training.checkpoints import resume_command
+
+    monkeypatch.setattr(sys, "argv", [".venv/bin/lmtune", "train", "--data", "d.jsonl"])  # venv not activated
+    assert resume_command(tmp_path / "x.yaml") == ".venv/bin/lmtune train --data d.jsonl --resume"
+    monkeypatch.setattr(sys, "argv", ["/opt/lib/python3/site-packages/lmtune/__main__.py", "quickstart"])
+    assert resume_command(tmp_path / "x.yaml") == f"{shlex.join([sys.executable, '-m', 'lmtune'])} train --config " \
+                                                  f"{tmp_path / 'x.yaml'} --resume"
+
+
+def _lock_file(out: Path) -> Path:
+    return partial_dir(out).parent / (partial_dir(out).name + ".lock")
+
+
+def test_a_second_run_on_a_running_output_is_refused_and_a_killed_runs_lock_is_taken_over(tiny_bloom_dir, qa_file, tmp_path):
+    """Two real processes on one --output-dir; then the first is killed with SIGKILL (nothing of it runs after)."""
+    import socket
+
+    out = tmp_path / "adapter"
+    first = _start(_args(tiny_bloom_dir, qa_file, out), tmp_path)
+    try:
+        _wait_for_step(first, partial_dir(out) / "train_log.jsonl", 2)
+        holder = json.loads(_lock_file(out).read_text())
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            second = _start(_args(tiny_bloom_dir, qa_file, out, *extra), tmp_path)
+            _, stderr = second.communicate(timeout=300)
+            assert second.returncode == 2, stderr[-2000:]
+            assert "Traceback" not in stderr
+            assert (f"another training run is still writing to {partial_dir(out)}: pid {first.pid} on "
+                    f"{socket.gethostname()}, started {holder['started']}") in stderr
+            assert "--overwrite" not in stderr.split("(--overwrite does not change this)")[0]  # no advice to discard it
+        assert first.poll() is None  # the first run was not disturbed
+        assert (partial_dir(out) / "train_log.jsonl").is_file()
+    finally:
+        first.kill()  # SIGKILL: no handler, no atexit, the lock file stays behind naming a dead process
+        first.communicate(timeout=60)
+    assert json.loads(_lock_file(out).read_text())["pid"] == first.pid
+
+    messages = []
+    result = train(_config(tiny_bloom_dir, qa_file, out, **{"train.max_steps": 2}), log=messages.append)
+    assert result.steps == 2 and (out / "adapter_model.safetensors").is_file()
+    notice = [m for m in messages if m.startswith("lock:")]
+    assert len(notice) == 1 and f"pid {first.pid} on {socket.gethostname()}" in notice[0]
+    assert "is no longer running" in notice[0] and "taking over" in notice[0]
+    assert not _lock_file(out).exists()  # a finished run leaves no lock behind
+
+
+def test_only_rank_0_takes_the_lock(tiny_bloom_dir, qa_file, tmp_path, monkeypatch):
+    """torchrun and accelerate start one process per device: the job holds one lock, taken by rank 0."""
+    out = tmp_path / "adapter"
+    monkeypatch.setenv("RANK", "1")
+    other_rank = open_run_folder(out, False, False, lambda _: None)
+    assert not _lock_file(out).exists()
+    monkeypatch.setenv("RANK", "0")
+    rank_0 = open_run_folder(out, False, False, lambda _: None)
+    assert json.loads(_lock_file(out).read_text())["pid"] == os.getpid()
+    other_rank.release()
+    assert _lock_file(out).exists()  # the other ranks' folders hold no lock, so they cannot drop rank 0's
+    rank_0.release()
+    assert not _lock_file(out).exists()
+
+
+def test_resume_of_a_finished_run_says_so_and_touches_nothing(trained_bloom, tiny_bloom_dir, capsys):
+    result, _, root, data = trained_bloom
+    out = Path(result.output_dir)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    finished = json.loads((out / "lmtune_manifest.json").read_text())["finished"]
+    capsys.readouterr()
+    assert main(["train", "--model", tiny_bloom_dir, "--data", data, "--output-dir", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --resume: the run of {out} finished ({finished}); its adapter is in {out}. There is nothing "
+                   f"to resume and nothing was changed; to train further, start a new run with another --output-dir\n")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert not partial_dir(out).exists() and not _lock_file(out).exists()

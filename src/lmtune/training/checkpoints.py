@@ -12,12 +12,14 @@ to find the run in, so those are written here.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -26,8 +28,19 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import LmtuneError, OutputExistsError, TrainingInterrupted
-from ..outputs import check_output_free, move_into_place
+from ..outputs import (
+    MANIFEST_FILE,
+    check_output_free,
+    command_line,
+    move_into_place,
+    read_json,
+)
 from ..processes import is_main_process, world_size
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 PARTIAL_SUFFIX = ".partial"
 CHECKPOINTS_DIR = "checkpoints"
@@ -119,8 +132,9 @@ def resume_command(run_config: Path) -> str:
     """What a user types to continue: the command that was run with a plain --resume (the newest complete
     checkpoint of the run), or, for a run started from Python or by quickstart, `lmtune train` on the
     run's own saved config."""
+    program = invoked_program()
     if sys.argv[1:2] != ["train"]:
-        command = f"lmtune train --config {shlex.quote(str(run_config))} --resume"
+        command = f"{program} train --config {shlex.quote(str(run_config))} --resume"
     else:
         args, tokens = [], sys.argv[1:]
         i = 0
@@ -132,17 +146,121 @@ def resume_command(run_config: Path) -> str:
             if not token.startswith("--resume="):
                 args.append(token)
             i += 1
-        command = "lmtune " + shlex.join(args + ["--resume"])
+        command = f"{program} " + shlex.join(args + ["--resume"])
     processes = world_size()
     if processes > 1:
         command += f"\n  (with the same launcher and {processes} processes: the data position is per process)"
     return command
 
 
+def invoked_program() -> str:
+    """The lmtune command as the user typed it: `.venv/bin/lmtune` fails as plain `lmtune` when the venv is not
+    activated, and `python -m lmtune` needs that python. From a Python program (or a test), plain `lmtune`."""
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if argv0 is not None and argv0.name == "__main__.py" and argv0.parent.name == "lmtune":
+        return shlex.join([sys.executable, "-m", "lmtune"])
+    if argv0 is not None and argv0.stem in ("lmtune", "lmtune-script"):
+        return shlex.quote(str(argv0))
+    return "lmtune"
+
+
 # Settings a resumed run may change: they do not alter what is learned.
 RESUMABLE_CHANGES = {"train.resume", "train.overwrite_output_dir", "train.checkpoint_minutes", "train.keep_checkpoints",
                      "train.logging_steps", "train.output_dir"}
 RUN_CONFIG_FILE = "lmtune_config.yaml"
+
+
+LOCK_SUFFIX = ".lock"
+
+
+class RunLock:
+    """One training process at a time per run folder: `<run folder>.lock`, locked with flock while the run
+    writes and holding who it is (pid, host, start time, command), so that a second `lmtune train` or `--resume`
+    on the same output is refused with that name instead of both writing into one folder.
+
+    The OS drops a flock when its process dies, however it dies (kill -9, out of memory, power cut), so a lock
+    file that still names a process but whose lock is free was left by a run that died: it is taken over, with a
+    notice. A run that ends deletes the file. Under torchrun only rank 0 takes it: one lock per job. Platforms
+    without flock (Windows) are not locked.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir.parent / (run_dir.name + LOCK_SUFFIX)
+        self._fd: int | None = None
+
+    def acquire(self, log: Callable[[str], None] = print) -> None:
+        if fcntl is None or self._fd is not None:
+            return
+        left = _HELD_LOCKS.get(self.path)
+        if left is not None:  # this process's own lock, from a train() that failed before its run started
+            left.release()
+        if not self.path.parent.is_dir():
+            return  # nothing can be running in a folder that does not exist (and a typo must not create one)
+        deadline = time.monotonic() + 2
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if time.monotonic() < deadline:  # perhaps only another run's check(), which lets go at once
+                    time.sleep(0.1)
+                    continue
+                raise LmtuneError(f"another training run is still writing to {self.path.with_suffix('')}: "
+                                  f"{_who(holder)}. Wait for it to end or stop it first; two runs on one output would "
+                                  f"overwrite each other's checkpoints (--overwrite does not change this)") from None
+            try:  # the holder deletes the file when it ends; if it did so after we opened it, we locked a dead file
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        previous = _read_holder(fd)
+        if previous:
+            log(f"lock: the run that held {self.path} ({_who(previous)}) is no longer running (killed, or its machine "
+                f"stopped); taking over its run folder")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": command_line()}).encode())
+        os.fsync(fd)
+        self._fd = fd
+        _HELD_LOCKS[self.path] = self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # before unlocking: a file left behind would be read as a dead run's
+        os.close(self._fd)
+        self._fd = None
+        _HELD_LOCKS.pop(self.path, None)
+
+
+_HELD_LOCKS: dict[Path, RunLock] = {}
+
+
+@atexit.register
+def _release_held_locks() -> None:
+    # A run that stopped with an error before it started (bad data, a missing model) leaves no lock file behind
+    # to be mistaken for a dead run's; a killed process never gets here, which is what marks its lock stale.
+    for lock in list(_HELD_LOCKS.values()):
+        lock.release()
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        holder = json.loads(os.read(fd, 65536).decode("utf-8") or "{}")
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _who(holder: dict) -> str:
+    if not holder:
+        return "a process that has not yet written its name"
+    who = f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+    return who + (f" ({holder['command']})" if holder.get("command") else "")
 
 
 @dataclass
@@ -153,6 +271,7 @@ class RunFolder:
     partial: Path
     overwrite: bool
     resume_from: Path | None = None
+    lock: RunLock | None = None  # held by rank 0 from open_run_folder until finish or discard
 
     @property
     def checkpoints(self) -> Path:
@@ -178,10 +297,17 @@ class RunFolder:
 
     def finish(self) -> None:
         """Drop the checkpoints and rename the run folder into place: the output appears whole or not at all."""
-        for checkpoint in _checkpoint_folders(self.partial):
-            delete_checkpoint(checkpoint)
-        shutil.rmtree(self.checkpoints, ignore_errors=True)
-        move_into_place(self.partial, self.final, self.overwrite)
+        try:
+            for checkpoint in _checkpoint_folders(self.partial):
+                delete_checkpoint(checkpoint)
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+            move_into_place(self.partial, self.final, self.overwrite)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def discard_unless_resumable(self, error: BaseException) -> bool:
         """After a failure: keep the run folder when it can be resumed, else remove it. Returns True if kept."""
@@ -190,6 +316,7 @@ class RunFolder:
         resumable = bool(complete_checkpoints(self.partial)) and (interrupted or not isinstance(error, LmtuneError))
         if not resumable:
             shutil.rmtree(self.partial, ignore_errors=True)
+        self.release()
         return resumable
 
 
@@ -199,8 +326,9 @@ def _check_same_training(config, saved: Path) -> None:
     def flat(d: dict) -> dict:
         return {f"{section}.{name}": value for section, values in d.items() for name, value in (values or {}).items()}
 
-    before = flat(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
     now = flat(config.to_dict())
+    # A run saved by an older lmtune lacks the keys added since; they trained as their defaults do.
+    before = {**flat(type(config)().to_dict()), **flat(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})}
     changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
                if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)]
     if changed:
@@ -210,11 +338,48 @@ def _check_same_training(config, saved: Path) -> None:
 
 def open_run_folder(output_dir: str | Path, overwrite: bool, resume: bool | str, log: Callable[[str], None] = print,
                     config=None) -> RunFolder:
-    """Check the output and locate the run folder (nothing is written yet). With `resume`: find the checkpoint,
-    refuse a `config` that would train differently, and drop half-written checkpoints and any later than the
-    one resumed from (they belong to the abandoned continuation and would be taken for this run's)."""
-    final = check_output_free(output_dir, overwrite)
+    """Lock the run folder and check the output (nothing else is written yet). With `resume`: find the
+    checkpoint, refuse a `config` that would train differently, and drop half-written checkpoints and any later
+    than the one resumed from (they belong to the abandoned continuation and would be taken for this run's).
+
+    The lock comes first: while another process runs on this output, what its folder holds says nothing about
+    what this command should do, and deleting anything there would break that run.
+    """
+    final = Path(output_dir)
     partial = partial_dir(final)
+    lock = RunLock(_run_dir_named(resume, partial))
+    if is_main_process():
+        lock.acquire(log)
+    try:
+        if resume is True and not complete_checkpoints(partial) and (final / MANIFEST_FILE).is_file():
+            raise _finished_run(final)
+        run = _open_run_folder(final, partial, overwrite, resume, log, config)
+    except BaseException:
+        lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def _run_dir_named(resume: bool | str, partial: Path) -> Path:
+    """The run folder a command will write into (not checked yet: that is find_resume_checkpoint's job)."""
+    if resume is True or not resume:
+        return partial
+    where = Path(str(resume))
+    return where.parent.parent if _step_of(where) >= 0 and where.parent.name == CHECKPOINTS_DIR else where
+
+
+def _finished_run(final: Path) -> LmtuneError:
+    """`--resume` on a run that finished: say so, with when and where its adapter is; never suggest --overwrite,
+    which would discard it."""
+    finished = (read_json(final / MANIFEST_FILE) or {}).get("finished") or "at an unrecorded time"
+    return LmtuneError(f"--resume: the run of {final} finished ({finished}); its adapter is in {final}. There is nothing "
+                       f"to resume and nothing was changed; to train further, start a new run with another --output-dir")
+
+
+def _open_run_folder(final: Path, partial: Path, overwrite: bool, resume: bool | str, log: Callable[[str], None],
+                     config) -> RunFolder:
+    check_output_free(final, overwrite)
     if resume:
         checkpoint = find_resume_checkpoint(partial if resume is True else Path(str(resume)), partial)
         run_dir = checkpoint.parent.parent
