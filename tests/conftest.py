@@ -188,3 +188,17 @@ def inspect_rows(tmp_path, rows, **kwargs):
 
 def read_jsonl(path):
     return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+# A minimal chat template (role line, content, end-of-turn) for tiny tokenizers that have none.
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(llama_tokenizer):
+    import copy
+
+    tokenizer = copy.deepcopy(llama_tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer

@@ -78,6 +78,12 @@ class DataConfig:
     system_prompt: str = ""
     # Samples longer than this are truncated on the answer side (the prompt is never cut silently).
     max_length: int = 512
+    # Conversation column (OpenAI `messages` or ShareGPT `conversations`); empty means detect. Conversations and
+    # question/answer rows may be mixed: a pair is a one-turn conversation.
+    messages_field: str = ""
+    # Which assistant turns of a conversation are trained: "all" (every answer) or "last" (the final one only;
+    # the earlier turns are context).
+    train_on_turns: Literal["all", "last"] = "all"
     # Train on the first N rows only (0 = all). Useful for quick runs.
     max_samples: int = 0
     # Validation: a share (< 1) or number (>= 1) of rows held out from `paths`, whole question groups

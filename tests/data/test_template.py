@@ -29,17 +29,6 @@ def test_template_round_trips_through_a_folder(tmp_path, bloom_tokenizer):
     assert PromptTemplate.load(tmp_path) == template
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer(llama_tokenizer):
-    tokenizer = copy.deepcopy(llama_tokenizer)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
 @pytest.mark.parametrize("system", ["", "Bạn là trợ lý AI."])
 @pytest.mark.parametrize("tokenizer_name", ["bloom_tokenizer", "llama_tokenizer", "chat_tokenizer"])
 def test_one_turn_conversation_is_exactly_the_training_prompt(request, tokenizer_name, system):

@@ -76,6 +76,8 @@ class Cleaner:
 
     def decide(self, row: Row) -> tuple[dict | None, str, str]:
         """(record to write, "", "") to keep the row, or (None, reason, detail) to drop it."""
+        if row.messages is not None:
+            return self._decide_conversation(row)
         question, answer = self._tidy(row.question), self._tidy(row.answer)
         context = self._tidy(row.context) if row.context else row.context
         if not question:
@@ -98,6 +100,33 @@ class Cleaner:
             self._near[near] = row.where
         self._exact[exact] = row.where
         return self._record(row, question, answer, context), "", ""
+
+    def _decide_conversation(self, row: Row) -> tuple[dict | None, str, str]:
+        """A conversation is kept or dropped whole; each turn's text is tidied in place, in the file's own format."""
+        contents = [self._tidy(m["content"]) for m in row.messages]
+        for index, (message, content) in enumerate(zip(row.messages, contents)):
+            if not content:
+                return None, "empty_turn", f"turn {index} ({message['role']})"
+            broken = broken_encoding(content)
+            if broken:
+                return None, "broken_encoding", f"turn {index}: {broken}"
+        if len(contents[-1]) < self.min_answer_chars:
+            return None, "short_answer", (f"last answer {len(contents[-1])} characters, fewer than --min-answer-chars "
+                                          f"{self.min_answer_chars}")
+        exact = digest(*(f"{m['role']}:{c}" for m, c in zip(row.messages, contents)))
+        if exact in self._exact:
+            return None, "duplicate", f"same conversation as {self._exact[exact]}"
+        if self.dedupe == "near":
+            near = digest(*(f"{m['role']}:{near_key(c)}" for m, c in zip(row.messages, contents)))
+            if near in self._near:
+                return None, "near_duplicate", f"nearly the same conversation as {self._near[near]}"
+            self._near[near] = row.where
+        self._exact[exact] = row.where
+        record = dict(row.record)
+        field_name = row.columns[0]
+        text_key = "content" if "content" in record[field_name][0] else "value"
+        record[field_name] = [{**turn, text_key: content} for turn, content in zip(record[field_name], contents)]
+        return record, "", ""
 
     def _record(self, row: Row, question: str, answer: str, context: str) -> dict:
         """The input record with its texts replaced; other fields and their order are kept."""

@@ -33,12 +33,17 @@ class Collator:
             attention[row, :n] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
         if self.check:
-            check_batch(batch, [s["prompt_length"] for s in samples], [s["truncated"] for s in samples], self.eos_id)
+            check_batch(batch, [s["prompt_length"] for s in samples], [s["truncated"] for s in samples], self.eos_id,
+                        [s.get("spans") for s in samples])
         return batch
 
 
-def check_batch(batch: dict[str, torch.Tensor], prompt_lengths: list[int], truncated: list[bool], eos_id: int) -> None:
-    """Raise LabelContractError if the batch breaks the contract in the module docstring."""
+def check_batch(batch: dict[str, torch.Tensor], prompt_lengths: list[int], truncated: list[bool], eos_id: int,
+                spans: list[list[tuple[int, int]] | None] | None = None) -> None:
+    """Raise LabelContractError if the batch breaks the contract in `tokenize`'s docstring.
+
+    `spans`: per row, the trained (start, end) ranges of a conversation; None for a pair, whose one span runs
+    from its prompt length to its end."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     if ids.shape != labels.shape or ids.shape != mask.shape:
         raise LabelContractError(f"input_ids {tuple(ids.shape)}, attention_mask {tuple(mask.shape)} and labels {tuple(labels.shape)} differ in shape")
@@ -46,32 +51,39 @@ def check_batch(batch: dict[str, torch.Tensor], prompt_lengths: list[int], trunc
         length = int(mask[row].sum())
         if not bool(mask[row, :length].all()):
             raise LabelContractError(f"row {row}: padding is not only on the right")
-        p = prompt_lengths[row]
+        row_spans = (spans[row] if spans and spans[row] else None) or [(prompt_lengths[row], length)]
+        p = row_spans[0][0]
         if bool((labels[row, :p] != IGNORE_INDEX).any()):
             raise LabelContractError(f"row {row}: a prompt token is a training target")
         if bool((labels[row, length:] != IGNORE_INDEX).any()):
             raise LabelContractError(f"row {row}: a padding position is a training target")
-        answer = labels[row, p:length]
-        if answer.numel() == 0 or bool((answer == IGNORE_INDEX).any()):
-            raise LabelContractError(f"row {row}: the answer span is empty or partly ignored")
-        if not torch.equal(answer, ids[row, p:length]):
-            raise LabelContractError(f"row {row}: labels of the answer differ from its input ids")
-        if not truncated[row] and int(answer[-1]) != eos_id:
-            raise LabelContractError(f"row {row}: the answer does not end with EOS (id {eos_id}) as a target")
+        trained = torch.zeros(ids.shape[1], dtype=torch.bool)
+        for number, (start, end) in enumerate(row_spans):
+            answer = labels[row, start:end]
+            if answer.numel() == 0 or bool((answer == IGNORE_INDEX).any()):
+                raise LabelContractError(f"row {row}: the answer span is empty or partly ignored")
+            if not torch.equal(answer, ids[row, start:end]):
+                raise LabelContractError(f"row {row}: labels of the answer differ from its input ids")
+            last = number == len(row_spans) - 1
+            if not (truncated[row] and last) and int(answer[-1]) != eos_id:
+                raise LabelContractError(f"row {row}: the answer does not end with EOS (id {eos_id}) as a target")
+            trained[start:end] = True
+        if bool((labels[row, :length][~trained[:length]] != IGNORE_INDEX).any()):
+            raise LabelContractError(f"row {row}: a user, system or template token is a training target")
     if int(mask.sum(1).max()) != ids.shape[1]:
         raise LabelContractError("batch is wider than its longest sample (padding is not dynamic)")
 
 
 def render_example(sample: dict, tokenizer) -> str:
-    """Show one sample with the trained span marked, for the pre-flight check."""
-    p = sample["prompt_length"]
+    """Show one sample with its trained spans marked, for the pre-flight check."""
     ids = sample["input_ids"]
-    ignored = tokenizer.decode(ids[:p], skip_special_tokens=False)
-    trained = tokenizer.decode(ids[p:], skip_special_tokens=False)
+    spans = sample.get("spans") or [(sample["prompt_length"], len(ids))]
+    trained = sum(end - start for start, end in spans)
     eos_note = "ends with EOS" if not sample["truncated"] else "TRUNCATED at max_length, no EOS"
-    lines = [
-        f"{len(ids)} tokens: {p} prompt (ignored, label -100), {len(ids) - p} answer (trained, {eos_note})",
-        *(f"  ignored | {line}" for line in ignored.split("\n")),
-        *(f"  trained | {line}" for line in trained.split("\n")),
-    ]
+    turns = f" in {len(spans)} assistant turns" if len(spans) > 1 else ""
+    lines = [f"{len(ids)} tokens: {len(ids) - trained} ignored (label -100), {trained} trained{turns} ({eos_note})"]
+    edges = sorted({0, len(ids), *(x for span in spans for x in span)})
+    for start, end in zip(edges, edges[1:]):
+        mark = "trained" if any(s <= start and end <= e for s, e in spans) else "ignored"
+        lines += [f"  {mark} | {line}" for line in tokenizer.decode(ids[start:end], skip_special_tokens=False).split("\n")]
     return "\n".join(lines)

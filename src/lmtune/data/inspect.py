@@ -38,6 +38,7 @@ from .checks import CHECKS, row_problems, snippet
 from .normalize import digest, near_key
 from .readers import Example, Row, check_not_an_input, iter_rows, resolve_paths
 from .template import PromptTemplate
+from .tokenize import tokenize_conversation
 
 MAX_EXAMPLES = 10  # locations kept per finding: enough to find the pattern, small for 100k-row files
 
@@ -111,6 +112,8 @@ class InspectReport:
     invalid: Finding = field(default_factory=Finding)
     findings: dict[str, Finding] = field(default_factory=lambda: {name: Finding() for name in CHECKS})
     conflicting_questions: int = 0
+    conversations: int = 0  # rows that are conversations (the others are question/answer pairs)
+    turns_per_conversation: LengthStats | None = None
     question_chars: LengthStats | None = None
     answer_chars: LengthStats | None = None
     tokens: TokenStats | None = None
@@ -158,6 +161,11 @@ class TokenCounter:
         self.truncated = self.prompt_too_long = 0
 
     def add(self, example: Example) -> None:
+        if example.messages is not None:  # a conversation: the sample training builds, at any length
+            sample = tokenize_conversation(example, self.tokenizer, self.template, 1 << 30)[0]
+            self.lengths.append(len(sample["input_ids"]))
+            self.truncated += len(sample["input_ids"]) > self.max_length  # training drops its earliest turns
+            return
         prompt = len(self.template.prompt_ids(self.tokenizer, example.question, example.context))
         total = prompt + len(self.template.answer_ids(self.tokenizer, example.answer))
         self.lengths.append(total)
@@ -185,6 +193,7 @@ class Inspector:
         self._answers: dict[bytes, tuple[bytes, str, list[str]]] = {}
         self._question_chars: list[int] = []
         self._answer_chars: list[int] = []
+        self._turns: list[int] = []  # user turns of each conversation
 
     def invalid(self, error: DataError) -> None:
         self.report.invalid.add(str(error))
@@ -194,9 +203,11 @@ class Inspector:
         report.rows_read += 1
         info = self._files[row.path]
         info.rows += 1
-        if not info.columns:
-            info.columns = {"question": row.columns[0], "answer": row.columns[1]}
-        if row.columns[2] in row.record:
+        if row.messages is not None:
+            info.columns.setdefault("conversation", row.columns[0])
+        elif "question" not in info.columns:
+            info.columns.update({"question": row.columns[0], "answer": row.columns[1]})
+        if row.messages is None and row.columns[2] in row.record:
             info.columns.setdefault("context", row.columns[2])
         for check, field_name, details in row_problems(row):
             example = f"{row.where} ({field_name})" + (f": {', '.join(details)}" if details else "")
@@ -208,7 +219,11 @@ class Inspector:
         if row.question.strip() and row.answer.strip():  # empty rows are reported as such, not as duplicates
             self._duplicates(row)
             if self.tokens:
-                self.tokens.add(Example(row.question.strip(), row.answer.strip(), row.context.strip(), row.where))
+                self.tokens.add(Example(row.question.strip(), row.answer.strip(), row.context.strip(), row.where,
+                                        row.messages))
+        if row.messages is not None:
+            report.conversations += 1
+            self._turns.append(sum(m["role"] == "user" for m in row.messages))
 
     def _duplicates(self, row: Row) -> None:
         findings = self.report.findings
@@ -234,6 +249,7 @@ class Inspector:
             for where in others:
                 report.findings["conflicting_answers"].add(f"{where} answers the question of {first} differently")
         report.question_chars = LengthStats.of(self._question_chars)
+        report.turns_per_conversation = LengthStats.of(self._turns)
         report.answer_chars = LengthStats.of(self._answer_chars)
         if self.tokens:
             report.tokens = self.tokens.stats()
@@ -326,6 +342,9 @@ def format_report(report: InspectReport) -> str:
         invalid = "invalid line or file" if report.invalid.count == 1 else "invalid lines or files"
         out.append(f"  skipped {report.invalid.count:,} {invalid} (--skip-invalid):")
         out += [f"    {message}" for message in report.invalid.examples]
+    if report.conversations:
+        out.append(f"conversations: {report.conversations:,} of {report.rows_read:,} rows; user turns per conversation: "
+                   f"{report.turns_per_conversation} (a conversation's question and answer below are its turns joined)")
     if report.question_chars:
         out.append(f"question length (characters): {report.question_chars}")
         out.append(f"answer length (characters):   {report.answer_chars}")

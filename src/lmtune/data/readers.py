@@ -49,10 +49,16 @@ def _invalid(error: DataError, on_invalid: OnInvalid) -> None:
 
 @dataclass
 class Example:
+    """A question/answer pair, or a conversation (`messages`: OpenAI roles, the last one the assistant's).
+
+    For a conversation, `question` and `answer` are its last user and assistant turns (what `eval` asks and
+    scores, given the earlier turns) and `context` is empty."""
+
     question: str
     answer: str
     context: str = ""
     source: str = ""  # "file:line" for messages
+    messages: list[dict] | None = None
 
 
 @dataclass
@@ -63,6 +69,7 @@ class LoadReport:
     skipped_empty: int = 0
     # Rows whose question, answer or context was not in NFC (decomposed Unicode) and was normalised.
     normalized: int = 0
+    conversations: int = 0  # rows that were conversations (the others are question/answer pairs)
 
 
 # ---------------------------------------------------------------- reading
@@ -326,7 +333,11 @@ def _text_field(record: dict, name: str, where: str, required: bool) -> str:
 
 @dataclass
 class Row:
-    """One record as read, with its question, answer and context texts untouched (not stripped)."""
+    """One record as read, with its question, answer and context texts untouched (not stripped).
+
+    A conversation row has `messages` (roles mapped to system/user/assistant, contents untouched) and
+    `columns` = (its messages field, "", ""); its question, answer and context are its user turns, its
+    assistant turns and its system message, each joined, so the data tools compare whole conversations."""
 
     path: str
     where: str  # "file:line" for messages
@@ -335,6 +346,73 @@ class Row:
     question: str
     answer: str
     context: str
+    messages: list[dict] | None = None
+
+
+# ---------------------------------------------------------------- conversations
+
+# Conversation layouts found without configuration: the OpenAI fine-tuning format and ShareGPT.
+CONVERSATION_FIELDS = ("messages", "conversations")
+_ROLE_KEYS = (("role", "content"), ("from", "value"))
+# ShareGPT's speaker names (and the common variants) as OpenAI roles.
+ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+              "bot": "assistant", "model": "assistant"}
+
+
+def conversation_field(record: dict, explicit: str = "") -> str | None:
+    """The record's conversation column: the one named, else `messages` or `conversations` if it holds a list."""
+    if explicit:
+        return explicit if explicit in record else None
+    return next((name for name in CONVERSATION_FIELDS if isinstance(record.get(name), list)), None)
+
+
+def read_messages(value: Any, where: str, field_name: str) -> list[dict]:
+    """The turns of one conversation as {"role", "content"} with OpenAI roles; DataError naming the turn otherwise.
+
+    The order rule is the one chat and serve apply: an optional system message first, then user and
+    assistant alternating, ending with the assistant (the turn that is trained last)."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field '{field_name}' must be a non-empty list of turns")
+    messages = []
+    for index, turn in enumerate(value):
+        at = f"{where}: turn {index}"
+        if not isinstance(turn, dict):
+            raise DataError(f"{at}: expected an object with role and content, got {type(turn).__name__}")
+        keys = next(((r, c) for r, c in _ROLE_KEYS if r in turn), None)
+        if keys is None:
+            raise DataError(f"{at}: no 'role' (OpenAI) or 'from' (ShareGPT) field")
+        role_name, content = turn[keys[0]], turn.get(keys[1])
+        role = ROLE_NAMES.get(str(role_name).strip().lower())
+        if role is None:
+            raise DataError(f"{at}: unknown role '{role_name}'; known: {', '.join(sorted(ROLE_NAMES))}")
+        if not isinstance(content, str):
+            kind = "missing" if content is None else type(content).__name__
+            raise DataError(f"{at}: '{keys[1]}' must be text, got {kind}")
+        if not content.strip():
+            raise DataError(f"{at}: empty {role} turn")
+        messages.append({"role": role, "content": content})
+    first = 1 if messages[0]["role"] == "system" else 0
+    for index in range(first, len(messages)):
+        expected = "user" if (index - first) % 2 == 0 else "assistant"
+        role = messages[index]["role"]
+        if role != expected:
+            what = ("a system message after the first turn" if role == "system"
+                    else f"two {role} turns in a row" if index > first and messages[index - 1]["role"] == role
+                    else f"a conversation that starts with the {role}")
+            raise DataError(f"{where}: turn {index}: {what}; expected the {expected} (an optional system message "
+                            "first, then user and assistant alternate)")
+    if len(messages) == first or messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: turn {len(messages) - 1}: the conversation ends with a "
+                        f"{messages[-1]['role']} turn; it must end with the assistant's answer")
+    return messages
+
+
+def _conversation_row(path: str, where: str, record: dict, name: str) -> Row:
+    if name not in record:
+        raise DataError(f"{where}: missing field '{name}'")
+    messages = read_messages(record[name], where, name)
+    joined = {role: "\n\n".join(m["content"] for m in messages if m["role"] == role) for role in ("user", "assistant", "system")}
+    return Row(path, where, record, (name, "", ""), joined["user"], joined["assistant"], joined["system"], messages)
 
 
 def _choose_columns(record: dict, where: str, question_field: str, answer_field: str, context_field: str) -> tuple[str, str, str]:
@@ -355,6 +433,7 @@ def iter_rows(
     context_field: str = "",
     on_invalid: OnInvalid = None,
     csv_delimiter: str = "",
+    messages_field: str = "",
 ) -> Iterator[Row]:
     """Yield every row of already resolved files; columns are detected on each file's first row.
 
@@ -367,6 +446,11 @@ def iter_rows(
             try:
                 if not isinstance(record, dict):
                     raise DataError(f"{where}: expected a JSON object with question and answer fields, got {type(record).__name__}")
+                # Conversations and question/answer pairs may be mixed, even in one file: each record says which it is.
+                conversation = conversation_field(record, messages_field) if not (question_field or answer_field) else None
+                if conversation or messages_field:
+                    yield _conversation_row(path, where, record, conversation or messages_field)
+                    continue
                 columns = columns or _choose_columns(record, where, question_field, answer_field, context_field)
                 q_name, a_name, c_name = columns
                 row = Row(path, where, record, columns,
@@ -387,6 +471,7 @@ def load_examples(
     max_samples: int = 0,
     on_invalid: OnInvalid = None,
     csv_delimiter: str = "",
+    messages_field: str = "",
 ) -> tuple[list[Example], LoadReport]:
     """Read every file, detect (or use the given) columns, and return the usable examples.
 
@@ -397,9 +482,18 @@ def load_examples(
     """
     report = LoadReport(files=resolve_paths(paths, on_invalid))
     examples: list[Example] = []
-    for row in iter_rows(report.files, question_field, answer_field, context_field, on_invalid, csv_delimiter):
-        report.columns = report.columns or row.columns
+    for row in iter_rows(report.files, question_field, answer_field, context_field, on_invalid, csv_delimiter,
+                         messages_field):
         report.rows_read += 1
+        if row.messages is not None:
+            messages = [{"role": m["role"], "content": nfc(m["content"]).strip()} for m in row.messages]
+            report.normalized += any(nfc(m["content"]) != m["content"] for m in row.messages)
+            report.conversations += 1
+            examples.append(Example(messages[-2]["content"], messages[-1]["content"], "", row.where, messages))
+            if max_samples and len(examples) >= max_samples:
+                return examples, report
+            continue
+        report.columns = report.columns or row.columns
         texts = (row.question, row.answer, row.context)
         question, answer, context = (nfc(text).strip() for text in texts)
         report.normalized += any(nfc(text) != text for text in texts)

@@ -102,19 +102,30 @@ def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) 
     d = config.data
     template = PromptTemplate.for_tokenizer(tokenizer, d.template, d.system_prompt)
     examples, load_report = load_examples(d.paths, d.question_field, d.answer_field, d.context_field, d.max_samples,
-                                          csv_delimiter=d.csv_delimiter)
+                                          csv_delimiter=d.csv_delimiter, messages_field=d.messages_field)
     examples, val_examples = split_train_val(examples, d.val_size, d.seed)
     if d.eval_paths:
         val_examples += load_examples(d.eval_paths, d.question_field, d.answer_field, d.context_field,
-                                      csv_delimiter=d.csv_delimiter)[0]
-    samples, token_report = tokenize_examples(examples, tokenizer, template, d.max_length)
-    val_samples = tokenize_examples(val_examples, tokenizer, template, d.max_length)[0] if val_examples else []
+                                      csv_delimiter=d.csv_delimiter, messages_field=d.messages_field)[0]
+    last_only = d.train_on_turns == "last"
+    samples, token_report = tokenize_examples(examples, tokenizer, template, d.max_length, last_only)
+    val_samples = tokenize_examples(val_examples, tokenizer, template, d.max_length, last_only)[0] if val_examples else []
     leaked = leaked_questions(examples, val_examples)
-    q, a, c = load_report.columns
-    log(
-        f"data: {load_report.rows_read} rows from {len(load_report.files)} file(s), columns question='{q}' answer='{a}'"
-        f" context='{c}'; {len(samples)} samples, {token_report.tokens} tokens ({token_report.trained_tokens} trained)"
-    )
+    pairs = load_report.rows_read - load_report.conversations
+    kinds = []
+    if load_report.columns and pairs:
+        q, a, c = load_report.columns
+        kinds.append(f"{pairs} pairs (columns question='{q}' answer='{a}' context='{c}')")
+    if load_report.conversations:
+        kinds.append(f"{load_report.conversations} conversations ({'every' if not last_only else 'the last'} assistant turn trained)")
+    log(f"data: {load_report.rows_read} rows from {len(load_report.files)} file(s): {', '.join(kinds)};"
+        f" {len(samples)} samples, {token_report.tokens} tokens ({token_report.trained_tokens} trained)")
+    if token_report.conversations_cut:
+        log(f"data: {token_report.conversations_cut} conversations longer than data.max_length={d.max_length} lost their "
+            f"{token_report.turns_dropped} earliest turns (cut at turn boundaries; the later turns are trained)")
+    if token_report.turn_by_turn:
+        log(f"data: the chat template re-tokenizes earlier turns of {token_report.turn_by_turn} conversations; each of "
+            "their answers is a sample of its own, after exactly the prompt chat builds")
     if load_report.skipped_empty:
         log(f"data: skipped {load_report.skipped_empty} rows with an empty question or answer")
     if load_report.normalized:  # said once: the rows are trained on as prompts are built at inference, in NFC
@@ -133,10 +144,12 @@ def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) 
 def preflight(prepared: PreparedData, tokenizer, batch_size: int, log: Callable[[str], None] = print) -> None:
     """Show one example with its trained span and check the label contract on every batch once."""
     log("pre-flight: one tokenized example (what the loss sees)")
-    log(render_example(prepared.samples[0], tokenizer))
+    log(render_example(shown, tokenizer))
     collate = Collator(tokenizer)
     for start in range(0, len(prepared.samples), batch_size):
         collate(prepared.samples[start : start + batch_size])
+    # A multi-turn sample shows the most: every turn's span marked.
+    shown = max(prepared.samples[:200], key=lambda s: len(s.get("spans") or ()))
     log(f"pre-flight: label contract holds on all {math.ceil(len(prepared.samples) / batch_size)} batches")
 
 
