@@ -80,3 +80,40 @@ def test_bloom_config_keeps_tutorial_values():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
         load_config("nope.yaml")
+
+
+def test_training_methods_are_off_by_default():
+    c = build_config()
+    assert (c.lora.use_rslora, c.lora.use_dora, c.lora.init, c.lora.modules_to_save) == (False, False, "default", [])
+    assert (c.train.method, c.train.neftune_noise_alpha, c.train.loraplus_lr_ratio, c.train.report_to) == ("lora", 0.0, 0.0, "none")
+
+
+def test_training_methods_are_set_by_their_usual_names():
+    c = build_config(overrides={"use_dora": True, "use-rslora": True, "lora.init": "gaussian", "modules_to_save": "lm_head",
+                                "neftune_noise_alpha": 5, "loraplus_lr_ratio": 16, "report_to": "tensorboard"})
+    assert c.lora.use_dora and c.lora.use_rslora and c.lora.init == "gaussian"
+    assert build_config(overrides={"method": "full"}).train.method == "full"
+    assert c.lora.modules_to_save == ["lm_head"] and c.train.neftune_noise_alpha == 5.0 and c.train.report_to == "tensorboard"
+
+
+def test_training_method_problems_are_reported_together():
+    with pytest.raises(ConfigError) as e:
+        build_config(overrides={"lora.init": "pisa", "train.method": "partial", "train.neftune_noise_alpha": -1,
+                                "train.loraplus_lr_ratio": 0.5, "train.report_to": "tensorbord"})
+    text = str(e.value)
+    assert "lora.init: 'pisa' is not one of" in text and "did you mean 'pissa'?" in text
+    assert "train.method: 'partial' is not one of 'lora', 'full'" in text
+    assert "train.report_to: 'tensorbord'" in text and "did you mean 'tensorboard'?" in text
+    assert "train.neftune_noise_alpha must be 0 (off) or positive, got -1.0" in text
+    assert "train.loraplus_lr_ratio must be 0 (off) or at least 1, got 0.5" in text
+
+
+def test_training_methods_that_cannot_be_combined():
+    with pytest.raises(ConfigError) as e:
+        build_config(overrides={"lora.use_dora": True, "lora.init": "olora"})
+    assert "lora.use_dora cannot be combined with lora.init 'olora'" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        build_config(overrides={"train.method": "full", "lora.use_dora": True, "train.loraplus_lr_ratio": 16})
+    assert "lora.use_dora, train.loraplus_lr_ratio apply to LoRA training, but train.method is 'full'" in str(e.value)
+    with pytest.raises(ConfigError, match="train.method 'full' trains every weight and cannot use a quantized base"):
+        build_config(overrides={"train.method": "full", "model.quantization": "4bit"})

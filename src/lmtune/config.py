@@ -57,6 +57,16 @@ class LoraConfig:
     # "attention" = every attention projection; "all-linear" = attention and MLP linears;
     # or an explicit list of module names.
     target_modules: Union[str, list[str]] = "auto"
+    # LoRA variants (peft; see the README's table of methods). rsLoRA scales the update by alpha/sqrt(r) instead of
+    # alpha/r, so higher ranks still learn; DoRA trains a magnitude per output feature apart from the direction.
+    use_rslora: bool = False
+    use_dora: bool = False
+    # How A and B start: "default" (B = 0, so training starts from the base); "gaussian"; "pissa" / "olora" start
+    # from the weights' principal (SVD) / orthonormal (QR) directions, moved out of the base. Those adapters are
+    # saved converted to a plain LoRA of twice the rank that applies to the original base.
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    # Whole modules trained and saved beside the adapter, e.g. [lm_head] or [embed_tokens] (names as in the model).
+    modules_to_save: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -68,6 +78,12 @@ class DataConfig:
     question_field: str = ""
     answer_field: str = ""
     context_field: str = ""
+    # Conversation column (OpenAI `messages` or ShareGPT `conversations`); empty means detect. Conversations and
+    # question/answer rows may be mixed: a pair is a one-turn conversation.
+    messages_field: str = ""
+    # Which assistant turns of a conversation are trained: "all" (every answer) or "last" (the final one only;
+    # the earlier turns are context).
+    train_on_turns: Literal["all", "last"] = "all"
     # CSV separator; empty = read it off the header line (Excel writes ";" under Vietnamese and other regional
     # settings where the comma is the decimal separator). One character, or "tab".
     csv_delimiter: str = ""
@@ -78,12 +94,6 @@ class DataConfig:
     system_prompt: str = ""
     # Samples longer than this are truncated on the answer side (the prompt is never cut silently).
     max_length: int = 512
-    # Conversation column (OpenAI `messages` or ShareGPT `conversations`); empty means detect. Conversations and
-    # question/answer rows may be mixed: a pair is a one-turn conversation.
-    messages_field: str = ""
-    # Which assistant turns of a conversation are trained: "all" (every answer) or "last" (the final one only;
-    # the earlier turns are context).
-    train_on_turns: Literal["all", "last"] = "all"
     # Train on the first N rows only (0 = all). Useful for quick runs.
     max_samples: int = 0
     # Validation: a share (< 1) or number (>= 1) of rows held out from `paths`, whole question groups
@@ -129,6 +139,17 @@ class TrainConfig:
     # true: continue the interrupted run of this output_dir from its newest complete checkpoint;
     # a path: continue from that run folder or checkpoint.
     resume: Union[bool, str] = False
+    # "lora": train an adapter (see the lora section); "full": train every weight of the model and save a whole model
+    # folder (no merge needed). Full needs about four times the model's size in memory for weights, gradients and
+    # AdamW's two moments: for small models.
+    method: Literal["lora", "full"] = "lora"
+    # NEFTune: uniform noise of this scale on the input embeddings while training (0 = off; 5 is the paper's usual value).
+    neftune_noise_alpha: float = 0.0
+    # LoRA+: the B matrices learn this many times faster than A (0 = off; the paper suggests 16).
+    loraplus_lr_ratio: float = 0.0
+    # Where the Trainer also logs: "tensorboard" writes <output_dir>/tensorboard (pip install tensorboard).
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clearml", "dvclive",
+                       "swanlab", "neptune"] = "none"
 
 
 @dataclass
@@ -386,6 +407,7 @@ def _check_ranges(c: Config) -> list[str]:
         (g.top_k >= 0, f"generate.top_k must be 0 (off) or positive, got {g.top_k!r}"),
         (g.repetition_penalty > 0, f"generate.repetition_penalty must be positive (1.0 = off), got {g.repetition_penalty!r}"),
     ]
+    checks += _method_checks(c)
     modes = ("auto", "attention", "all-linear")
     if isinstance(l.target_modules, str) and l.target_modules not in modes:
         close = difflib.get_close_matches(l.target_modules, modes, n=1, cutoff=0.5)
@@ -393,6 +415,32 @@ def _check_ranges(c: Config) -> list[str]:
         checks.append((False, f"lora.target_modules must be 'auto', 'attention', 'all-linear' or a list of module names, "
                               f"got {l.target_modules!r}{hint}"))
     return [message for ok, message in checks if not ok]
+
+
+def _method_checks(c: Config) -> list[str]:
+    """Training methods that cannot be combined, each message naming both keys."""
+    l, t = c.lora, c.train
+    checks = [
+        (t.neftune_noise_alpha >= 0, f"train.neftune_noise_alpha must be 0 (off) or positive, got {t.neftune_noise_alpha!r}"),
+        (t.loraplus_lr_ratio == 0 or t.loraplus_lr_ratio >= 1,
+         f"train.loraplus_lr_ratio must be 0 (off) or at least 1, got {t.loraplus_lr_ratio!r}"),
+        # PiSSA/OLoRA move part of the base into the adapter; the saved adapter is converted to a plain LoRA on the
+        # original base. DoRA's magnitudes are relative to the moved base and have no such conversion.
+        (not (l.use_dora and l.init in ("pissa", "olora")),
+         f"lora.use_dora cannot be combined with lora.init {l.init!r} (its adapter could not be converted back to "
+         f"the original base for merging); use one of them"),
+        (not (l.init in ("pissa", "olora") and c.model.quantization != "none"),
+         f"lora.init {l.init!r} needs a full-precision base, got model.quantization {c.model.quantization!r}"),
+    ]
+    if t.method == "full":
+        lora_only = [name for name, on in [("lora.use_rslora", l.use_rslora), ("lora.use_dora", l.use_dora),
+                                           ("lora.init", l.init != "default"), ("lora.modules_to_save", bool(l.modules_to_save)),
+                                           ("train.loraplus_lr_ratio", t.loraplus_lr_ratio > 0)] if on]
+        checks.append((not lora_only, f"{', '.join(lora_only)} appl{'ies' if len(lora_only) == 1 else 'y'} to LoRA "
+                                      f"training, but train.method is 'full' (every weight is trained)"))
+        checks.append((c.model.quantization == "none", f"train.method 'full' trains every weight and cannot use a "
+                                                        f"quantized base, got model.quantization {c.model.quantization!r}"))
+    return checks
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,9 +306,22 @@ def lora_targets(model, target: str | list[str]) -> list[str] | str | None:
     return "all-linear"  # peft's own name for every linear layer but the output head
 
 
-def add_lora(model, r: int, alpha: int, dropout: float, bias: str, target_modules):
+# lora.init -> peft's init_lora_weights
+LORA_INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+# Inits that move part of the base weights into the adapter: their adapters are converted at save time.
+MUTATING_INITS = ("pissa", "olora")
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, bias: str, target_modules, use_rslora: bool = False,
+             use_dora: bool = False, init: str = "default", modules_to_save: list[str] | tuple = ()):
     from peft import LoraConfig, get_peft_model
 
+    if modules_to_save:
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [m for m in modules_to_save if m not in present]
+        if missing:
+            top = ", ".join(name for name, _ in model.named_modules() if name and name.count(".") <= 1)
+            raise ModelError(f"lora.modules_to_save {missing} not found in {type(model).__name__}; its top modules are: {top}")
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -315,15 +329,78 @@ def add_lora(model, r: int, alpha: int, dropout: float, bias: str, target_module
         bias=bias,
         target_modules=lora_targets(model, target_modules),
         task_type="CAUSAL_LM",
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        init_lora_weights=LORA_INITS[init],
+        modules_to_save=list(modules_to_save) or None,
+        # A trained copy of a tied output head (or input embedding) stays tied to the other one, as in the base.
+        ensure_weight_tying=bool(modules_to_save) and _tied_embeddings(model),
     )
     # No prepare_model_for_kbit_training here: the model is not quantized (the tutorial's defect 8).
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    # peft keeps LoRA weights in fp32, but the trained copies of modules_to_save take the base's dtype (bf16 when the
+    # frozen weights are stored in bf16): AdamW updates need fp32, as the adapters have.
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+    return model
+
+
+def _tied_embeddings(model) -> bool:
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embeddings is not None and head.weight is embeddings.weight
+
+
+def save_initial_adapter(model, folder: str | Path) -> None:
+    """Save a PiSSA/OLoRA adapter as initialised, before training: peft converts the trained adapter to a plain
+    LoRA on the original base by subtracting this one (`path_initial_model_for_weight_conversion`). Its config
+    must say a plain init, or loading it back would decompose the (already residual) base a second time."""
+    config = model.peft_config["default"]
+    init = config.init_lora_weights
+    config.init_lora_weights = True
+    try:
+        model.save_pretrained(str(folder))
+    finally:
+        config.init_lora_weights = init
+
+
+def save_converted_adapter(model, out: str | Path, initial: str | Path, state_dict: dict | None = None) -> None:
+    """Save a trained PiSSA/OLoRA adapter as a plain LoRA (rank 2r) on the ORIGINAL base, so merge, generate and
+    export load it onto the base as it is published. peft's conversion keeps only lora_A/lora_B; the other trained
+    weights (biases, modules_to_save) do not depend on the moved base and are put back unchanged."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    trained = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, state_dict=state_dict).items()}
+    with warnings.catch_warnings():  # peft's advice to convert the adapter: this is that conversion
+        warnings.filterwarnings("ignore", message=".*changes the base weights of the model")
+        model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(initial),
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
+    weights = Path(out) / "adapter_model.safetensors"
+    converted = load_file(weights)
+    others = {k: v for k, v in trained.items() if "lora_A" not in k and "lora_B" not in k and k not in converted}
+    if others:
+        save_file({**converted, **others}, weights, metadata={"format": "pt"})
+
+
+def save_generation_config(model, tokenizer, out: str | Path) -> None:
+    """generation_config.json with the tokenizer's eos/pad/bos ids, so a saved model folder generates correctly alone."""
+    config = model.generation_config
+    config.eos_token_id = tokenizer.eos_token_id
+    # For generation only: a model without a pad token pads batched prompts with EOS (masked by attention).
+    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if tokenizer.bos_token_id is not None:
+        config.bos_token_id = tokenizer.bos_token_id
+    config.save_pretrained(out)
 
 
 def base_model_of_adapter(adapter: str | Path) -> str:
     """The base model an adapter was trained on, as the user named it (hub id, folder, .gguf, pypi:...)."""
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
+        if (adapter / "config.json").is_file():
+            raise ModelError(f"{adapter} is a whole model (trained with train.method full, or already merged), not a "
+                             f"LoRA adapter: it needs no merge; pass it as --model")
         raise ModelError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
     config_file = adapter / CONFIG_FILE
     if config_file.is_file():

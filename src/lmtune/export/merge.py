@@ -20,6 +20,7 @@ from ..model import (
     load_adapter_tokenizer,
     load_model,
     resolve_source,
+    save_generation_config,
 )
 from ..outputs import (
     CONFIG_FILE,
@@ -130,7 +131,7 @@ def merge(adapter: str, output_dir: str, model: str | None = None, overwrite: bo
             merged = merged.to(stored)
         merged.save_pretrained(out)  # safetensors
         tokenizer.save_pretrained(out)
-        _write_generation_config(merged, tokenizer, out)
+        save_generation_config(merged, tokenizer, out)
         template.save(out)
         for name in (CONFIG_FILE, LOG_FILE, PLOT_FILE):
             if (Path(adapter) / name).is_file():
@@ -157,13 +158,3 @@ def _stored_dtype(source) -> torch.dtype | None:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else None
-
-
-def _write_generation_config(model, tokenizer, out: Path) -> None:
-    config = model.generation_config
-    config.eos_token_id = tokenizer.eos_token_id
-    # For generation only: a model without a pad token pads batched prompts with EOS (masked by attention).
-    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if tokenizer.bos_token_id is not None:
-        config.bos_token_id = tokenizer.bos_token_id
-    config.save_pretrained(out)

@@ -95,11 +95,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None
 
 
-def make_trainer_class():
-    """A Trainer whose loss is the answer-only loss when the model allows it (imported lazily: transformers is slow to import)."""
+def make_trainer_class(loraplus_lr_ratio: float = 0.0):
+    """A Trainer whose loss is the answer-only loss when the model allows it (imported lazily: transformers is slow to import).
+
+    With `loraplus_lr_ratio` > 0 its optimizer is LoRA+'s (peft): the B matrices (and 1-D weights such as DoRA's
+    magnitudes) learn at ratio x the learning rate, the A matrices at the learning rate."""
     from transformers import Trainer
 
     class AnswerOnlyTrainer(Trainer):
+        def create_optimizer(self, model=None):
+            if self.optimizer is not None or not loraplus_lr_ratio:
+                return super().create_optimizer(model)
+            from peft.optimizers import create_loraplus_optimizer
+
+            opt_model = self.model if model is None else model
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = create_loraplus_optimizer(opt_model, optimizer_cls, lr=self.args.learning_rate,
+                                                       loraplus_lr_ratio=loraplus_lr_ratio,
+                                                       loraplus_weight_decay=self.args.weight_decay, **optimizer_kwargs)
+            return self.optimizer
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             causal_lm = causal_lm_of(self.accelerator.unwrap_model(model))
             # Distributed wrappers (DDP, FSDP, DeepSpeed) must see their own forward call to sync gradients;

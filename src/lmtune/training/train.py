@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,7 @@ from ..data.template import PromptTemplate
 from ..data.tokenize import TokenizeReport, tokenize_examples
 from ..errors import LmtuneError, TrainingInterrupted
 from ..model import (
+    MUTATING_INITS,
     add_lora,
     choose_precision,
     configure_cpu_threads,
@@ -34,6 +36,9 @@ from ..model import (
     load_model,
     load_tokenizer,
     resolve_source,
+    save_converted_adapter,
+    save_generation_config,
+    save_initial_adapter,
 )
 from ..outputs import (
     CONFIG_FILE,
@@ -143,13 +148,13 @@ def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) 
 
 def preflight(prepared: PreparedData, tokenizer, batch_size: int, log: Callable[[str], None] = print) -> None:
     """Show one example with its trained span and check the label contract on every batch once."""
+    # A multi-turn sample shows the most: every turn's span marked.
+    shown = max(prepared.samples[:200], key=lambda s: len(s.get("spans") or ()))
     log("pre-flight: one tokenized example (what the loss sees)")
     log(render_example(shown, tokenizer))
     collate = Collator(tokenizer)
     for start in range(0, len(prepared.samples), batch_size):
         collate(prepared.samples[start : start + batch_size])
-    # A multi-turn sample shows the most: every turn's span marked.
-    shown = max(prepared.samples[:200], key=lambda s: len(s.get("spans") or ()))
     log(f"pre-flight: label contract holds on all {math.ceil(len(prepared.samples) / batch_size)} batches")
 
 
@@ -196,7 +201,9 @@ def build_trainer(config: Config, model, tokenizer, samples: list[dict], precisi
     callbacks = list(callbacks)
     if val_samples and config.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience))
-    Trainer = make_trainer_class()
+    if config.train.report_to == "tensorboard" and processes.is_main_process():
+        callbacks.append(_tensorboard_callback(scratch / TENSORBOARD_DIR))
+    Trainer = make_trainer_class(config.train.loraplus_lr_ratio)
     return Trainer(
         model=model,
         args=_training_arguments(config, precision, scratch, use_checkpointing, len(samples), bool(val_samples)),
@@ -205,6 +212,32 @@ def build_trainer(config: Config, model, tokenizer, samples: list[dict], precisi
         data_collator=Collator(tokenizer),
         callbacks=callbacks,
     )
+
+
+TENSORBOARD_DIR = "tensorboard"
+# Trainer integrations (train.report_to) -> the package each needs
+REPORT_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
+                   "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+                   "neptune": "neptune"}
+
+
+def check_report_to(report_to: str) -> None:
+    """Before anything is loaded: the logging integration asked for must be installed (it is an optional extra)."""
+    import importlib.util
+
+    package = REPORT_PACKAGES.get(report_to)
+    if package and importlib.util.find_spec(package) is None:
+        extra = " (or pip install 'lmtune[tensorboard]')" if report_to == "tensorboard" else ""
+        raise LmtuneError(f"train.report_to is {report_to!r} but the '{package}' package is not installed: "
+                          f"pip install {package}{extra}, or set train.report_to none")
+
+
+def _tensorboard_callback(folder: Path):
+    """The Trainer's TensorBoard logger, writing to `folder` inside the run (renamed with it into the output folder)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))
 
 
 def total_steps(config: Config, n_samples: int, processes: int = 1) -> int:
@@ -269,7 +302,9 @@ def _training_arguments(config: Config, precision, scratch: Path, use_checkpoint
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
-        report_to=[],
+        # TensorBoard gets its own callback (build_trainer) so that it writes inside the run folder.
+        report_to=[t.report_to] if t.report_to not in ("none", "tensorboard") else [],
+        neftune_noise_alpha=t.neftune_noise_alpha or None,
         bf16=precision.bf16,
         fp16=precision.fp16,
         use_cpu=precision.device == "cpu",
@@ -329,6 +364,7 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
     t = config.train
     started, start_clock = now_iso(), time.perf_counter()
     check_quantization(config.model)  # before anything is loaded or written: QLoRA needs a CUDA GPU and bitsandbytes
+    check_report_to(t.report_to)
     # Fail before minutes of loading, not after: the output must be free, a --resume must find its checkpoint.
     # Every process checks (and finds the same checkpoint); only rank 0 creates, renames or removes the run folder.
     run = None if dry_run else open_run_folder(t.output_dir, t.overwrite_output_dir, t.resume, log,
@@ -350,12 +386,21 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         log(f"model: loading the base {config.model.quantization} quantized (bitsandbytes) for QLoRA")
         model = load_quantized_model(source, config.model.quantization, precision.compute_dtype,
                                      config.model.trust_remote_code, config.model.allow_pickle)
+    elif t.method == "full":
+        # Every weight is trained: fp32 weights (AdamW updates are lost in bf16), bf16 only in autocast.
+        model = load_model(source, config.model.trust_remote_code, dtype=torch.float32, allow_pickle=config.model.allow_pickle)
     else:
         model = load_model(source, config.model.trust_remote_code, dtype=frozen_weights_dtype(precision),
                            allow_pickle=config.model.allow_pickle)
-    model = add_lora(model, config.lora.r, config.lora.alpha, config.lora.dropout, config.lora.bias, config.lora.target_modules)
-    trainable, total = model.get_nb_trainable_parameters()
-    log(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    if t.method == "full":
+        total = sum(p.numel() for p in model.parameters())
+        log(f"full fine-tuning: all {total:,} parameters trained; saved as a whole model (no merge needed)")
+    else:
+        l = config.lora
+        model = add_lora(model, l.r, l.alpha, l.dropout, l.bias, l.target_modules, use_rslora=l.use_rslora,
+                         use_dora=l.use_dora, init=l.init, modules_to_save=l.modules_to_save)
+        trainable, total = model.get_nb_trainable_parameters()
+        log(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)" + _variants(config))
 
     steps = total_steps(config, len(prepared.samples), plan.processes)
 
@@ -397,6 +442,9 @@ def _train_in(run: RunFolder, config: Config, model, tokenizer, prepared: Prepar
     resume_step = run.resume_step
     main = processes.is_main_process()
     loss_log = _LossLog(out / LOG_FILE, resume_step, write=main)
+    if t.method == "lora" and config.lora.init in MUTATING_INITS and main and not (out / INITIAL_ADAPTER_DIR).is_dir():
+        # Kept from the first start of the run, so that a resumed run converts against the same initial adapter.
+        save_initial_adapter(model, out / INITIAL_ADAPTER_DIR)
     with GracefulStop(log) as stop:
         callbacks = [loss_log.make_callback(), checkpoint_callback(stop, out, t.checkpoint_minutes, t.keep_checkpoints)]
         trainer = build_trainer(config, model, tokenizer, prepared.samples, precision, out, callbacks, prepared.val_samples)
@@ -449,12 +497,44 @@ def _interrupted_message(run: RunFolder, why: str, steps: int) -> str:
             f"saved in {newest}\nresume with:\n  {resume_command(run.partial / RUN_CONFIG_FILE)}")
 
 
+INITIAL_ADAPTER_DIR = "initial_adapter"
+
+
+def _variants(config: Config) -> str:
+    """The training methods switched on, for the log: '' when none."""
+    l, t = config.lora, config.train
+    on = [name for name, flag in [("rsLoRA", l.use_rslora), ("DoRA", l.use_dora), (f"init {l.init}", l.init != "default"),
+                                  (f"modules_to_save {l.modules_to_save}", bool(l.modules_to_save)),
+                                  (f"LoRA+ ratio {t.loraplus_lr_ratio:g}", t.loraplus_lr_ratio > 0),
+                                  (f"NEFTune alpha {t.neftune_noise_alpha:g}", t.neftune_noise_alpha > 0)] if flag]
+    return f"; {', '.join(on)}" if on else ""
+
+
 def _save_adapter(model, tokenizer, prepared: PreparedData, config: Config, out: Path, state_dict: dict | None = None) -> None:
-    # adapter_model.safetensors + adapter_config.json; state_dict: the gathered weights when they were sharded
-    model.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
+    # adapter_model.safetensors + adapter_config.json; state_dict: the gathered weights when they were sharded.
+    # Full fine-tuning: the whole model (model.safetensors, config.json, generation_config.json) instead.
+    sharded = {"state_dict": state_dict} if state_dict is not None else {}
+    initial = out / INITIAL_ADAPTER_DIR
+    if config.train.method == "full":
+        model.save_pretrained(out, **sharded)
+        save_generation_config(model, tokenizer, out)
+    elif initial.is_dir():
+        save_converted_adapter(model, out, initial, state_dict)
+        shutil.rmtree(initial)
+    else:
+        model.save_pretrained(out, **sharded)
     tokenizer.save_pretrained(out)
     prepared.template.save(out)
     replace(config, train=replace(config.train, resume=False)).save_yaml(out / CONFIG_FILE)
+
+
+def _method_manifest(config: Config) -> dict:
+    l, t = config.lora, config.train
+    if t.method == "full":
+        return {"method": "full", "neftune_noise_alpha": t.neftune_noise_alpha}
+    return {"method": "lora", "use_rslora": l.use_rslora, "use_dora": l.use_dora, "init": l.init,
+            "converted_to_lora_on_original_base": l.init in MUTATING_INITS, "modules_to_save": l.modules_to_save,
+            "loraplus_lr_ratio": t.loraplus_lr_ratio, "neftune_noise_alpha": t.neftune_noise_alpha}
 
 
 def _manifest(config: Config, prepared: PreparedData, precision, started: str, seconds: float, final_loss: float, steps: int) -> dict:
@@ -477,6 +557,7 @@ def _manifest(config: Config, prepared: PreparedData, precision, started: str, s
             "median_length": statistics.median(lengths),
         },
         "template": prepared.template.kind,
+        "method": _method_manifest(config),
         "device": precision.device,
         "compute_dtype": str(precision.compute_dtype).removeprefix("torch."),
         "seed": config.train.seed,
