@@ -163,3 +163,24 @@ def test_training_on_conversations_runs_under_the_contract(tmp_path, tiny_llama_
     assert result.steps == 2
     assert any("48 conversations (every assistant turn trained)" in line for line in lines)
     assert any("assistant turns" in line for line in lines)  # the pre-flight shows a multi-turn sample
+
+
+def test_eval_asks_a_conversation_its_last_question_after_the_earlier_turns(tmp_path, tiny_llama_dir):
+    from lmtune.config import GenerateConfig
+    from lmtune.evaluation.evaluate import evaluate_model
+    from lmtune.inference.generate import generate_batch
+    from lmtune.inference.load import load_for_inference
+
+    loaded = load_for_inference(tiny_llama_dir, dtype="float32")
+    examples, _ = load_examples([write_jsonl(tmp_path / "c.jsonl", [openai_row(), QA[1]])])
+    cfg = GenerateConfig(greedy=True, max_new_tokens=6, repetition_penalty=1.0)
+    result = evaluate_model(loaded, examples, cfg, "tuned")
+    history = openai_row()["messages"][:-1]
+    expected = generate_batch(loaded, [history, QA[1]["question"]], cfg)
+    assert [a.text for a in result.answers] == [a.text for a in expected]
+    from lmtune.inference.generate import _row
+
+    # the earlier turns are in the prompt: exactly chat's ids for that history, not the last question alone
+    prompt = _row(loaded, history, cfg).prompt_ids
+    assert prompt == loaded.template.conversation_ids(loaded.tokenizer, history)
+    assert len(prompt) > len(loaded.template.prompt_ids(loaded.tokenizer, TURNS[-1][0]))

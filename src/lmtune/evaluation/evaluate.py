@@ -57,8 +57,8 @@ class ModelEval:
 
 
 def answer_loss(loaded: LoadedModel, examples: list[Example], max_length: int = 1024, batch_size: int = 8) -> float:
-    """Mean cross-entropy per answer token (EOS included), teacher-forced."""
-    samples, _ = tokenize_examples(examples, loaded.tokenizer, loaded.template, max_length)
+    """Mean cross-entropy per answer token (EOS included), teacher-forced; a conversation's last answer only."""
+    samples, _ = tokenize_examples(examples, loaded.tokenizer, loaded.template, max_length, last_turn_only=True)
     collate = Collator(loaded.tokenizer)
     lm = causal_lm_of(loaded.model)
     total, count = 0.0, 0
@@ -79,7 +79,8 @@ def evaluate_model(loaded: LoadedModel, examples: list[Example], cfg: GenerateCo
     """Answer loss plus greedy generations for every question, batched with left padding."""
     cfg = GenerateConfig(**{**cfg.__dict__, "greedy": True})
     loss = answer_loss(loaded, examples)
-    questions = [loaded.template.user_text(e.question, e.context) for e in examples]
+    # A conversation is asked its last question after the earlier turns, as chat would ask it.
+    questions = [e.messages[:-1] if e.messages else loaded.template.user_text(e.question, e.context) for e in examples]
     answers: list[Answer] = []
     for start in tqdm(range(0, len(questions), batch_size), desc=f"answering with the {label} model", unit="batch"):
         answers += generate_batch(loaded, questions[start : start + batch_size], cfg, batch_size=batch_size)

@@ -13,11 +13,15 @@ from .batching import Row, run_batch
 from .load import LoadedModel
 
 
-def _row(loaded: LoadedModel, question: str, cfg: GenerateConfig, emit=lambda text, reason: None) -> Row:
-    """A batching row for one question, with the template's prompt ids and the config's sampling settings."""
+def _row(loaded: LoadedModel, question: str | list[dict], cfg: GenerateConfig, emit=lambda text, reason: None) -> Row:
+    """A batching row for one question (or a conversation ending with a user turn), with the template's prompt ids
+    and the config's sampling settings."""
+    template, tokenizer = loaded.template, loaded.tokenizer
+    prompt = (template.conversation_ids(tokenizer, question) if isinstance(question, list)
+              else template.prompt_ids(tokenizer, question))
     # Seeded from torch's generator, so torch.manual_seed() makes sampled answers repeatable, as generate() did.
     seed = int(torch.randint(0, 2**62, (1,)))
-    return Row(loaded.template.prompt_ids(loaded.tokenizer, question), cfg.max_new_tokens, emit,
+    return Row(prompt, cfg.max_new_tokens, emit,
                temperature=0.0 if cfg.greedy else cfg.temperature, top_p=1.0 if cfg.greedy else cfg.top_p,
                top_k=0 if cfg.greedy else cfg.top_k, repetition_penalty=cfg.repetition_penalty, seed=seed, strip=True)
 
@@ -33,8 +37,10 @@ class Answer:
     stopped_at_eos: bool
 
 
-def generate_batch(loaded: LoadedModel, questions: list[str], cfg: GenerateConfig, batch_size: int = 16) -> list[Answer]:
-    """Answer many questions, batched with left padding so every prompt ends where generation starts."""
+def generate_batch(loaded: LoadedModel, questions: list[str | list[dict]], cfg: GenerateConfig,
+                   batch_size: int = 16) -> list[Answer]:
+    """Answer many questions (or conversations ending with a user turn), batched with left padding so every
+    prompt ends where generation starts."""
     answers: list[Answer] = []
     for start in range(0, len(questions), batch_size):
         rows = [_row(loaded, q, cfg) for q in questions[start : start + batch_size]]
