@@ -349,3 +349,18 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_bloom_dir, qa_file, tm
         assert torch.allclose(resumed[name], value, atol=1e-6), name
     if method == "pissa":  # the resumed run converted against the initial adapter of its first start
         merge(str(out), str(tmp_path / "m"), **QUIET)
+
+
+# ---------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("method", ["dora", "pissa", "full"])
+def test_gguf_export_of_each_method(tiny_bloom_dir, qa_file, tmp_path, method):
+    """export merges an adapter in memory (merge's logit check) and loads its GGUF file back to compare logits again."""
+    from lmtune.export.exporter import export_gguf
+
+    settings = {"dora": {"lora.use_dora": True}, "pissa": {"lora.init": "pissa"}, "full": {"train.method": "full"}}[method]
+    train(train_config(tiny_bloom_dir, qa_file, tmp_path / "a", **FP32, **{"train.max_steps": 2, **settings}), **QUIET)
+    source = {"model": str(tmp_path / "a")} if method == "full" else {"adapter": str(tmp_path / "a")}
+    export_gguf(str(tmp_path / "m.gguf"), quant="f32", use_llama_cpp=False, **source, **QUIET)
+    assert (tmp_path / "m.gguf").stat().st_size > 0
