@@ -166,7 +166,7 @@ def invoked_program() -> str:
 
 # Settings a resumed run may change: they do not alter what is learned.
 RESUMABLE_CHANGES = {"train.resume", "train.overwrite_output_dir", "train.checkpoint_minutes", "train.keep_checkpoints",
-                     "train.logging_steps", "train.output_dir"}
+                     "train.logging_steps", "train.output_dir", "train.report_to"}
 RUN_CONFIG_FILE = "lmtune_config.yaml"
 
 
