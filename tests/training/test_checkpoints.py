@@ -369,3 +369,15 @@ def test_resume_of_a_finished_run_says_so_and_touches_nothing(trained_bloom, tin
                    f"to resume and nothing was changed; to train further, start a new run with another --output-dir\n")
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     assert not partial_dir(out).exists() and not _lock_file(out).exists()
+
+
+def test_a_run_that_fails_before_it_starts_leaves_its_output_unlocked(tiny_bloom_dir, tmp_path):
+    """A notebook's failed train() (bad data here) must not keep the output locked against a terminal run."""
+    from lmtune.errors import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a"}\n', encoding="utf-8")
+    out = tmp_path / "adapter"
+    with pytest.raises(DataError, match="cannot tell question and answer columns apart"):
+        train(_config(tiny_bloom_dir, str(bad), out), log=lambda _: None)
+    assert not list(tmp_path.glob("*.lock"))

@@ -369,50 +369,57 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
     # Every process checks (and finds the same checkpoint); only rank 0 creates, renames or removes the run folder.
     run = None if dry_run else open_run_folder(t.output_dir, t.overwrite_output_dir, t.resume, log,
                                                replace(config, train=replace(t, resume=False)))
-    random.seed(t.seed)
-    torch.manual_seed(t.seed)
+    # Until the run starts, an error (bad data, a missing model) must not leave the run folder locked for the rest
+    # of a long-lived process (a notebook); once started, the run's own error handling releases it.
+    try:
+        random.seed(t.seed)
+        torch.manual_seed(t.seed)
 
-    source = resolve_source(config.model.name_or_path)
-    if not source.gguf_file:  # refuse pickle-only weights before the data work (a GGUF file is not a pickle)
-        check_model_weights(source.path, config.model.allow_pickle)
-    tokenizer = load_tokenizer(source, config.model.trust_remote_code)
-    prepared = prepare_data(config, tokenizer, log)
-    preflight(prepared, tokenizer, t.batch_size, log)
+        source = resolve_source(config.model.name_or_path)
+        if not source.gguf_file:  # refuse pickle-only weights before the data work (a GGUF file is not a pickle)
+            check_model_weights(source.path, config.model.allow_pickle)
+        tokenizer = load_tokenizer(source, config.model.trust_remote_code)
+        prepared = prepare_data(config, tokenizer, log)
+        preflight(prepared, tokenizer, t.batch_size, log)
 
-    precision = choose_precision(config.model.device, config.model.dtype)
-    threads = f", {configure_cpu_threads()} threads" if precision.device == "cpu" else ""
-    log(f"model: {describe(source)} on {precision.device}{threads}, compute dtype {str(precision.compute_dtype).removeprefix('torch.')}")
-    if config.model.quantization != "none":
-        log(f"model: loading the base {config.model.quantization} quantized (bitsandbytes) for QLoRA")
-        model = load_quantized_model(source, config.model.quantization, precision.compute_dtype,
-                                     config.model.trust_remote_code, config.model.allow_pickle)
-    elif t.method == "full":
-        # Every weight is trained: fp32 weights (AdamW updates are lost in bf16), bf16 only in autocast.
-        model = load_model(source, config.model.trust_remote_code, dtype=torch.float32, allow_pickle=config.model.allow_pickle)
-    else:
-        model = load_model(source, config.model.trust_remote_code, dtype=frozen_weights_dtype(precision),
-                           allow_pickle=config.model.allow_pickle)
-    if t.method == "full":
-        total = sum(p.numel() for p in model.parameters())
-        log(f"full fine-tuning: all {total:,} parameters trained; saved as a whole model (no merge needed)")
-    else:
-        l = config.lora
-        model = add_lora(model, l.r, l.alpha, l.dropout, l.bias, l.target_modules, use_rslora=l.use_rslora,
-                         use_dora=l.use_dora, init=l.init, modules_to_save=l.modules_to_save)
-        trainable, total = model.get_nb_trainable_parameters()
-        log(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)" + _variants(config))
+        precision = choose_precision(config.model.device, config.model.dtype)
+        threads = f", {configure_cpu_threads()} threads" if precision.device == "cpu" else ""
+        log(f"model: {describe(source)} on {precision.device}{threads}, compute dtype {str(precision.compute_dtype).removeprefix('torch.')}")
+        if config.model.quantization != "none":
+            log(f"model: loading the base {config.model.quantization} quantized (bitsandbytes) for QLoRA")
+            model = load_quantized_model(source, config.model.quantization, precision.compute_dtype,
+                                         config.model.trust_remote_code, config.model.allow_pickle)
+        elif t.method == "full":
+            # Every weight is trained: fp32 weights (AdamW updates are lost in bf16), bf16 only in autocast.
+            model = load_model(source, config.model.trust_remote_code, dtype=torch.float32, allow_pickle=config.model.allow_pickle)
+        else:
+            model = load_model(source, config.model.trust_remote_code, dtype=frozen_weights_dtype(precision),
+                               allow_pickle=config.model.allow_pickle)
+        if t.method == "full":
+            total = sum(p.numel() for p in model.parameters())
+            log(f"full fine-tuning: all {total:,} parameters trained; saved as a whole model (no merge needed)")
+        else:
+            l = config.lora
+            model = add_lora(model, l.r, l.alpha, l.dropout, l.bias, l.target_modules, use_rslora=l.use_rslora,
+                             use_dora=l.use_dora, init=l.init, modules_to_save=l.modules_to_save)
+            trainable, total = model.get_nb_trainable_parameters()
+            log(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)" + _variants(config))
 
-    steps = total_steps(config, len(prepared.samples), plan.processes)
+        steps = total_steps(config, len(prepared.samples), plan.processes)
 
-    if dry_run:
-        estimate = _estimate_step_time(model, prepared, tokenizer, config, precision)
-        log(
-            f"dry run: {len(prepared.samples)} samples, {prepared.token_report.tokens} tokens, {steps} optimizer steps;"
-            f" about {estimate['seconds_per_optimizer_step']:.2f} s per step, {estimate['seconds_per_epoch']:.1f} s per epoch"
-        )
-        return TrainResult(output_dir="", steps=steps, dry_run_estimate={**estimate, "samples": len(prepared.samples),
-                                                                          "tokens": prepared.token_report.tokens, "optimizer_steps": steps})
+        if dry_run:
+            estimate = _estimate_step_time(model, prepared, tokenizer, config, precision)
+            log(
+                f"dry run: {len(prepared.samples)} samples, {prepared.token_report.tokens} tokens, {steps} optimizer steps;"
+                f" about {estimate['seconds_per_optimizer_step']:.2f} s per step, {estimate['seconds_per_epoch']:.1f} s per epoch"
+            )
+            return TrainResult(output_dir="", steps=steps, dry_run_estimate={**estimate, "samples": len(prepared.samples),
+                                                                              "tokens": prepared.token_report.tokens, "optimizer_steps": steps})
 
+    except BaseException:
+        if run is not None:
+            run.release()
+        raise
     if main:
         run.start(replace(config, train=replace(t, resume=False)), log)
     try:
