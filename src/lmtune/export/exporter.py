@@ -9,6 +9,7 @@ interrupt or a full disk leaves no file behind and any previous file intact.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,7 +148,9 @@ def export_gguf(output: str, model: str | None = None, adapter: str | None = Non
                                   stop_strings(tokenizer, pieces, eos_ids, next_turn), _generate_defaults(adapter, model))
             tmps[0].write_text(text, encoding="utf-8")
             result.modelfile = str(paths[0])
-            result.ollama_command = f"cd {output.parent} && ollama create {_ollama_name(title)} -f {MODELFILE}"
+            # Run from the Modelfile's folder: its FROM names the GGUF file relative to it.
+            create = f"ollama create {_ollama_name(title)} -f {MODELFILE}"
+            result.ollama_command = create if output.parent == Path(".") else f"cd {shlex.quote(str(output.parent))} && {create}"
     log(f"export: wrote {output} ({result.size_bytes / 1e6:.1f} MB, {quant}, pre-tokenizer '{result.pre_tokenizer}')")
     if result.ollama_command:
         log(f"export: wrote {result.modelfile}; to run it in Ollama:\n  {result.ollama_command}")
