@@ -202,3 +202,16 @@ def chat_tokenizer(llama_tokenizer):
     tokenizer = copy.deepcopy(llama_tokenizer)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cpu_registry(tmp_path_factory):
+    """The test process registers as a CPU user in a registry of its own: the lmtune processes the tests start
+    must not see it and halve their threads (runs compared for equal weights must compute alike)."""
+    from lmtune import processes
+
+    real = processes._registry
+    folder = tmp_path_factory.mktemp("cpu-registry")
+    processes._registry = lambda: folder
+    yield
+    processes._registry = real

@@ -176,17 +176,26 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
-def configure_cpu_threads() -> int:
+def configure_cpu_threads(log=None) -> int:
     """Use one intra-op thread per physical core, unless the user (or the launcher) set OMP_NUM_THREADS.
 
     Processes started together on one machine (torchrun, accelerate launch) share its cores: more threads
-    than cores make every process wait for the others' time slices."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        from .processes import local_world_size
+    than cores make every process wait for the others' time slices. So do lmtune processes started separately
+    (a `serve` and a `train`, two runs): a process that finds others computing takes its share, and says so."""
+    from .processes import local_world_size, other_cpu_users, register_cpu_user
 
-        cores = max(1, physical_cores() // local_world_size())
-        if torch.get_num_threads() != cores:
-            torch.set_num_threads(cores)
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = physical_cores()
+        others = other_cpu_users() if local_world_size() == 1 else []
+        threads = max(1, cores // (local_world_size() + len(others)))
+        if others and log is not None:
+            names = ", ".join(f"pid {pid}: {command}" for pid, command in others[:3])
+            log(f"CPU: {len(others)} other lmtune process{'es' if len(others) > 1 else ''} running ({names}); using "
+                f"{threads} of {cores} cores so they do not slow each other down (OMP_NUM_THREADS=N sets it)")
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    if local_world_size() == 1:
+        register_cpu_user()
     return torch.get_num_threads()
 
 

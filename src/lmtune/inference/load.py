@@ -3,6 +3,7 @@ and the few facts every decoding path needs (stop ids, padding id, autocast)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from ..model import (
     apply_adapter,
     base_model_of_adapter,
     choose_precision,
+    configure_cpu_threads,
     frozen_weights_dtype,
     load_adapter_tokenizer,
     load_model,
@@ -56,6 +58,8 @@ def load_for_inference(
     # every weight once, so bf16 weights halve the bytes read per token; greedy answers of the two agree closely
     # (bench/generate_speed.py reports the agreement on the bundled questions).
     precision = choose_precision(device, dtype)
+    if precision.device == "cpu":  # answers on stderr: stdout carries the answers of `generate`
+        configure_cpu_threads(log=lambda message: print(message, file=sys.stderr))
     if adapter:
         check_adapter_weights(adapter, allow_pickle)
     network = load_model(source, trust_remote_code, dtype=frozen_weights_dtype(precision), allow_pickle=allow_pickle)

@@ -383,7 +383,7 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         preflight(prepared, tokenizer, t.batch_size, log)
 
         precision = choose_precision(config.model.device, config.model.dtype)
-        threads = f", {configure_cpu_threads()} threads" if precision.device == "cpu" else ""
+        threads = f", {configure_cpu_threads(log)} threads" if precision.device == "cpu" else ""
         log(f"model: {describe(source)} on {precision.device}{threads}, compute dtype {str(precision.compute_dtype).removeprefix('torch.')}")
         if config.model.quantization != "none":
             log(f"model: loading the base {config.model.quantization} quantized (bitsandbytes) for QLoRA")
