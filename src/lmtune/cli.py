@@ -162,12 +162,7 @@ def cmd_generate(args, extra) -> int:
 
     # An empty prompt would be answered with whatever the model says after an empty template: refuse before loading.
     problems = [] if args.prompt.strip() else ["--prompt is empty: give the question to answer"]
-    try:
-        config = _inference_config(args, extra)
-    except ConfigError as e:
-        raise ConfigError(e.problems + problems) from None
-    if problems:
-        raise ConfigError(problems)
+    config = _inference_config(args, extra, problems)
     cfg = config.generate
     loaded = _load_for_inference(args, config)
     answer = generate(loaded, args.prompt, cfg, on_text=lambda t: print(t, end="", flush=True))
@@ -177,12 +172,14 @@ def cmd_generate(args, extra) -> int:
     return 0
 
 
-def _inference_config(args, extra):
+def _inference_config(args, extra, command_problems: list[str] = ()):
     """The Config of generate, chat and serve: --config, then `--section.field` overrides, then the flags.
 
     Its generate section gives the sampling settings, its model section the loading safety switches.
+    `command_problems` (a command's own flag checks) are reported together with the config's, before loading.
     """
     overrides, problems = _split_overrides(extra)
+    problems += list(command_problems)
     for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"):
         if getattr(args, name) is not None:
             overrides[f"generate.{name}"] = getattr(args, name)
@@ -218,12 +215,7 @@ def cmd_serve(args, extra) -> int:
 
     problems = [f"--port must be 0..65535, got {args.port}"] if not 0 <= args.port <= 65535 else []
     problems += [f"--max-batch-size must be at least 1, got {args.max_batch_size}"] if args.max_batch_size < 1 else []
-    try:
-        config = _inference_config(args, extra)
-    except ConfigError as e:
-        raise ConfigError(e.problems + problems) from None
-    if problems:
-        raise ConfigError(problems)
+    config = _inference_config(args, extra, problems)
     cfg = config.generate
     loaded = _load_for_inference(args, config)
     try:
