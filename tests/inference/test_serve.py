@@ -344,6 +344,39 @@ def test_disconnecting_client_frees_its_row(client, worker):
     assert client.completions.create(model=MODEL, prompt="AI", max_tokens=2, temperature=0).choices[0].text is not None
 
 
+def test_a_non_streaming_client_that_gave_up_frees_its_row(tiny_llama_dir):
+    """A client with a short timeout closes its connection while its long answer is generated: the row stops
+    at once (issue 16, item 10), as for a streaming client, instead of keeping the cores busy to the end."""
+    import socket
+
+    slow = load_for_inference(tiny_llama_dir)
+    # Each decoding step takes a little while, so that the answer is still being generated when the client leaves.
+    slow.model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))
+    worker = BatchWorker(slow, max_batch_size=4).start()
+    server, thread, url = _start(create_app(slow, worker, MODEL, DEFAULTS))
+    try:
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Học máy là gì?"}],
+                           "max_tokens": 480, "temperature": 0}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as connection:
+            connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            deadline = time.monotonic() + 30
+            while not worker.busy_rows:
+                assert time.monotonic() < deadline, "the request never started"
+                time.sleep(0.01)
+        # The client has gone (as after its timeout); the row must end cancelled, not run to its 480 tokens.
+        deadline = time.monotonic() + 60
+        while worker.busy_rows:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert worker.cancelled_rows == 1
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        worker.stop()
+
+
 def test_chunked_oversized_body_gets_413(base_url):
     import http.client
 

@@ -170,14 +170,31 @@ def _events(loop: asyncio.AbstractEventLoop, q: asyncio.Queue):
     return emit_for
 
 
-async def _next_event(q: asyncio.Queue, request) -> tuple[int, str, str | None] | None:
-    """The next event, or None once the client has gone (checked while waiting, so a slow step does not hide it)."""
-    while True:
-        try:
-            return await asyncio.wait_for(q.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                return None
+DISCONNECT_CHECK_SECONDS = 0.5
+
+
+class _Listener:
+    """The worker's events for one request, and whether its client is still there.
+
+    The client is looked for every DISCONNECT_CHECK_SECONDS whether or not events arrive: a non-streaming
+    client that gave up (a client timeout) is noticed while its answer is still being generated, not only
+    when generation pauses; Starlette tells a streaming response's generator itself."""
+
+    def __init__(self, q: asyncio.Queue, request):
+        self.q, self.request = q, request
+        self.checked = time.monotonic()
+
+    async def next(self) -> tuple[int, str, str | None] | None:
+        """The next event, or None once the client has gone."""
+        while True:
+            if time.monotonic() - self.checked >= DISCONNECT_CHECK_SECONDS:
+                self.checked = time.monotonic()
+                if await self.request.is_disconnected():
+                    return None
+            try:
+                return await asyncio.wait_for(self.q.get(), timeout=DISCONNECT_CHECK_SECONDS)
+            except asyncio.TimeoutError:
+                pass
 
 
 def _usage(prompts: list[list[int]], rows: list[Row]) -> dict:
@@ -211,9 +228,10 @@ async def _generate(service: Service, request, body: _Sampling, prompts: list[li
 async def _collect(q: asyncio.Queue, rows: list[Row], request, meta: dict, kind: str, prompts: list[list[int]]) -> dict:
     texts = [""] * len(rows)
     reasons: list[str | None] = [None] * len(rows)
+    listener = _Listener(q, request)
     try:
         while any(r is None for r in reasons):
-            event = await _next_event(q, request)
+            event = await listener.next()
             if event is None:
                 return {}  # nobody is listening; the finally clause frees the rows
             index, text, finish = event
@@ -248,7 +266,7 @@ async def _stream(q: asyncio.Queue, rows: list[Row], request, meta: dict, kind: 
                   include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
 
-    If the client disconnects, Starlette cancels this generator (or _next_event notices), and the
+    If the client disconnects, Starlette cancels this generator (or the listener notices), and the
     finally clause marks the rows cancelled so the worker stops generating them at the next step.
     """
     try:
@@ -257,8 +275,9 @@ async def _stream(q: asyncio.Queue, rows: list[Row], request, meta: dict, kind: 
                 yield _sse({**_chunk(meta, kind, index, "", None), "choices": [
                     {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
         remaining = len(rows)
+        listener = _Listener(q, request)
         while remaining:
-            event = await _next_event(q, request)
+            event = await listener.next()
             if event is None:
                 return
             index, text, finish = event
