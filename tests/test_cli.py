@@ -126,3 +126,35 @@ def test_version(capsys):
 def test_generate_refuses_an_empty_prompt_before_loading(capsys, tmp_path):
     code, out, err = run(capsys, "generate", "--model", tmp_path / "never-loaded", "--prompt", "  ")
     assert code == 2 and err == "error: --prompt is empty: give the question to answer\n" and not out
+
+
+def test_serve_reports_a_port_in_use_before_loading_the_model(capsys, monkeypatch, tiny_llama_dir):
+    import socket
+
+    from lmtune import cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded although the port is taken")
+
+    monkeypatch.setattr(cli, "_load_for_inference", never)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = run(capsys, "serve", "--model", tiny_llama_dir, "--port", port)
+    assert code == 2 and err.startswith(f"error: cannot listen on 127.0.0.1:{port}: ") and "in use" in err
+
+
+def test_ctrl_c_while_serve_loads_says_only_interrupted(capsys, monkeypatch, tiny_llama_dir):
+    """serve writes no output folder: "no output folder was written or changed" would be a puzzling reassurance."""
+    from lmtune import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load_for_inference", interrupted)
+    code, out, err = run(capsys, "serve", "--model", tiny_llama_dir, "--port", 0)
+    assert code == 130 and err == "\ninterrupted\n"
+    monkeypatch.setattr(cli, "_load_for_inference", interrupted)
+    code, out, err = run(capsys, "chat", "--model", tiny_llama_dir)
+    assert code == 130 and err == "\ninterrupted\n"

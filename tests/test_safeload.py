@@ -335,7 +335,7 @@ def test_server_errors_hold_no_paths_or_tracebacks(tiny_llama_dir):
     # a request naming a model by its path: the path is not echoed
     for name in (tiny_llama_dir, secret, "../../etc/passwd", "~/models/x"):
         status, body = _request(app, "POST", "/v1/chat/completions", {**chat, "model": name})
-        check(status, body, 400, "The model you asked for does not exist; this server serves 'tiny'")
+        check(status, body, 404, "The model you asked for does not exist; this server serves 'tiny'")
         assert name not in json.dumps(body)
         status, body = _request(app, "GET", f"/v1/models/{name.lstrip('/')}")
         assert status == 404 and name.lstrip("/") not in json.dumps(body)

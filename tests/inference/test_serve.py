@@ -234,13 +234,16 @@ BAD_REQUESTS = {
     "malformed JSON": (b'{"model": "tiny", "messages": [', "/v1/chat/completions"),
     "not an object": (b"[1, 2]", "/v1/chat/completions"),
     "empty body": (b"", "/v1/chat/completions"),
-    "unknown model": ({**GOOD_CHAT, "model": "gpt-4"}, "/v1/chat/completions"),
     "missing model": ({k: v for k, v in GOOD_CHAT.items() if k != "model"}, "/v1/chat/completions"),
     "missing messages": ({"model": MODEL}, "/v1/chat/completions"),
     "empty messages": ({**GOOD_CHAT, "messages": []}, "/v1/chat/completions"),
     "messages not a list": ({**GOOD_CHAT, "messages": "hi"}, "/v1/chat/completions"),
     "unknown role": ({**GOOD_CHAT, "messages": [{"role": "robot", "content": "x"}]}, "/v1/chat/completions"),
     "content not text": ({**GOOD_CHAT, "messages": [{"role": "user", "content": 5}]}, "/v1/chat/completions"),
+    "content null": ({**GOOD_CHAT, "messages": [{"role": "user", "content": None}]}, "/v1/chat/completions"),
+    "logprobs": ({**GOOD_CHAT, "logprobs": True}, "/v1/chat/completions"),
+    "top_logprobs": ({**GOOD_CHAT, "logprobs": True, "top_logprobs": 2}, "/v1/chat/completions"),
+    "completion logprobs": ({"model": MODEL, "prompt": "x", "logprobs": 2}, "/v1/completions"),
     "ends with assistant": ({**GOOD_CHAT, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
                             "/v1/chat/completions"),
     "negative max_tokens": ({**GOOD_CHAT, "max_tokens": -1}, "/v1/chat/completions"),
@@ -272,11 +275,42 @@ def test_bad_requests_get_400_in_openai_shape(base_url, tiny_llama_dir, case):
 
 
 def test_openai_client_raises_bad_request_with_message(client):
-    with pytest.raises(openai.BadRequestError) as caught:
+    with pytest.raises(openai.NotFoundError) as caught:  # OpenAI answers an unknown model with 404
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
-    assert "no-such-model" in str(caught.value) and caught.value.status_code == 400
+    assert "no-such-model" in str(caught.value) and caught.value.status_code == 404
+    assert caught.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=-5)
+
+
+def test_unknown_model_is_404_as_openai_answers_it(base_url):
+    for path, body in (("/v1/chat/completions", {**GOOD_CHAT, "model": "gpt-4"}),
+                       ("/v1/completions", {"model": "gpt-4", "prompt": "x"})):
+        status, answer = _raw(base_url, path, json.dumps(body).encode())
+        _assert_error(status, answer, 404)
+        assert answer["error"] == {"message": "The model 'gpt-4' does not exist; this server serves 'tiny'",
+                                   "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+
+
+def test_messages_the_client_can_act_on(base_url, client):
+    """Refusals name the field in the client's terms, never pydantic's internals (the union branch '.str')."""
+    def message(body, path="/v1/chat/completions"):
+        return _raw(base_url, path, json.dumps(body).encode())[1]["error"]["message"]
+
+    null = message({**GOOD_CHAT, "messages": [{"role": "user", "content": None}]})
+    assert null == 'messages.0.content: must be a string or a list of text parts ({"type": "text", "text": "..."}), got null'
+    assert message({**GOOD_CHAT, "stop": 3}) == "stop: must be a string or a list of strings, got a number"
+    assert message({**GOOD_CHAT, "model": None}) == "model: Input should be a valid string, got null"
+    image = message({**GOOD_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+    assert image == "messages.0.content.0.type: Input should be 'text'"
+    # logprobs are refused, not answered with null
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2, logprobs=True)
+    assert "logprobs is not supported by lmtune serve" in str(caught.value) and caught.value.param == "logprobs"
+    assert "not supported" in message({"model": MODEL, "prompt": "x", "logprobs": 1}, "/v1/completions")
+    # unset or false is what every client sends by default: answered
+    ok = {**GOOD_CHAT, "logprobs": False, "top_logprobs": None}
+    assert _raw(base_url, "/v1/chat/completions", json.dumps(ok).encode())[0] == 200
 
 
 def test_oversized_body_gets_413(base_url):
@@ -398,6 +432,19 @@ def test_model_id_and_banner_name_no_paths(tiny_llama_dir):
     text = banner("127.0.0.1", 8123, "tiny-llama", api_key="secret")
     assert "http://127.0.0.1:8123/v1" in text and "curl http://127.0.0.1:8123/v1/chat/completions" in text
     assert "secret" not in text and "Authorization: Bearer" in text
+
+
+def test_banner_example_uses_the_key_variable_only_when_it_holds_the_key(monkeypatch):
+    """With --api-key, $LMTUNE_API_KEY is unset: an example using it would be refused with 401."""
+    from lmtune.inference.serve import banner
+
+    monkeypatch.delenv("LMTUNE_API_KEY", raising=False)
+    text = banner("127.0.0.1", 8123, "m", api_key="secret")
+    assert "$LMTUNE_API_KEY" not in text and '"Authorization: Bearer <your --api-key>"' in text and "secret" not in text
+    monkeypatch.setenv("LMTUNE_API_KEY", "secret")
+    text = banner("127.0.0.1", 8123, "m", api_key="secret")
+    assert '"Authorization: Bearer $LMTUNE_API_KEY"' in text and "secret" not in text
+    assert "Authorization" not in banner("127.0.0.1", 8123, "m", api_key=None)
     assert "warning" in banner("0.0.0.0", 8123, "m", api_key=None)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import socket
 import sys
 import time
@@ -39,9 +40,10 @@ MAX_STOP = 4  # as OpenAI
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -55,8 +57,9 @@ def _shown(name: str) -> str:
     return "you asked for" if looks_like_path or len(name) > 200 else repr(name)
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "invalid_request_error"), "param": param, "code": code}}
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None) -> dict:
+    type = type or _ERROR_TYPES.get(status, "invalid_request_error")
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 # ---------------------------------------------------------------- request bodies
@@ -85,6 +88,7 @@ class _Sampling(_Strict):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str]]
+    logprobs: Any = None  # refused unless null or 0 (Service.check_logprobs): lmtune does not compute them
 
 
 class TextPart(_Strict):
@@ -103,6 +107,8 @@ class ChatMessage(_Strict):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: Any = None  # refused unless null or false (Service.check_logprobs): lmtune does not compute them
+    top_logprobs: Any = None
 
 
 # ---------------------------------------------------------------- the service behind the routes
@@ -117,9 +123,18 @@ class Service:
         self.created = int(time.time())
 
     def check_model(self, name: str) -> None:
-        if name != self.model_id:
-            raise APIError(400, f"The model {_shown(name)} does not exist; this server serves '{self.model_id}'", "model",
-                           "model_not_found")
+        if name != self.model_id:  # 404, as OpenAI answers a model that does not exist (with its type and code)
+            raise APIError(404, f"The model {_shown(name)} does not exist; this server serves '{self.model_id}'", "model",
+                           "model_not_found", type="invalid_request_error")
+
+    @staticmethod
+    def check_logprobs(request: _Sampling) -> None:
+        """Log probabilities are not computed: a client that asks for them is told so, instead of getting null."""
+        for name in ("logprobs", "top_logprobs"):
+            value = getattr(request, name, None)
+            if value not in (None, False, 0) or (name == "top_logprobs" and value == 0):
+                raise APIError(400, f"{name} is not supported by lmtune serve (log probabilities are not computed); "
+                                    f"leave it out or set it to null", name, "unsupported_parameter")
 
     def stops(self, stop: str | list[str] | None) -> list[str]:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -372,13 +387,47 @@ async def _send_error(send, status: int, message: str, code: str | None = None) 
 # ---------------------------------------------------------------- the app
 
 
-def _validation_message(error: dict) -> tuple[str, str | None]:
+# Fields that take one of two shapes: what to say instead of pydantic's one message per shape tried
+# ("messages.0.content.str: Input should be a valid string").
+_UNION_FIELDS = {"content": "a string or a list of text parts ({\"type\": \"text\", \"text\": \"...\"})",
+                 "stop": "a string or a list of strings", "prompt": "a string or a list of strings"}
+
+
+def _is_union_tag(part) -> bool:
+    """A location part pydantic adds for the shape of a union it tried ('str', 'list[TextPart]'), not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or "-" in part)
+
+
+def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """One message for the first problem of a request body, in the client's terms: the field's path, what it must
+    be, and what was sent when that was null."""
+    error = errors[0]
     if error.get("type") == "json_invalid":
         return "The request body is not valid JSON", None
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-    if not loc:
+    raw = [part for part in error.get("loc", ()) if part != "body"]
+    if not raw:
         return "The request body must be a JSON object, sent with 'Content-Type: application/json'", None
-    return f"{'.'.join(loc)}: {error.get('msg', 'invalid value')}", loc[0]
+    tag = next((i for i, part in enumerate(raw) if _is_union_tag(part)), None)
+    if tag is not None:
+        field_path = raw[:tag]
+        # A list that was the right shape but held a bad item: that item's problem says more than "wrong type".
+        inside = [[p for p in e.get("loc", ()) if p != "body"] for e in errors]
+        inside = [loc for loc in inside if len(loc) > tag + 1 and loc[:tag] == field_path]
+        value = error.get("input")
+        if isinstance(value, list) and inside:
+            error = errors[[[p for p in e.get("loc", ()) if p != "body"] for e in errors].index(inside[0])]
+            raw = [part for part in inside[0] if not _is_union_tag(part)]
+        else:
+            path = ".".join(map(str, field_path))
+            expected = _UNION_FIELDS.get(str(field_path[-1]), "of another type")
+            got = "null" if value is None else {bool: "true/false", int: "a number", float: "a number", str: "text",
+                                                 dict: "an object", list: "a list"}.get(type(value), "another type")
+            return f"{path}: must be {expected}, got {got}", str(field_path[0])
+    path = ".".join(map(str, raw))
+    message = error.get("msg", "invalid value")
+    if error.get("input", "") is None and error.get("type") != "missing":
+        message += ", got null"
+    return f"{path}: {message}", str(raw[0])
 
 
 def create_app(loaded: LoadedModel, worker: BatchWorker, model_id: str, defaults: GenerateConfig | None = None,
@@ -388,11 +437,11 @@ def create_app(loaded: LoadedModel, worker: BatchWorker, model_id: str, defaults
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
-        return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status)
+        return JSONResponse(error_body(e.status, e.message, e.param, e.code, e.type), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_, e: RequestValidationError):
-        message, param = _validation_message((e.errors() or [{}])[0])
+        message, param = _validation_message(list(e.errors()) or [{}])
         return JSONResponse(error_body(400, message, param), status_code=400)
 
     @app.exception_handler(HTTPException)
@@ -421,6 +470,7 @@ def create_app(loaded: LoadedModel, worker: BatchWorker, model_id: str, defaults
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         service.check_model(body.model)
+        service.check_logprobs(body)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts:
             raise APIError(400, "prompt must not be an empty list", "prompt")
@@ -434,6 +484,7 @@ def create_app(loaded: LoadedModel, worker: BatchWorker, model_id: str, defaults
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         service.check_model(body.model)
+        service.check_logprobs(body)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
             prompt = loaded.template.conversation_ids(loaded.tokenizer, messages)
@@ -467,10 +518,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+API_KEY_VARIABLE = "LMTUNE_API_KEY"
+
+
 def banner(host: str, port: int, model_id: str, api_key: str | None) -> str:
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}"
-    auth = ' -H "Authorization: Bearer $LMTUNE_API_KEY"' if api_key else ""
+    auth = ""
+    if api_key:
+        # $LMTUNE_API_KEY only where it is set to this key; else a placeholder (the key itself is never printed).
+        from_env = os.environ.get(API_KEY_VARIABLE) == api_key
+        auth = f' -H "Authorization: Bearer {"$" + API_KEY_VARIABLE if from_env else "<your --api-key>"}"'
     body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Học máy là gì?"}]}, ensure_ascii=False)
     lines = [f"lmtune serve: model '{model_id}' at {url}/v1 (OpenAI-compatible; Ctrl-C stops)",
              f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"]
@@ -480,13 +538,14 @@ def banner(host: str, port: int, model_id: str, api_key: str | None) -> str:
 
 
 def serve(loaded: LoadedModel, model_id: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch_size: int = 8, defaults: GenerateConfig | None = None) -> None:
-    """Run until Ctrl-C."""
+          max_batch_size: int = 8, defaults: GenerateConfig | None = None, sock: socket.socket | None = None) -> None:
+    """Run until Ctrl-C. `sock`: already bound by `bind` (the command binds before loading the model, so that a port
+    in use is reported at once); else `host` and `port` are bound here."""
     import uvicorn
 
+    sock = sock or bind(host, port)
     worker = BatchWorker(loaded, max_batch_size).start()
     app = create_app(loaded, worker, model_id, defaults, api_key)
-    sock = bind(host, port)
     print(banner(host, sock.getsockname()[1], model_id, api_key), flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     try:
