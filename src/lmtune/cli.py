@@ -26,6 +26,8 @@ from .processes import is_main_process
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away
+# Commands that write an output folder or file (all atomically): an interruption leaves none half-written.
+WRITING_COMMANDS = ("train", "merge", "export", "eval", "quickstart")
 
 # Short flags for the settings people change most; each maps to a config key.
 TRAIN_SHORTCUTS = {
@@ -211,18 +213,21 @@ def cmd_chat(args, extra) -> int:
 
 
 def cmd_serve(args, extra) -> int:
-    from .inference.serve import model_id_for, serve
+    from .inference.serve import bind, model_id_for, serve
 
     problems = [f"--port must be 0..65535, got {args.port}"] if not 0 <= args.port <= 65535 else []
     problems += [f"--max-batch-size must be at least 1, got {args.max_batch_size}"] if args.max_batch_size < 1 else []
     config = _inference_config(args, extra, problems)
     cfg = config.generate
-    loaded = _load_for_inference(args, config)
+    # The address is taken before the model loads: a port in use is said at once, not after a minute of loading.
     try:
-        serve(loaded, args.served_model_name or model_id_for(args.model, args.adapter), args.host, args.port,
-              args.api_key or None, args.max_batch_size, cfg)
+        sock = bind(args.host, args.port)
     except OSError as e:  # the port is taken, or the host is not an address of this machine
         raise LmtuneError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    with sock:
+        loaded = _load_for_inference(args, config)
+        serve(loaded, args.served_model_name or model_id_for(args.model, args.adapter), args.host, args.port,
+              args.api_key or None, args.max_batch_size, cfg, sock=sock)
     return 0
 
 
@@ -461,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=err)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("\ninterrupted: no output folder was written or changed", file=err)
+        # Only the commands that write outputs have something to reassure about (serve, chat, generate write nothing).
+        writes = args.command in WRITING_COMMANDS or getattr(args, "data_command", None) == "clean"
+        print("\ninterrupted" + (": no output folder was written or changed" if writes else ""), file=err)
         return EXIT_INTERRUPTED
 
 
