@@ -396,6 +396,10 @@ def _check_ranges(c: Config) -> list[str]:
         # Below 1 a share of the rows, from 1 on a number of rows: 1.5 rows means nothing.
         (d.val_size >= 0 and (d.val_size < 1 or float(d.val_size).is_integer()),
          f"data.val_size must be 0 (none), a share below 1, or a whole number of rows, got {d.val_size!r}"),
+        # A larger share trains on fewer rows than it validates on (0.999: one row trained, the rest validated).
+        (not 0.5 < d.val_size < 1,
+         f"data.val_size {d.val_size!r} holds out most of the data and trains on the rest: validation should be the "
+         f"small side; use a share of at most 0.5 (0.1 is usual) or a number of rows"),
         (t.eval_steps >= 0, f"train.eval_steps must not be negative, got {t.eval_steps!r}"),
         (t.early_stopping_patience >= 0, f"train.early_stopping_patience must not be negative, got {t.early_stopping_patience!r}"),
         (t.early_stopping_patience == 0 or d.val_size > 0 or bool(d.eval_paths),

@@ -29,6 +29,14 @@ def test_split_is_deterministic_and_independent_of_row_order():
     assert {e.question for e in split_train_val(rows, 0.25, seed=2)[1]} != {e.question for e in val_a}
 
 
+def test_a_split_that_leaves_the_training_side_smaller_is_refused():
+    """--val-size 0.999 (or a number of rows near the total) once trained on 1 row and validated on 997 without a word."""
+    with pytest.raises(DataError, match=r"data.val_size=30 holds out 30 of 40 rows for validation and leaves 10 to train on"):
+        split_train_val(_examples(), 30, seed=1)
+    train, val = split_train_val(_examples(), 20, seed=1)  # half and half is still allowed
+    assert len(train) == len(val) == 20
+
+
 def test_equal_questions_after_normalisation_stay_on_one_side():
     rows = _examples(20) + [Example("câu hỏi SỐ 3  là gì ?", "Một cách viết khác."), Example("Câu hỏi số 3 là gì?", "Trùng lặp.")]
     for seed in range(10):

@@ -38,6 +38,10 @@ def split_train_val(examples: list[Example], val_size: float, seed: int) -> tupl
         raise DataError(f"data.val_size={val_size} leaves no rows to train on ({len(examples)} rows)")
     train = [e for i, e in enumerate(examples) if i not in chosen]
     val = [e for i, e in enumerate(examples) if i in chosen]
+    if len(train) < len(val):  # 0.999 once trained on 1 row and spent minutes validating on 997
+        raise DataError(f"data.val_size={val_size:g} holds out {len(val)} of {len(examples)} rows for validation and leaves "
+                        f"{len(train)} to train on: validation should be the small side; use a share such as 0.1 "
+                        f"or a number of rows below {len(examples) // 2}")
     return train, val
 
 
