@@ -10,6 +10,11 @@ import lmtune
 ROOT = Path(lmtune.__file__).parent
 STAGES = ["data", "training", "export", "inference", "evaluation"]  # the pipeline's order
 ENTRY_POINTS = {"lmtune", "lmtune.cli", "lmtune.quickstart", "lmtune.__main__"}  # may use every stage
+UI = "lmtune.ui"  # the web UI sits above every stage, like the CLI: its modules may use them all
+
+
+def _is_entry_point(module: str) -> bool:
+    return module in ENTRY_POINTS or module == UI or module.startswith(UI + ".")
 
 
 def _module_name(path: Path) -> str:
@@ -70,7 +75,7 @@ def test_no_module_imports_one_that_imports_it_back():
 def test_imports_go_one_way_down_the_pipeline():
     wrong = []
     for module, deps in _imports().items():
-        if module in ENTRY_POINTS:
+        if _is_entry_point(module):
             continue
         for dep in deps:
             own, theirs = _stage(module), _stage(dep)
@@ -80,4 +85,11 @@ def test_imports_go_one_way_down_the_pipeline():
                 wrong.append(f"shared module {module} imports the {theirs} stage ({dep})")
             elif STAGES.index(theirs) > STAGES.index(own):
                 wrong.append(f"{module} ({own}) imports a later stage: {dep}")
+    assert wrong == []
+
+
+def test_only_the_cli_starts_the_web_ui():
+    """The UI is an optional layer on top: no stage or shared module may depend on it (only `lmtune ui` starts it)."""
+    wrong = [f"{module} imports {dep}" for module, deps in _imports().items() for dep in deps
+             if (dep == UI or dep.startswith(UI + ".")) and not _is_entry_point(module)]
     assert wrong == []

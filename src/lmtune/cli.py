@@ -231,6 +231,15 @@ def cmd_serve(args, extra) -> int:
     return 0
 
 
+def cmd_ui(args, extra) -> int:
+    from .ui.server import run_ui
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError([f"--port must be 0..65535, got {args.port}"])
+    run_ui(args.host, args.port, args.api_key or None, args.workdir)
+    return 0
+
+
 def _add_safety_flags(p: argparse.ArgumentParser) -> None:
     """The two switches that let a model folder run code on this machine; both off unless given."""
     p.add_argument("--allow-pickle", action="store_true",
@@ -401,6 +410,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the model id clients send (default: the model or adapter folder's name)")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("ui", help="the whole job (data, training, trying, export) in a local web page, in Vietnamese and English",
+                       description="Opens a web app: upload and inspect data, train with a live loss plot (stop and resume), "
+                                   "ask the base and the tuned model side by side, merge and export to GGUF/Ollama.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; any other address needs --api-key, "
+                        "or the page asks for a token printed at start)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--api-key", default=os.environ.get("LMTUNE_API_KEY"),
+                   help="the token the page asks for off loopback (default: $LMTUNE_API_KEY; else one is made up and printed)")
+    p.add_argument("--workdir", default="runs/ui", help="where uploads, runs and exports go (default runs/ui)")
+    p.set_defaults(func=cmd_ui)
+
     p = sub.add_parser("quickstart", help="train on the bundled Vietnamese data, merge, and compare base vs tuned answers")
     _add_train_flags(p, model_required=False)
     p.set_defaults(func=cmd_quickstart)
@@ -445,7 +466,7 @@ def _reader_gone() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("merge", "data", "eval", "export") and extra:
+    if args.command in ("merge", "data", "eval", "export", "ui") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # Under torchrun every process meets the same user error; one copy of the message is enough.
     err = sys.stderr if is_main_process() else open(os.devnull, "w")

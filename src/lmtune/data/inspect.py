@@ -103,6 +103,8 @@ class TokenStats:
     lengths: LengthStats | None
     truncated: int  # answer cut at max_length: the sample loses its EOS
     prompt_too_long: int  # the prompt alone fills max_length: training drops the sample
+    # [low, high, samples] per bin of equal width from the shortest to the longest sample (the UI draws it)
+    histogram: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -177,7 +179,19 @@ class TokenCounter:
 
     def stats(self) -> TokenStats:
         return TokenStats(self.model, self.max_length, self.template.kind, LengthStats.of(self.lengths),
-                          self.truncated, self.prompt_too_long)
+                          self.truncated, self.prompt_too_long, histogram(self.lengths))
+
+
+def histogram(values: list[int], bins: int = 12) -> list[list[int]]:
+    """[low, high, count] for `bins` integer ranges of equal width covering min..max (fewer when the range is narrow)."""
+    if not values:
+        return []
+    low, high = min(values), max(values)
+    width = max(1, math.ceil((high - low + 1) / bins))
+    counts = [0] * math.ceil((high - low + 1) / width)
+    for value in values:
+        counts[(value - low) // width] += 1
+    return [[low + i * width, low + (i + 1) * width - 1, n] for i, n in enumerate(counts)]
 
 
 class Inspector:

@@ -103,11 +103,18 @@ def chat_loop(loaded: LoadedModel, cfg: GenerateConfig, read: Callable[[str], st
         history.append((question, answer_once(loaded, cfg, ids, context - len(ids), write)))
 
 
+def answer_row(cfg: GenerateConfig, ids: list[int], room: int, on_text: Callable[[str], None]) -> Row:
+    """The decoding row of one chat answer to the prompt `ids`: `cfg`'s sampling, at most `room` new tokens, the
+    text streamed to `on_text`. Run it with `run_batch`; setting `row.cancelled` stops it after the current token
+    (the web UI does, when its page goes away)."""
+    return Row(ids, min(cfg.max_new_tokens, room), emit=lambda text, _: on_text(text) if text else None,
+               temperature=0.0 if cfg.greedy else cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+               repetition_penalty=cfg.repetition_penalty, strip=True)
+
+
 def answer_once(loaded: LoadedModel, cfg: GenerateConfig, ids: list[int], room: int, write: Callable[[str], None]) -> str:
     """Stream one answer to `write`; Ctrl-C (KeyboardInterrupt) stops it and keeps what was shown."""
-    row = Row(ids, min(cfg.max_new_tokens, room), emit=lambda text, _: write(text) if text else None,
-              temperature=0.0 if cfg.greedy else cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-              repetition_penalty=cfg.repetition_penalty, strip=True)
+    row = answer_row(cfg, ids, room, write)
     try:
         run_batch(loaded, [row])
     except KeyboardInterrupt:

@@ -1,0 +1,672 @@
+// lmtune ui: one page, four steps. Every action is a call of the JSON API in lmtune/ui/app.py; every text comes
+// from texts.py (window.BOOT.texts), in the language chosen on the page.
+"use strict";
+
+const S = {
+  lang: window.BOOT.lang,
+  datasets: [], presets: {}, runs: [], quants: [], heldout: "", bundled: "",
+  selected: new Set(JSON.parse(localStorage.getItem("lmtune.selected") || "[]")),
+  inspect: null, clean: null, status: null, estimate: null, report: null, merge: null, export: null,
+  chat: {base: [], tuned: []},
+};
+const $ = (id) => document.getElementById(id);
+
+// ---------------------------------------------------------------- texts
+
+function t(key, values) {
+  let s = (window.BOOT.texts[S.lang] || {})[key];
+  if (s === undefined) s = key;
+  for (const [k, v] of Object.entries(values || {})) s = s.split("{" + k + "}").join(String(v));
+  return s;
+}
+
+function applyTexts() {
+  document.documentElement.lang = S.lang;
+  document.title = t("title");
+  document.querySelectorAll("[data-t]").forEach((el) => { el.textContent = t(el.dataset.t); });
+  document.querySelectorAll("[data-t-placeholder]").forEach((el) => { el.placeholder = t(el.dataset.tPlaceholder); });
+  $("lang-vi").classList.toggle("active", S.lang === "vi");
+  $("lang-en").classList.toggle("active", S.lang === "en");
+}
+
+function setLanguage(lang) {
+  S.lang = lang;
+  document.cookie = "lmtune_lang=" + lang + "; path=/; max-age=31536000; samesite=strict";
+  applyTexts();
+  renderAll();
+}
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") node.className = v; else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+function duration(seconds) {
+  if (seconds === undefined || seconds === null || !isFinite(seconds)) return "–";
+  seconds = Math.max(0, Math.round(seconds));
+  if (seconds < 60) return seconds + " " + t("unit_s");
+  if (seconds < 3600) return Math.floor(seconds / 60) + " " + t("unit_min") + " " + (seconds % 60) + " " + t("unit_s");
+  return Math.floor(seconds / 3600) + " " + t("unit_h") + " " + Math.round((seconds % 3600) / 60) + " " + t("unit_min");
+}
+
+const num = (x, digits) => (x === null || x === undefined ? "–" : Number(x).toFixed(digits));
+
+// ---------------------------------------------------------------- API and errors
+
+async function api(method, url, body) {
+  const response = await fetch(url, {
+    method, headers: {"Content-Type": "application/json", "X-Lmtune-Lang": S.lang},
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  let data = null;
+  try { data = await response.json(); } catch (e) { data = {error: "HTTP " + response.status}; }
+  if (!response.ok) throw new Error((data && data.error) || "HTTP " + response.status);
+  return data;
+}
+
+function showError(message) {
+  $("error-text").textContent = message;
+  $("error").classList.remove("hidden");
+}
+
+function clearError() { $("error").classList.add("hidden"); $("error-text").textContent = ""; }
+
+async function guarded(action) {
+  clearError();
+  try { return await action(); } catch (e) { showError(e.message); return null; }
+}
+
+// A slow action runs on the server; poll it until it is done (a reload finds it again).
+async function runTask(kind, url, body, where) {
+  if (where) where.textContent = t("working");
+  const task = await api("POST", url, body);
+  return pollTask(kind, where, task);
+}
+
+async function pollTask(kind, where, task) {
+  while (task.state === "running") {
+    await new Promise((r) => setTimeout(r, 600));
+    task = await api("GET", "/api/task/" + kind);
+  }
+  if (where) where.textContent = "";
+  if (task.state === "failed") throw new Error(task.error);
+  return task.result;
+}
+
+// ---------------------------------------------------------------- tabs
+
+function showTab(name) {
+  document.querySelectorAll(".page").forEach((p) => p.classList.toggle("hidden", p.id !== "page-" + name));
+  document.querySelectorAll(".tab").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
+  localStorage.setItem("lmtune.tab", name);
+  if (name === "try") loadReport();
+}
+
+// ---------------------------------------------------------------- data
+
+function saveSelection() { localStorage.setItem("lmtune.selected", JSON.stringify([...S.selected])); }
+
+function renderDatasets() {
+  const known = new Set(S.datasets.map((d) => d.path));
+  for (const p of [...S.selected]) if (!known.has(p)) S.selected.delete(p);
+  if (!S.selected.size && S.bundled) S.selected.add(S.bundled);
+  saveSelection();
+  const box = $("datasets");
+  box.replaceChildren(...S.datasets.map((d) => {
+    const input = el("input", {type: "checkbox", "data-path": d.path});
+    input.checked = S.selected.has(d.path);
+    input.addEventListener("change", () => {
+      if (input.checked) S.selected.add(d.path); else S.selected.delete(d.path);
+      saveSelection(); renderTrainData();
+    });
+    const label = d.bundled ? t("use_bundled") : d.name;
+    return el("label", {class: "dataset"}, input, " ", label);
+  }));
+  renderTrainData();
+}
+
+function renderTrainData() {
+  const names = S.datasets.filter((d) => S.selected.has(d.path)).map((d) => d.name);
+  $("train-data").textContent = names.length ? names.join(", ") : t("no_data_selected");
+}
+
+async function upload(files) {
+  await guarded(async () => {
+    const added = [];
+    for (const file of files) {
+      const response = await fetch("/api/upload?name=" + encodeURIComponent(file.name), {
+        method: "POST", headers: {"X-Lmtune-Lang": S.lang}, body: file});
+      const data = await response.json();
+      if (!response.ok) throw new Error(data.error);
+      added.push(data.path);
+    }
+    await refreshState();
+    S.selected = new Set(added);
+    renderDatasets();
+    await inspect();
+  });
+  $("upload").value = "";
+}
+
+async function inspect() {
+  S.inspect = null;
+  renderInspect();
+  $("inspect-report").textContent = t("working");
+  await guarded(async () => {
+    S.inspect = await api("POST", "/api/inspect", {
+      paths: [...S.selected], model: $("inspect-model").value, max_length: Number($("inspect-max-length").value)});
+  });
+  renderInspect();
+}
+
+function stats(s) {
+  return s ? t("length_stats", {min: s.min, median: s.median, p95: s.p95, max: s.max}) : "–";
+}
+
+function verdictLines(r) {
+  const f = Object.fromEntries(Object.entries(r.findings).map(([k, v]) => [k, v.count]));
+  const lines = [];
+  if (r.invalid.count) lines.push(t("v_invalid", {n: r.invalid.count}));
+  const byClean = f.empty_question + f.empty_answer + f.exact_duplicate + f.broken_encoding + f.not_nfc +
+    f.control_characters + f.untidy_whitespace;
+  if (byClean) lines.push(t("v_clean", {n: byClean}));
+  if (f.near_duplicate) lines.push(t("v_near", {n: f.near_duplicate}));
+  if (r.conflicting_questions) lines.push(t("v_conflicting", {n: r.conflicting_questions}));
+  if (f.missing_diacritics) lines.push(t("v_diacritics", {n: f.missing_diacritics}));
+  const tk = r.tokens;
+  if (tk && (tk.truncated || tk.prompt_too_long)) {
+    lines.push(t("v_tokens", {n: tk.truncated + tk.prompt_too_long, max_length: tk.max_length, p95: tk.lengths.p95}));
+  }
+  return lines.length ? lines : [t("v_ok")];
+}
+
+function histogram(bins) {
+  const w = 640, h = 170, left = 40, bottom = 36, top = 10;
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("width", w); svg.setAttribute("height", h); svg.setAttribute("id", "token-histogram");
+  const most = Math.max(1, ...bins.map((b) => b[2]));
+  const bw = (w - left - 10) / bins.length;
+  const add = (tag, attrs, content) => {
+    const n = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+    if (content !== undefined) n.textContent = content;
+    svg.append(n); return n;
+  };
+  bins.forEach(([lo, hi, count], i) => {
+    const bh = (h - top - bottom) * count / most;
+    add("rect", {x: left + i * bw + 1, y: h - bottom - bh, width: Math.max(1, bw - 2), height: bh, class: "hbar"});
+    add("text", {x: left + i * bw + bw / 2, y: h - bottom - bh - 2, "text-anchor": "middle", class: "small"}, count);
+    add("text", {x: left + i * bw + bw / 2, y: h - bottom + 14, "text-anchor": "middle", class: "small"}, lo === hi ? lo : lo + "–" + hi);
+  });
+  add("line", {x1: left, x2: w - 10, y1: h - bottom, y2: h - bottom, class: "axis"});
+  return svg;
+}
+
+function renderInspect() {
+  const box = $("inspect-report");
+  const r = S.inspect;
+  if (!r) { box.replaceChildren(); return; }
+  const parts = [el("h3", {}, t("report")),
+    el("p", {id: "inspect-summary"}, t("rows_read", {n: r.rows_read, files: r.files.length}))];
+  const files = el("ul", {});
+  for (const f of r.files) {
+    const columns = Object.entries(f.columns).map(([k, v]) => k + "=" + v).join(", ") || "–";
+    files.append(el("li", {}, t("file_line", {path: f.path.split("/").pop(), format: f.format, rows: f.rows, columns})));
+  }
+  parts.push(files);
+  if (r.conversations) parts.push(el("p", {}, t("conversations", {n: r.conversations})));
+  parts.push(el("p", {}, t("question_chars") + ": " + stats(r.question_chars)),
+             el("p", {}, t("answer_chars") + ": " + stats(r.answer_chars)));
+  if (r.tokens && r.tokens.lengths) {
+    parts.push(el("h4", {}, t("tokens_title") + " (" + r.tokens.model + ")"),
+               el("p", {}, stats(r.tokens.lengths)), histogram(r.tokens.histogram || []),
+               el("p", {}, t("tokens_cut", {truncated: r.tokens.truncated, max_length: r.tokens.max_length,
+                                             prompt_too_long: r.tokens.prompt_too_long})));
+  }
+  const table = el("table", {class: "list", id: "checks"},
+    el("tr", {}, el("th", {}, t("check_name")), el("th", {}, t("count")), el("th", {}, t("examples"))));
+  for (const [name, finding] of Object.entries(r.findings)) {
+    table.append(el("tr", {class: finding.count ? "problem" : ""},
+      el("td", {}, t("chk_" + name)), el("td", {class: "num"}, finding.count),
+      el("td", {}, el("ul", {}, finding.examples.slice(0, 3).map((x) => el("li", {}, x))))));
+  }
+  if (r.invalid.count) {
+    table.append(el("tr", {class: "problem"}, el("td", {}, t("v_invalid", {n: r.invalid.count})),
+      el("td", {class: "num"}, r.invalid.count), el("td", {}, el("ul", {}, r.invalid.examples.slice(0, 3).map((x) => el("li", {}, x))))));
+  }
+  parts.push(el("h4", {}, t("checks")), table, el("h4", {}, t("verdict")),
+             el("ul", {id: "verdict"}, verdictLines(r).map((line) => el("li", {}, line))));
+  box.replaceChildren(...parts);
+}
+
+async function clean() {
+  await guarded(async () => {
+    S.clean = await api("POST", "/api/clean", {paths: [...S.selected], dedupe: $("dedupe").value});
+    await refreshState();
+    S.selected = new Set([S.clean.output]);
+    renderDatasets();
+  });
+  renderClean();
+}
+
+function renderClean() {
+  const c = S.clean, box = $("clean-report");
+  if (!c) { box.replaceChildren(); return; }
+  const dropped = Object.values(c.dropped).reduce((a, b) => a + b, 0);
+  const parts = [el("p", {id: "clean-summary"}, t("clean_done", {kept: c.kept, rows: c.rows_read, output: c.output.split("/").pop(), dropped}))];
+  if (c.rejects.length) {
+    const table = el("table", {class: "list", id: "rejects"}, el("tr", {}, el("th", {}, t("reason")), el("th", {}, t("where")), el("th", {}, "")));
+    for (const r of c.rejects) {
+      table.append(el("tr", {}, el("td", {}, r.reason), el("td", {}, r.where || ""),
+        el("td", {}, r.detail || r.error || JSON.stringify(r.row || {}).slice(0, 160))));
+    }
+    parts.push(el("h4", {}, t("rejects")), table);
+  } else {
+    parts.push(el("p", {}, t("no_rejects")));
+  }
+  box.replaceChildren(...parts);
+}
+
+// ---------------------------------------------------------------- train
+
+function renderPresets() {
+  const select = $("train-preset");
+  const current = select.value || localStorage.getItem("lmtune.preset") || "quickstart";
+  select.replaceChildren(...Object.keys(S.presets).map((name) => {
+    const label = t("preset_" + name);
+    return el("option", {value: name}, label === "preset_" + name ? name : label);
+  }));
+  if (S.presets[current]) select.value = current;
+}
+
+function fillPreset(keepModel) {
+  const p = S.presets[$("train-preset").value];
+  if (!p) return;
+  localStorage.setItem("lmtune.preset", $("train-preset").value);
+  if (!keepModel || !$("train-model").value) setModel(p.model);
+  $("train-epochs").value = p.epochs;
+  $("train-lr").value = p.learning_rate;
+  $("train-r").value = p.r;
+  $("train-val").value = p.val_size;
+  $("train-max-samples").value = p.max_samples;
+}
+
+function setModel(value) {
+  document.querySelectorAll(".model-field").forEach((f) => { f.value = value; });
+  localStorage.setItem("lmtune.model", value);
+}
+
+function trainForm() {
+  return {preset: $("train-preset").value, model: $("train-model").value, epochs: $("train-epochs").value,
+          learning_rate: $("train-lr").value, r: $("train-r").value, val_size: $("train-val").value,
+          max_samples: $("train-max-samples").value, name: $("train-name").value, paths: [...S.selected]};
+}
+
+async function estimate() {
+  S.estimate = null;
+  await guarded(async () => { S.estimate = await runTask("estimate", "/api/estimate", trainForm(), $("estimate")); });
+  renderEstimate();
+}
+
+function renderEstimate() {
+  const e = S.estimate;
+  if (!e) return;
+  const epochs = Number($("train-epochs").value) || 1;
+  $("estimate").textContent = t("estimate_result", {
+    samples: e.samples, tokens: e.tokens, steps: e.optimizer_steps, step_s: num(e.seconds_per_optimizer_step, 2),
+    epoch: duration(e.seconds_per_epoch), total: duration(e.seconds_per_optimizer_step * e.optimizer_steps || e.seconds_per_epoch * epochs)});
+}
+
+async function startTraining() {
+  await guarded(async () => {
+    S.status = await api("POST", "/api/train/start", trainForm());
+    $("train-name").value = "";
+    renderStatus();
+    pollStatus();
+  });
+}
+
+async function stopTraining() {
+  await guarded(async () => { S.status = await api("POST", "/api/train/stop"); renderStatus(); });
+}
+
+async function resumeTraining(name) {
+  await guarded(async () => {
+    S.status = await api("POST", "/api/train/resume", {run: name || (S.status && S.status.run)});
+    renderStatus();
+    pollStatus();
+  });
+}
+
+const ACTIVE = new Set(["starting", "running", "stopping", "evaluating"]);
+let polling = false;
+
+async function pollStatus() {
+  if (polling) return;
+  polling = true;
+  try {
+    while (true) {
+      try { S.status = await api("GET", "/api/train/status"); } catch (e) { /* the server restarts: try again */ }
+      renderStatus();
+      if (!S.status || !ACTIVE.has(S.status.state)) break;
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+  } finally {
+    polling = false;
+  }
+  await refreshRuns();
+}
+
+function renderStatus() {
+  const s = S.status || {state: "idle"};
+  const state = $("train-state");
+  state.textContent = t("state_" + s.state);
+  state.dataset.state = s.state;
+  $("train-run").textContent = s.run ? "(" + s.run + ")" : "";
+  const total = s.total_steps || 0;
+  $("train-bar").style.width = (total ? Math.min(100, 100 * (s.step || 0) / total) : s.state === "finished" ? 100 : 0) + "%";
+  $("fig-step").textContent = s.run ? (s.step || 0) + (total ? " / " + total : "") : "–";
+  $("fig-loss").textContent = num(s.loss, 4);
+  $("fig-lr").textContent = s.lr === null || s.lr === undefined ? "–" : Number(s.lr).toExponential(2);
+  $("fig-tps").textContent = s.tokens_per_s ? Math.round(s.tokens_per_s).toLocaleString() : "–";
+  $("fig-eta").textContent = s.state === "running" ? duration(s.eta_s) : "–";
+  $("fig-elapsed").textContent = s.elapsed ? duration(s.elapsed) : "–";
+  $("train-error").textContent = s.error || "";
+  $("console").textContent = (s.console || []).join("\n");
+  $("stop-btn").disabled = !(s.state === "running" || s.state === "starting");
+  $("resume-btn").disabled = !s.resumable;
+  plotLoss(s.train || [], s.val || [], total);
+}
+
+function plotLoss(train, val, total) {
+  const svg = $("loss-plot");
+  const w = Number(svg.getAttribute("width")), h = Number(svg.getAttribute("height"));
+  const left = 52, right = 14, top = 26, bottom = 30;
+  svg.dataset.trainPoints = train.length;
+  svg.dataset.valPoints = val.length;
+  const ns = "http://www.w3.org/2000/svg";
+  const add = (tag, attrs, content) => {
+    const n = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+    if (content !== undefined) n.textContent = content;
+    svg.append(n); return n;
+  };
+  svg.replaceChildren();
+  const all = train.concat(val);
+  const maxStep = Math.max(1, total || 0, ...all.map((p) => p[0]));
+  let lo = Math.min(...all.map((p) => p[1])), hi = Math.max(...all.map((p) => p[1]));
+  if (!all.length) { lo = 0; hi = 1; }
+  if (hi - lo < 1e-6) { hi += 0.5; lo -= 0.5; }
+  const pad = (hi - lo) * 0.06; lo -= pad; hi += pad;
+  const x = (step) => left + (w - left - right) * step / maxStep;
+  const y = (loss) => top + (h - top - bottom) * (hi - loss) / (hi - lo);
+  add("line", {x1: left, x2: w - right, y1: h - bottom, y2: h - bottom, class: "axis"});
+  add("line", {x1: left, x2: left, y1: top, y2: h - bottom, class: "axis"});
+  for (let i = 0; i <= 4; i++) {
+    const v = lo + (hi - lo) * i / 4;
+    add("text", {x: left - 6, y: y(v) + 4, "text-anchor": "end", class: "small"}, v.toFixed(2));
+    const s = Math.round(maxStep * i / 4);
+    add("text", {x: x(s), y: h - bottom + 16, "text-anchor": "middle", class: "small"}, s);
+  }
+  add("text", {x: w - right, y: h - 4, "text-anchor": "end", class: "small"}, t("step"));
+  if (train.length) add("polyline", {points: train.map((p) => x(p[0]) + "," + y(p[1])).join(" "), class: "train-line"});
+  if (val.length) {
+    add("polyline", {points: val.map((p) => x(p[0]) + "," + y(p[1])).join(" "), class: "val-line"});
+    for (const p of val) add("circle", {cx: x(p[0]), cy: y(p[1]), r: 3.5, class: "val-point"});
+  }
+  add("line", {x1: left + 10, x2: left + 34, y1: 12, y2: 12, class: "train-line"});
+  add("text", {x: left + 40, y: 16, class: "small"}, t("train_loss"));
+  add("line", {x1: left + 190, x2: left + 214, y1: 12, y2: 12, class: "val-line"});
+  add("text", {x: left + 220, y: 16, class: "small"}, t("val_loss"));
+}
+
+async function refreshRuns() {
+  try { S.runs = await api("GET", "/api/runs"); } catch (e) { return; }
+  renderRuns();
+}
+
+function renderRuns() {
+  const table = $("runs");
+  table.replaceChildren(el("tr", {}, el("th", {}, t("run")), el("th", {}, t("state")), el("th", {}, "")));
+  for (const r of S.runs) {
+    const state = r.running ? t("state_running") : r.finished ? t("run_finished") : r.resumable ? t("run_partial") : t("state_stopped");
+    const action = r.resumable ? el("button", {type: "button", class: "resume-run", "data-run": r.name,
+      onclick: () => resumeTraining(r.name)}, t("resume")) : "";
+    table.append(el("tr", {}, el("td", {}, r.name), el("td", {}, state), el("td", {}, action)));
+  }
+  for (const select of document.querySelectorAll(".run-select")) {
+    const current = select.value;
+    const finished = S.runs.filter((r) => r.finished);
+    select.replaceChildren(...(finished.length ? finished.map((r) => el("option", {value: r.name}, r.name))
+                                               : [el("option", {value: ""}, t("no_runs"))]));
+    if (finished.some((r) => r.name === current)) select.value = current;
+  }
+}
+
+// ---------------------------------------------------------------- try
+
+function renderChat() {
+  for (const side of ["base", "tuned"]) {
+    const box = $("chat-" + side);
+    box.replaceChildren(...S.chat[side].map((m) => el("div", {class: "msg " + m.role + (m.cut ? " cut" : "")},
+      m.content + (m.cut ? " " + t("answer_cut") : ""))));
+    box.scrollTop = box.scrollHeight;
+  }
+}
+
+async function ask() {
+  const question = $("question").value.trim();
+  const run = $("try-run").value;
+  if (!question || !run) return;
+  clearError();
+  $("question").value = "";
+  for (const side of ["base", "tuned"]) S.chat[side].push({role: "user", content: question});
+  renderChat();
+  $("ask-btn").disabled = true;
+  try {
+    await Promise.all(["base", "tuned"].map((side) => streamAnswer(run, side)));
+  } finally {
+    $("ask-btn").disabled = false;
+  }
+}
+
+async function streamAnswer(run, side) {
+  const history = S.chat[side].filter((m) => !m.pending).map((m) => ({role: m.role, content: m.content}));
+  const answer = {role: "assistant", content: "", pending: true};
+  S.chat[side].push(answer);
+  const box = $("chat-" + side);
+  renderChat();
+  const bubble = box.lastChild;
+  bubble.textContent = t("loading_model");
+  bubble.classList.add("waiting");
+  try {
+    const response = await fetch("/api/chat", {method: "POST",
+      headers: {"Content-Type": "application/json", "X-Lmtune-Lang": S.lang},
+      body: JSON.stringify({run, side, messages: history, greedy: $("try-greedy").checked, max_new_tokens: Number($("try-max").value)})});
+    if (!response.ok) throw new Error((await response.json()).error);
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffered = "";
+    while (true) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffered += decoder.decode(value, {stream: true});
+      let cut;
+      while ((cut = buffered.indexOf("\n")) >= 0) {
+        const item = JSON.parse(buffered.slice(0, cut));
+        buffered = buffered.slice(cut + 1);
+        if (item.error) throw new Error(item.error);
+        if (item.started !== undefined || item.dropped !== undefined) { bubble.textContent = ""; bubble.classList.remove("waiting"); }
+        if (item.text) { answer.content += item.text; bubble.textContent = answer.content; }
+        if (item.done) { answer.cut = item.finish === "length"; }
+      }
+    }
+    delete answer.pending;
+  } catch (e) {
+    S.chat[side].pop();
+    showError(e.message);
+  }
+  renderChat();
+}
+
+async function loadReport() {
+  const run = $("try-run").value;
+  if (!run) { S.report = null; renderReport(); return; }
+  try { S.report = await api("GET", "/api/report?run=" + encodeURIComponent(run)); } catch (e) { S.report = null; }
+  renderReport();
+}
+
+const METRICS = ["answer_loss", "perplexity", "chrf", "rouge_l", "exact_match", "eos_rate", "length_ratio"];
+
+function renderReport() {
+  const box = $("report");
+  const reports = (S.report && S.report.reports) || [];
+  if (!reports.length) { box.replaceChildren(el("p", {}, t("no_eval"))); return; }
+  const parts = [];
+  for (const {kind, report, predictions} of reports) {
+    const base = report.base;
+    const data = (report.data || []).map((d) => String(d).split("/").pop()).join(", ");
+    parts.push(el("h4", {}, kind === "validation" ? t("report_validation", {n: report.n}) : t("report_vs_base", {n: report.n, data})));
+    const table = el("table", {class: "list report-table"}, el("tr", {}, el("th", {}, t("metric")), el("th", {}, t("tuned")),
+      base ? el("th", {}, t("base")) : null, base ? el("th", {}, t("difference")) : null));
+    for (const key of METRICS) {
+      const tv = report.tuned[key], bv = base ? base[key] : null;
+      const digits = key === "answer_loss" ? 3 : key === "perplexity" || key === "length_ratio" ? 2 : 1;
+      table.append(el("tr", {}, el("td", {}, t("m_" + key)), el("td", {class: "num"}, num(tv, digits)),
+        base ? el("td", {class: "num"}, num(bv, digits)) : null,
+        base ? el("td", {class: "num"}, (tv - bv >= 0 ? "+" : "") + num(tv - bv, digits)) : null));
+    }
+    parts.push(table, el("h4", {}, t("per_question")));
+    const answers = el("table", {class: "list answers"}, el("tr", {}, el("th", {}, t("question")), el("th", {}, t("reference")),
+      el("th", {}, t("tuned")), base ? el("th", {}, t("base")) : null));
+    for (const p of predictions) {
+      answers.append(el("tr", {}, el("td", {}, p.question), el("td", {}, p.reference),
+        el("td", {}, p.tuned.answer, el("small", {}, " chrF " + p.tuned.chrf)),
+        p.base ? el("td", {}, p.base.answer, el("small", {}, " chrF " + p.base.chrf)) : null));
+    }
+    parts.push(answers);
+  }
+  box.replaceChildren(...parts);
+}
+
+async function evaluate() {
+  await guarded(async () => {
+    await runTask("evaluate", "/api/evaluate", {run: $("try-run").value, data: $("eval-data").value,
+                                                max_new_tokens: Number($("try-max").value)}, $("evaluate-state"));
+    await loadReport();
+  });
+}
+
+function renderEvalData() {
+  const select = $("eval-data");
+  const current = select.value;
+  const options = [el("option", {value: S.heldout}, t("eval_data_heldout"))].concat(
+    S.datasets.filter((d) => !d.bundled).map((d) => el("option", {value: d.path}, d.name)));
+  select.replaceChildren(...options);
+  if ([...select.options].some((o) => o.value === current)) select.value = current;
+}
+
+// ---------------------------------------------------------------- export
+
+function commandList(commands) {
+  return el("div", {}, el("p", {}, t("copy_hint")), el("pre", {class: "commands"}, commands.filter(Boolean).join("\n")));
+}
+
+async function mergeRun() {
+  S.merge = null;
+  await guarded(async () => {
+    S.merge = await runTask("merge", "/api/merge", {run: $("export-run").value}, $("merge-result"));
+  });
+  renderMerge();
+}
+
+function renderMerge() {
+  const m = S.merge, box = $("merge-result");
+  if (!m) return;
+  box.replaceChildren(el("p", {}, t("merged_done", {path: m.path})), commandList(m.commands));
+}
+
+async function exportRun() {
+  S.export = null;
+  await guarded(async () => {
+    S.export = await runTask("export", "/api/export", {run: $("export-run").value, quant: $("quant").value}, $("export-result"));
+  });
+  renderExport();
+}
+
+function renderExport() {
+  const x = S.export, box = $("export-result");
+  if (!x) return;
+  box.replaceChildren(el("p", {id: "export-done"}, t("exported", {path: x.path.split("/").pop(), size: x.size_mb, quant: x.quant})),
+    el("p", {}, el("a", {href: x.download, id: "download-gguf", download: ""}, t("download_gguf")), " · ",
+      x.modelfile ? el("a", {href: x.modelfile, id: "download-modelfile", download: "Modelfile"}, t("download_modelfile")) : ""),
+    commandList(x.commands));
+}
+
+// ---------------------------------------------------------------- start
+
+async function refreshState() {
+  const state = await api("GET", "/api/state");
+  Object.assign(S, {datasets: state.datasets, presets: state.presets, runs: state.runs, quants: state.quants,
+                    heldout: state.heldout, bundled: state.bundled});
+  if (!S.status || !ACTIVE.has(S.status.state)) S.status = state.training;
+  return state;
+}
+
+function renderAll() {
+  renderDatasets(); renderInspect(); renderClean(); renderPresets(); renderEstimate(); renderStatus(); renderRuns();
+  renderChat(); renderReport(); renderEvalData(); renderMerge(); renderExport();
+}
+
+async function main() {
+  applyTexts();
+  $("lang-vi").addEventListener("click", () => setLanguage("vi"));
+  $("lang-en").addEventListener("click", () => setLanguage("en"));
+  document.querySelectorAll(".tab").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
+  $("upload").addEventListener("change", (e) => upload([...e.target.files]));
+  $("inspect-btn").addEventListener("click", inspect);
+  $("clean-btn").addEventListener("click", clean);
+  $("train-preset").addEventListener("change", () => fillPreset(false));
+  document.querySelectorAll(".model-field").forEach((f) => f.addEventListener("input", () => setModel(f.value)));
+  $("estimate-btn").addEventListener("click", estimate);
+  $("start-btn").addEventListener("click", startTraining);
+  $("stop-btn").addEventListener("click", stopTraining);
+  $("resume-btn").addEventListener("click", () => resumeTraining());
+  $("ask-btn").addEventListener("click", ask);
+  $("question").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); ask(); } });
+  $("reset-btn").addEventListener("click", () => { S.chat = {base: [], tuned: []}; renderChat(); });
+  $("try-run").addEventListener("change", () => { S.chat = {base: [], tuned: []}; renderChat(); loadReport(); });
+  $("evaluate-btn").addEventListener("click", evaluate);
+  $("merge-btn").addEventListener("click", mergeRun);
+  $("export-btn").addEventListener("click", exportRun);
+  const state = await refreshState();
+  $("quant").replaceChildren(...S.quants.map((q) => el("option", {value: q}, q)));
+  renderPresets();
+  fillPreset(true);
+  const model = localStorage.getItem("lmtune.model");
+  if (model) setModel(model);
+  renderAll();
+  showTab(localStorage.getItem("lmtune.tab") || "data");
+  if (ACTIVE.has(S.status.state)) pollStatus();  // coming back to a training that runs: follow it
+  for (const [kind, task] of Object.entries(state.tasks)) {
+    if (task.state !== "running") continue;
+    const where = {estimate: $("estimate"), evaluate: $("evaluate-state"), merge: $("merge-result"), export: $("export-result")}[kind];
+    if (where) where.textContent = t("working");
+    guarded(async () => {
+      const result = await pollTask(kind, where, task);
+      if (kind === "estimate") { S.estimate = result; renderEstimate(); }
+      if (kind === "merge") { S.merge = result; renderMerge(); }
+      if (kind === "export") { S.export = result; renderExport(); }
+      if (kind === "evaluate") loadReport();
+    });
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => guarded(main));
