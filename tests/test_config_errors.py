@@ -50,6 +50,24 @@ def test_unknown_key_on_the_command_line(capsys):
     assert err.strip() == "error: command line: unknown config key 'lora.rnak'; did you mean 'lora.r'?"
 
 
+def test_a_mistyped_flag_is_answered_with_the_flag_people_type(capsys):
+    """`--dta` once got "did you mean 'dtype'?" (closest config key by spelling); the command's own --data is meant."""
+    code, _, err = run(capsys, "train", "--model", "some/model", "--dta", "a.jsonl", "b.jsonl", "--output-dir", "out")
+    assert code == 2 and err == "error: command line: unknown option '--dta'; did you mean '--data'?\n"
+    code, _, err = run(capsys, "train", "--modle", "x", "--data", "d.jsonl", "--output-dir", "out")
+    assert code == 2 and "did you mean '--model'?" in err
+    # A config key still wins where it is the closer one.
+    code, _, err = run(capsys, *TRAIN, "--learning-rat", "1e-3")
+    assert code == 2 and "did you mean 'learning_rate'?" in err
+
+
+def test_the_library_does_not_call_its_overrides_the_command_line():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {"lora.rnak": 4, "batch_size": "two"})
+    assert caught.value.problems == ["overrides: unknown config key 'lora.rnak'; did you mean 'lora.r'?",
+                                     "train.batch_size: expected an integer, got 'two'"]
+
+
 def test_lr_is_the_learning_rate(capsys):
     assert build_config(overrides={"lr": 1e-3}).train.learning_rate == 1e-3
     assert build_config(overrides={"--lr": 5e-4}).train.learning_rate == 5e-4

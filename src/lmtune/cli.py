@@ -7,6 +7,7 @@ name is unique, `--field VALUE` (dashes or underscores): `--lora.r 16`, `--learn
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import time
@@ -51,8 +52,11 @@ def _parse_overrides(tokens: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def _split_overrides(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """(overrides, problems): the caller reports the problems together with those of the config."""
+def _split_overrides(tokens: list[str], flags: list[str] = ()) -> tuple[dict[str, Any], list[str]]:
+    """(overrides, problems): the caller reports the problems together with those of the config.
+
+    `flags`: the command's own options (`data`, `output-dir`); a mistyped one (`--dta`) is answered with the flag
+    people type (`--data`) rather than the closest config key by spelling (`dtype`)."""
     overrides: dict[str, Any] = {}
     problems = []
     i = 0
@@ -63,6 +67,13 @@ def _split_overrides(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
             i += 1
             continue
         key, eq, value = token[2:].partition("=")
+        flag = _closest_flag(key, flags)
+        if flag:
+            problems.append(f"command line: unknown option '--{key}'; did you mean '--{flag}'?")
+            i += 1
+            while not eq and i < len(tokens) and not tokens[i].startswith("--"):  # its values, not arguments of their own
+                i += 1
+            continue
         if eq:
             overrides[key] = parse_cli_value(value)
             i += 1
@@ -79,9 +90,29 @@ def _split_overrides(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
     return overrides, problems
 
 
+def _closest_flag(key: str, flags: list[str]) -> str | None:
+    """For a key that is no config key: the command's own flag it is a typo of, if one is close."""
+    if not flags or resolve_key(key)[0] is not None:
+        return None
+    close = difflib.get_close_matches(key.replace("_", "-"), flags, n=1, cutoff=0.6)
+    if not close:
+        return None
+    # Only when no config key is at least as close (`--learning-rat` means learning_rate, not a flag).
+    by_spelling = difflib.get_close_matches(key.replace("-", "_"), all_keys() + [k.split(".")[1] for k in all_keys()],
+                                            n=1, cutoff=0.6)
+    ratio = lambda a, b: difflib.SequenceMatcher(None, a, b).ratio()  # noqa: E731
+    if by_spelling and ratio(key.replace("-", "_"), by_spelling[0]) > ratio(key.replace("_", "-"), close[0]):
+        return None
+    return close[0]
+
+
+def _command_flags(args: argparse.Namespace) -> list[str]:
+    return list(getattr(args, "command_flags", ()))
+
+
 def _train_config(args: argparse.Namespace, extra: list[str]):
     """The Config of train and quickstart; every problem of the command line and the config file in one ConfigError."""
-    overrides, problems = _split_overrides(extra)
+    overrides, problems = _split_overrides(extra, _command_flags(args))
     for flag, key in TRAIN_SHORTCUTS.items():
         value = getattr(args, flag, None)
         if value not in (None, False):
@@ -101,7 +132,7 @@ def _train_config(args: argparse.Namespace, extra: list[str]):
 def _load_config_reporting_all(path, overrides: dict[str, Any], problems: list[str]):
     """The config, or one ConfigError with the command line's `problems` and the config's own, all at once."""
     try:
-        config = load_config(path, overrides)
+        config = load_config(path, overrides, overrides_source="command line")
     except ConfigError as e:
         raise ConfigError(problems + e.problems) from None
     if problems:
@@ -180,7 +211,7 @@ def _inference_config(args, extra, command_problems: list[str] = ()):
     Its generate section gives the sampling settings, its model section the loading safety switches.
     `command_problems` (a command's own flag checks) are reported together with the config's, before loading.
     """
-    overrides, problems = _split_overrides(extra)
+    overrides, problems = _split_overrides(extra, _command_flags(args))
     problems += list(command_problems)
     for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"):
         if getattr(args, name) is not None:
@@ -463,9 +494,20 @@ def _reader_gone() -> int:
     return EXIT_BROKEN_PIPE
 
 
+def _flags_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The long options of the command that was run, without their dashes: 'data', 'output-dir', ..."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and args.command in action.choices:
+            sub = action.choices[args.command]
+            return [option[2:] for a in sub._actions for option in a.option_strings
+                    if option.startswith("--") and option != "--help"]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.command_flags = _flags_of(parser, args)
     if args.command in ("merge", "data", "eval", "export", "ui") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # Under torchrun every process meets the same user error; one copy of the message is enough.

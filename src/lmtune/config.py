@@ -320,10 +320,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(base: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, source: str = "config") -> Config:
+def build_config(base: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, source: str = "config",
+                 overrides_source: str = "overrides") -> Config:
     """Validate nested `base` (as read from YAML) plus flat `overrides` ({'lora.r': 16, 'epochs': 2}).
 
-    Raises ConfigError listing every problem.
+    Raises ConfigError listing every problem; those of `base` start with `source`, those of `overrides` with
+    `overrides_source` (the command line says "command line").
     """
     problems: list[str] = []
     values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
@@ -347,7 +349,7 @@ def build_config(base: dict[str, Any] | None = None, overrides: dict[str, Any] |
     for key, value in (overrides or {}).items():
         sec, resolved = resolve_key(key)
         if sec is None:
-            problems.append(f"command line: {resolved}")
+            problems.append(f"{overrides_source}: {resolved}")
         else:
             values[sec][resolved] = value
 
@@ -447,7 +449,9 @@ def _method_checks(c: Config) -> list[str]:
     return checks
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a YAML config (if given), apply overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                overrides_source: str = "overrides") -> Config:
+    """Read a YAML config (if given), apply overrides, validate. A problem of an override is reported as
+    "overrides: ..." (`overrides_source`; the command line passes "command line")."""
     base = load_yaml(path) if path else {}
-    return build_config(base, overrides, source=str(path) if path else "config")
+    return build_config(base, overrides, source=str(path) if path else "config", overrides_source=overrides_source)

@@ -6,7 +6,14 @@ class LmtuneError(Exception):
 
 
 class DataError(LmtuneError):
-    """A data file is missing, malformed, or has no usable rows. The message names file, line and field."""
+    """A data file is missing, malformed, or has no usable rows. The message names file, line and field.
+
+    For one bad line or record: `raw` is its text as read (a line that is not JSON, a CSV record) and `record` what
+    it parsed to, so that `data clean` can keep it in its rejects file for a person to fix."""
+
+    def __init__(self, message: str = "", raw: str | None = None, record: object = None):
+        super().__init__(message)
+        self.raw, self.record = raw, record
 
 
 class ModelError(LmtuneError):

@@ -135,3 +135,21 @@ def test_alpaca_sample_clean_keeps_every_row_without_a_problem(alpaca, tmp_path)
             assert written == {"prompt": tidy_text(row.question), "response": tidy_text(row.answer)}
     assert unicodedata.is_normalized("NFC", kept[10]["prompt"]) and not any("\u200b" in r["response"] for r in kept)
     assert inspect_data([str(out)]).findings["control_characters"].count == 0
+
+
+def test_rejects_keep_the_raw_text_of_invalid_lines(tmp_path):
+    """A line that does not parse is lost unless the rejects file holds it as written: a person fixes it there."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a?", "answer": "b"}\n{"question": "Học máy", "answer": \n{"question": 1, "answer": "x"}\n',
+                   encoding="utf-8")
+    report = clean_data([str(bad)], str(tmp_path / "out.jsonl"), skip_invalid=True)
+    assert report.kept == 1 and report.dropped["invalid"] == 2
+    rejects = read_jsonl(rejects_path(tmp_path / "out.jsonl"))
+    assert rejects[0]["raw"] == '{"question": "Học máy", "answer": ' and rejects[0]["error"].startswith(f"{bad}:2: malformed JSON")
+    assert rejects[1]["row"] == {"question": 1, "answer": "x"} and rejects[1]["error"].startswith(f"{bad}:3: ")
+    csv_file = tmp_path / "bad.csv"
+    csv_file.write_text('question,answer\n"a?","b"\n"hai\ndòng?","x",thừa\n', encoding="utf-8")
+    clean_data([str(csv_file)], str(tmp_path / "csv.jsonl"), skip_invalid=True)
+    (reject,) = read_jsonl(rejects_path(tmp_path / "csv.jsonl"))
+    assert reject["raw"] == '"hai\ndòng?","x",thừa'
+    assert reject["error"].startswith(f"{csv_file}:3: 3 fields")  # the record's first line, not its last (4)

@@ -152,3 +152,16 @@ def test_counts_of_one_are_singular(tmp_path):
     assert "1 row," in text and "1 rows" not in text
     text = format_report(inspect_rows(tmp_path, rows))
     assert "1 row, 1 question" in text and "1 rows" not in text and "1 questions" not in text
+
+
+def test_invalid_lines_and_files_are_counted_by_kind(tmp_path):
+    """Not "4 invalid line or files": lines and files are counted apart, each in its number."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a?", "answer": "b"}\n{bad\n{bad\n{"question": 1, "answer": "x"}\n{bad\n', encoding="utf-8")
+    text = format_report(inspect_data([str(bad)], skip_invalid=True))
+    assert "skipped 4 invalid lines (--skip-invalid)" in text and "- 4 invalid lines skipped" in text
+    text = format_report(inspect_data([str(bad), str(tmp_path / "missing.jsonl")], skip_invalid=True))
+    assert "skipped 4 invalid lines and 1 invalid file (--skip-invalid)" in text and "line or file" not in text
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"question": "a?", "answer": "b"}\n{bad\n', encoding="utf-8")
+    assert "- 1 invalid line skipped" in format_report(inspect_data([str(one)], skip_invalid=True))

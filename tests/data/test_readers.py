@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import QA, write_jsonl
@@ -197,3 +198,14 @@ def test_an_nfd_copy_of_the_bundled_data_reads_as_the_same_examples(tmp_path):
     decomposed, report = load_examples([str(nfd)])
     assert [(e.question, e.answer) for e in decomposed] == [(e.question, e.answer) for e in normal]
     assert normal_report.normalized == 0 and report.normalized == report.rows_read == normal_report.rows_read
+
+
+def test_a_multi_line_csv_record_is_reported_at_its_first_line(tmp_path):
+    """A quoted field with line breaks spans lines 3 to 5: the error (and the row's location) say line 3, where an
+    editor finds the record, with blank lines before it counted."""
+    path = tmp_path / "d.csv"
+    path.write_text('question,answer\n"Q1?","A1"\n"Câu hỏi\ntrên\nba dòng?"\n\n"Q3?","A\n3"\n', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:3: field 'answer'"):
+        load_examples([str(path)], on_invalid=None)
+    examples, _ = load_examples([str(path)], on_invalid=lambda e: None)
+    assert [e.source for e in examples] == [f"{path}:2", f"{path}:7"]

@@ -115,3 +115,19 @@ def test_an_nfd_copy_of_the_data_gives_the_same_samples_and_says_so_once(tiny_bl
         f"data: normalised {rows} of {rows} rows to NFC (they held decomposed Unicode, as Unikey's 'Unicode tổ hợp' "
         f"or some macOS tools write it)"]
     assert not [m for m in normal_log if "NFC" in m]
+
+
+def test_the_data_log_names_only_the_columns_the_file_has(tmp_path, tiny_bloom_dir, bloom_tokenizer):
+    """A file without a context column was logged as `context='context'`, a column nobody wrote."""
+    from conftest import write_jsonl
+
+    from lmtune.training.train import prepare_data
+
+    plain, with_context = [], []
+    prepare_data(train_config(tiny_bloom_dir, write_jsonl(tmp_path / "a.jsonl", QA), tmp_path / "o"), bloom_tokenizer,
+                 plain.append)
+    assert "4 pairs (columns question='question' answer='answer');" in plain[0] and "context" not in plain[0]
+    rows = [{**QA[0], "context": "Về AI."}]
+    prepare_data(train_config(tiny_bloom_dir, write_jsonl(tmp_path / "b.jsonl", rows), tmp_path / "o"), bloom_tokenizer,
+                 with_context.append)
+    assert "1 pair (columns question='question' answer='answer' context='context');" in with_context[0]

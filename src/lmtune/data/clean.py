@@ -42,7 +42,7 @@ class CleanReport:
     fixed: Counter = field(default_factory=Counter)  # fix -> fields
 
     def summary(self) -> str:
-        lines = [f"read {self.rows_read:,} rows; kept {self.kept:,} -> {self.output}",
+        lines = [f"read {self.rows_read:,} row{'' if self.rows_read == 1 else 's'}; kept {self.kept:,} -> {self.output}",
                  f"dropped {sum(self.dropped.values()):,} -> {self.rejects}"]
         lines += [f"  {reason}: {n:,}" for reason, n in self.dropped.most_common()]
         if self.fixed:
@@ -168,7 +168,13 @@ def clean_data(
 
             def on_invalid(error: DataError) -> None:
                 report.dropped["invalid"] += 1
-                rejected.write(_json_line({"reason": "invalid", "error": str(error)}))
+                entry = {"reason": "invalid", "error": str(error)}
+                # What was read, to fix by hand: the line as written when it did not parse, else the parsed record.
+                if getattr(error, "raw", None) is not None:
+                    entry["raw"] = error.raw
+                if getattr(error, "record", None) is not None:
+                    entry["row"] = error.record
+                rejected.write(_json_line(entry))
 
             for error in unresolved:
                 on_invalid(error)

@@ -210,7 +210,9 @@ class Inspector:
         self._turns: list[int] = []  # user turns of each conversation
 
     def invalid(self, error: DataError) -> None:
-        self.report.invalid.add(str(error))
+        # A line or row ("f.jsonl:3: ...", "f.parquet[row 3]: ...") or a whole file ("f.csv: the file is empty")
+        is_line = re.match(r".*?(:\d+|\[[^\]]*\]): ", str(error)) is not None
+        self.report.invalid.add(str(error), ["line" if is_line else "file"])
 
     def add(self, row: Row) -> None:
         report = self.report
@@ -307,13 +309,18 @@ def _n(count: int, noun: str) -> str:
     return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
+def _invalid_counts(invalid: Finding) -> str:
+    """'4 invalid lines', '1 invalid file', '3 invalid lines and 1 invalid file'."""
+    kinds = [_n(invalid.details.get(kind, 0), f"invalid {kind}") for kind in ("line", "file") if invalid.details.get(kind)]
+    return " and ".join(kinds) or _n(invalid.count, "invalid line")
+
+
 def verdict(report: InspectReport) -> list[str]:
     """Short advice, most urgent first; one line per thing to do."""
     f = {name: finding.count for name, finding in report.findings.items()}
     lines = []
     if report.invalid.count:
-        invalid = "invalid line or file" if report.invalid.count == 1 else "invalid lines or files"
-        lines.append(f"{report.invalid.count:,} {invalid} skipped: fix them at the source or they stay out")
+        lines.append(f"{_invalid_counts(report.invalid)} skipped: fix them at the source or they stay out")
     by_clean = []
     if f["empty_question"] or f["empty_answer"]:
         by_clean.append(f"drops the rows with an empty question ({f['empty_question']:,}) or answer ({f['empty_answer']:,})")
@@ -353,8 +360,7 @@ def format_report(report: InspectReport) -> str:
         out.append(f"  {info.path}: {info.format}, {_n(info.rows, 'row')}, columns {columns}")
         out += [f"    note: {note}" for note in info.notes]
     if report.invalid.count:
-        invalid = "invalid line or file" if report.invalid.count == 1 else "invalid lines or files"
-        out.append(f"  skipped {report.invalid.count:,} {invalid} (--skip-invalid):")
+        out.append(f"  skipped {_invalid_counts(report.invalid)} (--skip-invalid):")
         out += [f"    {message}" for message in report.invalid.examples]
     if report.conversations:
         out.append(f"conversations: {report.conversations:,} of {report.rows_read:,} rows; user turns per conversation: "

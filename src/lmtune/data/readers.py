@@ -66,6 +66,7 @@ class LoadReport:
     files: list[str] = field(default_factory=list)
     rows_read: int = 0
     columns: tuple[str, str, str] | None = None
+    has_context: bool = False  # some row has the context column (columns names it either way)
     skipped_empty: int = 0
     # Rows whose question, answer or context was not in NFC (decomposed Unicode) and was normalised.
     normalized: int = 0
@@ -152,18 +153,20 @@ def _iter_jsonl(path: str, text: str, on_invalid: OnInvalid = None) -> Iterator[
         if not line.strip():
             continue
         where = f"{path}:{number}"
+        raw = line.removesuffix("\r")
         if len(line) > MAX_LINE_CHARS:
             _invalid(DataError(f"{where}: line is {len(line):,} characters long (limit {MAX_LINE_CHARS:,}); "
-                               "are its line breaks missing?"), on_invalid)
+                               "are its line breaks missing?", raw=raw), on_invalid)
             continue
         try:
             record = json.loads(line.lstrip("\ufeff"))  # a BOM inside the file comes from concatenated files
         except json.JSONDecodeError as e:
             hint = "; the file ends in the middle of this line (truncated?)" if cut_off and number == len(lines) else ""
-            _invalid(DataError(f"{where}: malformed JSON ({_json_message(e)} at column {e.colno}){hint}"), on_invalid)
+            _invalid(DataError(f"{where}: malformed JSON ({_json_message(e)} at column {e.colno}){hint}", raw=raw),
+                     on_invalid)
             continue
         except (ValueError, RecursionError) as e:
-            _invalid(DataError(f"{where}: unreadable JSON ({_json_limit(e)})"), on_invalid)
+            _invalid(DataError(f"{where}: unreadable JSON ({_json_limit(e)})", raw=raw), on_invalid)
             continue
         yield where, record
 
@@ -221,22 +224,60 @@ def sniff_delimiter(text: str) -> str:
     return best if counts[best] else ","
 
 
+class _RecordLines:
+    """The lines the csv module reads, kept until the record they make is returned: a record spans several lines
+    when a quoted field holds line breaks, and it is reported at its first line (where an editor finds it), with
+    its text as written."""
+
+    def __init__(self, text: str):
+        self._lines = iter(io.StringIO(text, newline=""))
+        self.pending: list[str] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self.pending.append(line)
+        return line
+
+    def take(self, lines_before: int) -> tuple[int, str]:
+        """(first line number, raw text) of the record just read; blank lines before it are skipped, as csv does."""
+        blank = 0
+        while blank < len(self.pending) - 1 and not self.pending[blank].strip("\r\n"):
+            blank += 1
+        raw = "".join(self.pending[blank:]).rstrip("\r\n")
+        self.pending.clear()
+        return lines_before + blank + 1, raw
+
+
 def _iter_csv(path: str, text: str, on_invalid: OnInvalid = None, delimiter: str = "") -> Iterator[tuple[str, Any]]:
     # newline="" keeps the line breaks inside quoted fields (splitlines() would drop them); CRLF ends are read as
     # line ends, and _read_text already dropped a UTF-8 BOM: Excel's "CSV UTF-8" reads as is.
     delimiter = "\t" if delimiter == "tab" else delimiter or sniff_delimiter(text)
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    lines = _RecordLines(text)
+    reader = csv.DictReader(lines, delimiter=delimiter)
+    before = 0
     try:
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
+        reader.fieldnames  # the header, read now so that its line is not taken as the first record's
+        lines.pending.clear()
+        while True:
+            before = reader.line_num
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            first, raw = lines.take(before)
+            where = f"{path}:{first}"
             if None in row:  # DictReader files the values beyond the header's columns under the key None
                 count = len(reader.fieldnames) + len(row[None])
                 _invalid(DataError(f"{where}: {count} fields, but the header has {len(reader.fieldnames)}; put fields "
-                                   f"that hold {_separator_name(delimiter)} in double quotes"), on_invalid)
+                                   f"that hold {_separator_name(delimiter)} in double quotes", raw=raw), on_invalid)
                 continue
             yield where, dict(row)
     except csv.Error as e:  # e.g. a field over csv.field_size_limit(); the parser cannot resume after it
-        _invalid(DataError(f"{path}:{reader.line_num}: malformed CSV ({e})"), on_invalid)
+        first, raw = lines.take(before)
+        _invalid(DataError(f"{path}:{first}: malformed CSV ({e})", raw=raw), on_invalid)
 
 
 def _separator_name(delimiter: str) -> str:
@@ -458,6 +499,8 @@ def iter_rows(
                           _text_field(record, a_name, where, required=True),
                           _text_field(record, c_name, where, required=False))
             except DataError as e:
+                if e.record is None:
+                    e.record = record
                 _invalid(e, on_invalid)
                 continue
             yield row
@@ -494,6 +537,7 @@ def load_examples(
                 return examples, report
             continue
         report.columns = report.columns or row.columns
+        report.has_context = report.has_context or row.columns[2] in row.record
         texts = (row.question, row.answer, row.context)
         question, answer, context = (nfc(text).strip() for text in texts)
         report.normalized += any(nfc(text) != text for text in texts)

@@ -120,7 +120,8 @@ def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) 
     kinds = []
     if load_report.columns and pairs:
         q, a, c = load_report.columns
-        kinds.append(f"{pairs} pairs (columns question='{q}' answer='{a}' context='{c}')")
+        context = f" context='{c}'" if load_report.has_context else ""  # not a column the file lacks
+        kinds.append(f"{pairs} {'pair' if pairs == 1 else 'pairs'} (columns question='{q}' answer='{a}'{context})")
     if load_report.conversations:
         kinds.append(f"{load_report.conversations} conversations ({'every' if not last_only else 'the last'} assistant turn trained)")
     log(f"data: {load_report.rows_read} rows from {len(load_report.files)} file(s): {', '.join(kinds)};"
