@@ -158,3 +158,21 @@ def test_ctrl_c_while_serve_loads_says_only_interrupted(capsys, monkeypatch, tin
     monkeypatch.setattr(cli, "_load_for_inference", interrupted)
     code, out, err = run(capsys, "chat", "--model", tiny_llama_dir)
     assert code == 130 and err == "\ninterrupted\n"
+
+
+def test_quickstart_help_describes_the_command_and_every_flag(capsys):
+    import argparse
+
+    from lmtune.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in ("quickstart", "train"):
+        undocumented = [a.option_strings[0] for a in commands[name]._actions if not a.help]
+        assert not undocumented, f"{name}: {undocumented}"
+    assert commands["quickstart"].description
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "merge the adapter" in text and "default runs/quickstart-<time>" in text
+    assert "(default: the bundled data/vi_ai_qa.jsonl and its rewordings)" in text

