@@ -31,6 +31,7 @@ EXIT_INTERRUPTED = 130  # what `lmtune train` returns after a graceful stop (cli
 _TOKENS = re.compile(r"^data: .*?(\d+) samples, (\d+) tokens")
 _STEPS = re.compile(r"^training: (\d+) optimizer steps")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_BAR = re.compile(r"^.{0,60}?\s*\d+%\|")  # a tqdm progress bar: "tokenizing:  40%|████      | 4/10 [...]"
 
 
 class TrainingBusy(LmtuneError):
@@ -42,12 +43,20 @@ class TrainingBusy(LmtuneError):
 
 
 def console_lines(text: str) -> list[str]:
-    """The lines a terminal would show: progress bars redraw themselves with carriage returns, keep their last state."""
-    lines = []
+    """The lines a terminal would show: progress bars redraw themselves (carriage returns), so only the newest
+    state of a bar is kept, in the place of its first drawing."""
+    lines: list[str] = []
+    bar_at = None
     for line in _ANSI.sub("", text).split("\n"):
         line = line.rstrip("\r").rsplit("\r", 1)[-1].rstrip()
-        if line:
-            lines.append(line)
+        if not line or line.startswith(("{'loss'", "{'eval_loss'")):  # the Trainer's log entries: the page plots them
+            continue
+        if _BAR.match(line):
+            if bar_at is not None and bar_at == len(lines) - 1:
+                lines[bar_at] = line
+                continue
+            bar_at = len(lines)
+        lines.append(line)
     return lines
 
 
@@ -223,7 +232,7 @@ class Trainer:
         else:
             errors = [line for line in console if line.startswith("error: ")]
             status["state"] = "failed"
-            status["error"] = errors[-1] if errors else (console[-1] if console else f"lmtune train exited with {code}")
+            status["error"] = "\n".join(errors) if errors else (console[-1] if console else f"lmtune train exited with {code}")
         return status
 
     def _speed(self, losses: list[dict], tokens: int | None, total: int | None) -> dict:

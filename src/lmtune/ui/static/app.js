@@ -278,7 +278,7 @@ function renderClean() {
 
 function renderPresets() {
   const select = $("train-preset");
-  const current = select.value || localStorage.getItem("lmtune.preset") || "quickstart";
+  const current = select.value || "quickstart";
   select.replaceChildren(...Object.keys(S.presets).map((name) => {
     const label = t("preset_" + name);
     return el("option", {value: name}, label === "preset_" + name ? name : label);
@@ -289,18 +289,31 @@ function renderPresets() {
 function fillPreset(keepModel) {
   const p = S.presets[$("train-preset").value];
   if (!p) return;
-  localStorage.setItem("lmtune.preset", $("train-preset").value);
   if (!keepModel || !$("train-model").value) setModel(p.model);
   $("train-epochs").value = p.epochs;
   $("train-lr").value = p.learning_rate;
   $("train-r").value = p.r;
   $("train-val").value = p.val_size;
   $("train-max-samples").value = p.max_samples;
+  saveForm();
 }
 
 function setModel(value) {
   document.querySelectorAll(".model-field").forEach((f) => { f.value = value; });
-  localStorage.setItem("lmtune.model", value);
+}
+
+// The form as it was left (a reload or a later visit), else the preset's values.
+const FORM_FIELDS = {model: "train-model", epochs: "train-epochs", learning_rate: "train-lr", r: "train-r",
+                     val_size: "train-val", max_samples: "train-max-samples"};
+
+function saveForm() { localStorage.setItem("lmtune.form", JSON.stringify(trainForm())); }
+
+function restoreForm() {
+  const saved = JSON.parse(localStorage.getItem("lmtune.form") || "null");
+  if (!saved || !S.presets[saved.preset]) { fillPreset(false); return; }
+  $("train-preset").value = saved.preset;
+  for (const [key, id] of Object.entries(FORM_FIELDS)) $(id).value = saved[key];
+  setModel(saved.model);
 }
 
 function trainForm() {
@@ -452,13 +465,14 @@ function renderRuns() {
 
 // ---------------------------------------------------------------- try
 
-function renderChat() {
-  for (const side of ["base", "tuned"]) {
-    const box = $("chat-" + side);
-    box.replaceChildren(...S.chat[side].map((m) => el("div", {class: "msg " + m.role + (m.cut ? " cut" : "")},
-      m.content + (m.cut ? " " + t("answer_cut") : ""))));
-    box.scrollTop = box.scrollHeight;
-  }
+function renderChat() { renderSide("base"); renderSide("tuned"); }
+
+// One side only: the other side's answer may be streaming into its last bubble.
+function renderSide(side) {
+  const box = $("chat-" + side);
+  box.replaceChildren(...S.chat[side].map((m) => el("div", {class: "msg " + m.role + (m.cut ? " cut" : "")},
+    m.content + (m.cut ? " " + t("answer_cut") : ""))));
+  box.scrollTop = box.scrollHeight;
 }
 
 async function ask() {
@@ -482,7 +496,7 @@ async function streamAnswer(run, side) {
   const answer = {role: "assistant", content: "", pending: true};
   S.chat[side].push(answer);
   const box = $("chat-" + side);
-  renderChat();
+  renderSide(side);
   const bubble = box.lastChild;
   bubble.textContent = t("loading_model");
   bubble.classList.add("waiting");
@@ -513,7 +527,7 @@ async function streamAnswer(run, side) {
     S.chat[side].pop();
     showError(e.message);
   }
-  renderChat();
+  renderSide(side);
 }
 
 async function loadReport() {
@@ -634,7 +648,9 @@ async function main() {
   $("inspect-btn").addEventListener("click", inspect);
   $("clean-btn").addEventListener("click", clean);
   $("train-preset").addEventListener("change", () => fillPreset(false));
-  document.querySelectorAll(".model-field").forEach((f) => f.addEventListener("input", () => setModel(f.value)));
+  document.querySelectorAll(".model-field").forEach((f) => f.addEventListener("input", () => { setModel(f.value); saveForm(); }));
+  Object.values(FORM_FIELDS).forEach((id) => $(id).addEventListener("input", saveForm));
+  $("train-preset").addEventListener("change", saveForm);
   $("estimate-btn").addEventListener("click", estimate);
   $("start-btn").addEventListener("click", startTraining);
   $("stop-btn").addEventListener("click", stopTraining);
@@ -649,9 +665,7 @@ async function main() {
   const state = await refreshState();
   $("quant").replaceChildren(...S.quants.map((q) => el("option", {value: q}, q)));
   renderPresets();
-  fillPreset(true);
-  const model = localStorage.getItem("lmtune.model");
-  if (model) setModel(model);
+  restoreForm();
   renderAll();
   showTab(localStorage.getItem("lmtune.tab") || "data");
   if (ACTIVE.has(S.status.state)) pollStatus();  // coming back to a training that runs: follow it

@@ -1,0 +1,104 @@
+"""The web UI's server side without a browser: languages, access token, and the CLI's own error lines."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from lmtune.ui.app import create_app
+from lmtune.ui.server import access_token, is_loopback
+from lmtune.ui.texts import TEXTS, choose_language
+
+from conftest import QA, run, write_jsonl
+
+
+def test_every_text_exists_in_both_languages_with_the_same_placeholders():
+    for key, (english, vietnamese) in TEXTS.items():
+        assert english.strip() and vietnamese.strip(), key
+        assert sorted(re.findall(r"\{\w+\}", english)) == sorted(re.findall(r"\{\w+\}", vietnamese)), key
+
+
+@pytest.mark.parametrize("header, chosen, expected", [
+    ("vi-VN,vi;q=0.9,en-US;q=0.8,en;q=0.7", None, "vi"),
+    ("en-US,en;q=0.9,vi;q=0.8", None, "en"),
+    ("fr-FR,fr;q=0.9,vi;q=0.5", None, "vi"),  # the first language the UI has
+    ("de-DE", None, "en"),
+    (None, None, "en"),
+    ("vi", "en", "en"),  # the switch on the page wins
+    ("en;q=0.5,vi;q=0.9", None, "vi"),  # quality, not order
+])
+def test_language_is_vietnamese_when_the_browser_asks_for_it(header, chosen, expected):
+    assert choose_language(header, chosen) == expected
+
+
+@pytest.fixture
+def client(tmp_path):
+    return TestClient(create_app(tmp_path / "ui"))
+
+
+def test_page_is_rendered_in_the_browsers_language(client):
+    vi = client.get("/", headers={"Accept-Language": "vi-VN,vi;q=0.9"}).text
+    assert '<html lang="vi">' in vi and '"lang": "vi"' in vi
+    en = client.get("/", headers={"Accept-Language": "en-GB"}).text
+    assert '<html lang="en">' in en
+    client.cookies.set("lmtune_lang", "en")  # the switch on the page
+    assert '<html lang="en">' in client.get("/", headers={"Accept-Language": "vi"}).text
+
+
+def test_loopback_needs_no_token_and_other_hosts_get_one():
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    assert access_token("127.0.0.1", None) == (None, False)
+    assert access_token("0.0.0.0", "my-key") == ("my-key", False)
+    token, generated = access_token("0.0.0.0", None)
+    assert generated and len(token) >= 20
+
+
+def test_a_token_guards_every_page_and_a_link_with_it_opens_the_page(tmp_path):
+    client = TestClient(create_app(tmp_path / "ui", token="s3cret"))
+    assert client.get("/api/state").status_code == 401
+    assert client.get("/", headers={"Accept-Language": "vi"}).status_code == 401
+    opened = client.get("/?token=s3cret", follow_redirects=False)
+    assert opened.status_code == 303 and "token" not in opened.headers["location"]
+    assert client.get("/api/state").status_code == 200  # the cookie the link set
+    fresh = TestClient(create_app(tmp_path / "ui", token="s3cret"))
+    assert fresh.get("/api/state", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert fresh.get("/api/state", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def _upload(client, name: str, data: bytes) -> str:
+    response = client.post(f"/api/upload?name={name}", content=data)
+    assert response.status_code == 200
+    return response.json()["path"]
+
+
+def test_bad_data_gets_the_clis_one_line_message(client, tmp_path, capsys):
+    no_columns = tmp_path / "cols.jsonl"
+    no_columns.write_text('{"foo": "a", "bar": "b"}\n', encoding="utf-8")
+    binary = tmp_path / "blob.jsonl"
+    binary.write_bytes(bytes(range(256)) * 4)
+    for source in (no_columns, binary):
+        path = _upload(client, source.name, source.read_bytes())
+        response = client.post("/api/inspect", json={"paths": [path]})
+        code, _, err = run(capsys, "data", "inspect", path)
+        assert response.status_code == 400 and code == 2
+        assert response.json()["error"] == err.strip()  # the same line as `lmtune data inspect`
+        assert "Traceback" not in response.text
+
+
+def test_a_missing_model_gets_the_clis_message(client, tmp_path, capsys):
+    path = _upload(client, "qa.jsonl", Path(write_jsonl(tmp_path / "qa.jsonl", QA)).read_bytes())
+    response = client.post("/api/train/start", json={"model": "./no-such-model", "paths": [path]})
+    code, _, err = run(capsys, "train", "--model", "./no-such-model", "--data", path, "--output-dir", tmp_path / "o")
+    assert response.status_code == 400 and code == 2
+    assert response.json()["error"] == err.strip()
+
+
+def test_the_ui_refuses_files_it_does_not_offer(client, tmp_path):
+    outside = write_jsonl(tmp_path / "elsewhere.jsonl", QA)
+    response = client.post("/api/inspect", json={"paths": [outside]})
+    assert response.status_code == 400 and "not one of the data files" in response.json()["error"]
+    assert client.get("/download/../../etc/passwd").status_code in (400, 404)
