@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..data.template import PromptTemplate
@@ -104,30 +103,24 @@ def check_with_transformers(path: Path, probe: dict, expected: torch.Tensor, qua
 
 def check_with_llama_cpp(path: Path, probe: dict, expected: torch.Tensor, quant: str, tokenizer,
                          template: PromptTemplate, add_bos: bool) -> tuple[LogitCheck, list[str]]:
-    """Logits, tokenization and chat template, each through the real llama.cpp. Returns the logit check and
-    the problems found with tokenization or the template (empty when all agree)."""
+    """Logits, tokenization and chat template, each through the real llama.cpp (in a child process, so a crash
+    of native code is an error message, not the end of the export). Returns the logit check and the problems
+    found with tokenization or the template (empty when all agree)."""
     mask = probe["attention_mask"].bool()
     sequences = [row[m].tolist() for row, m in zip(probe["input_ids"], mask)]
-    llm = llamacpp.load(path, n_ctx=max(64, max(map(len, sequences)) + 16))
-    try:
-        actual = torch.from_numpy(np.concatenate([llamacpp.logits(llm, ids) for ids in sequences]))
-        check = compare("llama.cpp", expected, actual, quant)
-        problems = []
-        for text in TOKENIZE_CHECKS:
-            ours = tokenizer(text, add_special_tokens=False)["input_ids"]
-            theirs = llamacpp.tokenize(llm, text)
-            if ours != theirs:
-                problems.append(f"llama.cpp tokenizes {text!r} as {theirs[:12]}..., training used {ours[:12]}...")
-        expected_ids = template.conversation_ids(tokenizer, CONVERSATION)
-        rendered = llamacpp.render_chat(llm, CONVERSATION)
-        got = llamacpp.tokenize(llm, rendered)
-        if add_bos and got[:1] != [tokenizer.bos_token_id]:
-            got = [tokenizer.bos_token_id] + got
-        if got != expected_ids:
-            problems.append(f"the chat template in the file renders {rendered!r} for a two-turn conversation, which is "
-                            "not the prompt lmtune trains with")
-    finally:
-        llm.close()
+    logits, tokenized, rendered, got = llamacpp.check(path, sequences, TOKENIZE_CHECKS, CONVERSATION)
+    check = compare("llama.cpp", expected, torch.from_numpy(logits), quant)
+    problems = []
+    for text, theirs in zip(TOKENIZE_CHECKS, tokenized):
+        ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ours != theirs:
+            problems.append(f"llama.cpp tokenizes {text!r} as {theirs[:12]}..., training used {ours[:12]}...")
+    expected_ids = template.conversation_ids(tokenizer, CONVERSATION)
+    if add_bos and got[:1] != [tokenizer.bos_token_id]:
+        got = [tokenizer.bos_token_id] + got
+    if got != expected_ids:
+        problems.append(f"the chat template in the file renders {rendered!r} for a two-turn conversation, which is "
+                        "not the prompt lmtune trains with")
     return check, problems
 
 
