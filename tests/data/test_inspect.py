@@ -165,3 +165,28 @@ def test_invalid_lines_and_files_are_counted_by_kind(tmp_path):
     one = tmp_path / "one.jsonl"
     one.write_text('{"question": "a?", "answer": "b"}\n{bad\n', encoding="utf-8")
     assert "- 1 invalid line skipped" in format_report(inspect_data([str(one)], skip_invalid=True))
+
+
+def test_length_advice_stays_within_the_models_context(tmp_path, tiny_llama_dir):
+    """Advice once said "raise --max-length to about 740,066 (p95)" for a model of 8,192 tokens: never beyond the
+    context (the tiny Llama's is 512); past it, only dropping or cutting the long rows helps, and clean does that."""
+    rows = [*QA] + [{"question": f"Giải thích {i}?", "answer": ("Học máy là một nhánh của AI. " * 60).strip()} for i in range(30)]
+    report = inspect_rows(tmp_path, rows, model=tiny_llama_dir, max_length=256)
+    assert report.tokens.context == 512 and report.tokens.lengths.p95 > 512
+    (advice,) = [line for line in report.verdict if "--max-length" in line]
+    assert "raise --max-length to 512 at most (the model's context" in advice
+    assert f"`lmtune data clean --model {tiny_llama_dir} --max-length 512` drops the longer rows" in advice
+    assert f"{report.tokens.lengths.p95:,} (p95)" not in advice
+    report = inspect_rows(tmp_path, rows, model=tiny_llama_dir, max_length=512)
+    (advice,) = [line for line in report.verdict if "--max-length" in line]
+    assert "the model's context is 512 tokens, so no --max-length helps" in advice
+    assert "the model's context: 512" in format_report(report)
+
+
+def test_max_length_without_a_model_is_refused(capsys, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", QA)
+    code, out, err = run(capsys, "data", "inspect", data, "--max-length", 100)
+    assert code == 2 and not out and err.startswith("error: --max-length counts tokens: give --model too")
+    code, out, err = run(capsys, "data", "clean", data, "--output", tmp_path / "o.jsonl", "--max-length", 100)
+    assert code == 2 and err.startswith("error: --max-length counts tokens: give --model too")
+    assert not (tmp_path / "o.jsonl").exists()

@@ -15,7 +15,7 @@ from ..errors import DataError
 from ..outputs import atomic_files
 from .checks import broken_encoding, untidy_whitespace
 from .normalize import CONTROL_RE, digest, is_nfc, near_key, tidy_text
-from .readers import Row, check_not_an_input, iter_rows, resolve_paths
+from .readers import Example, Row, check_not_an_input, iter_rows, resolve_paths
 
 DEDUPE_CHOICES = ("exact", "near")
 
@@ -51,12 +51,15 @@ class CleanReport:
 
 
 class Cleaner:
-    """Decides, row by row, what to keep (tidied) and what to drop (with the reason)."""
+    """Decides, row by row, what to keep (tidied) and what to drop (with the reason).
 
-    def __init__(self, dedupe: str, min_answer_chars: int):
+    `tokens` (an inspect.TokenCounter): drop rows whose training sample (prompt + answer + EOS, or the whole
+    conversation) is longer than its max_length, rather than have training cut their answers."""
+
+    def __init__(self, dedupe: str, min_answer_chars: int, tokens=None):
         if dedupe not in DEDUPE_CHOICES:
             raise DataError(f"--dedupe must be one of {', '.join(DEDUPE_CHOICES)}, got '{dedupe}'")
-        self.dedupe, self.min_answer_chars = dedupe, min_answer_chars
+        self.dedupe, self.min_answer_chars, self.tokens = dedupe, min_answer_chars, tokens
         self._exact: dict[bytes, str] = {}
         self._near: dict[bytes, str] = {}
         self.fixed: Counter = Counter()
@@ -90,6 +93,9 @@ class Cleaner:
             broken = broken_encoding(text)
             if broken:
                 return None, "broken_encoding", broken
+        too_long = self._too_long(Example(question, answer, context, row.where))
+        if too_long:
+            return None, "too_long", too_long
         exact = digest(question, answer, context)
         if exact in self._exact:
             return None, "duplicate", f"same as {self._exact[exact]}"
@@ -113,6 +119,10 @@ class Cleaner:
         if len(contents[-1]) < self.min_answer_chars:
             return None, "short_answer", (f"last answer {len(contents[-1])} characters, fewer than --min-answer-chars "
                                           f"{self.min_answer_chars}")
+        messages = [{**m, "content": c} for m, c in zip(row.messages, contents)]
+        too_long = self._too_long(Example(messages[-2]["content"], messages[-1]["content"], "", row.where, messages))
+        if too_long:
+            return None, "too_long", too_long
         exact = digest(*(f"{m['role']}:{c}" for m, c in zip(row.messages, contents)))
         if exact in self._exact:
             return None, "duplicate", f"same conversation as {self._exact[exact]}"
@@ -127,6 +137,13 @@ class Cleaner:
         text_key = "content" if "content" in record[field_name][0] else "value"
         record[field_name] = [{**turn, text_key: content} for turn, content in zip(record[field_name], contents)]
         return record, "", ""
+
+    def _too_long(self, example: Example) -> str:
+        if self.tokens is None:
+            return ""
+        length = self.tokens.length(example)[1]
+        limit = self.tokens.max_length
+        return f"{length:,} tokens, more than --max-length {limit:,}" if length > limit else ""
 
     def _record(self, row: Row, question: str, answer: str, context: str) -> dict:
         """The input record with its texts replaced; other fields and their order are kept."""
@@ -150,14 +167,27 @@ def clean_data(
     question_field: str = "",
     answer_field: str = "",
     context_field: str = "",
+    model: str = "",
+    max_length: int | None = None,
+    template: str = "auto",
 ) -> CleanReport:
     """Write the kept rows (tidied) to `output` as JSONL and the dropped ones, each with its
-    reason, to `<output stem>.rejects.jsonl`. Both appear only when complete; inputs are never touched."""
+    reason, to `<output stem>.rejects.jsonl`. Both appear only when complete; inputs are never touched.
+
+    With `max_length`, rows whose training sample is longer (in tokens of `model`'s tokenizer, with `template`, as
+    training builds it) are dropped as too_long."""
     out = Path(output)
     if out.suffix.lower() not in (".jsonl", ".json"):
         raise DataError(f"{output}: clean writes JSON Lines; give the output a .jsonl name")
     rejects = rejects_path(out)
-    cleaner = Cleaner(dedupe, min_answer_chars)
+    if max_length is not None and not model:
+        raise DataError("--max-length counts tokens: give --model too (the tokenizer training will use)")
+    tokens = None
+    if max_length is not None:
+        from .inspect import TokenCounter
+
+        tokens = TokenCounter(model, max_length, template)
+    cleaner = Cleaner(dedupe, min_answer_chars, tokens)
     report = CleanReport(str(out), str(rejects))
     unresolved: list[DataError] = []
     files = resolve_paths(paths, unresolved.append if skip_invalid else None)

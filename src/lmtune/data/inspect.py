@@ -105,6 +105,7 @@ class TokenStats:
     prompt_too_long: int  # the prompt alone fills max_length: training drops the sample
     # [low, high, samples] per bin of equal width from the shortest to the longest sample (the UI draws it)
     histogram: list[list[int]] = field(default_factory=list)
+    context: int | None = None  # tokens the model can attend to: no --max-length beyond it helps (None: not known)
 
 
 @dataclass
@@ -157,20 +158,27 @@ class TokenCounter:
         from ..model import load_tokenizer, resolve_source
 
         self.model, self.max_length = model, max_length
-        self.tokenizer = load_tokenizer(resolve_source(model))
+        source = resolve_source(model)
+        self.tokenizer = load_tokenizer(source)
         self.template = PromptTemplate.for_tokenizer(self.tokenizer, template)
+        self.context = model_context(source, self.tokenizer)
         self.lengths: list[int] = []
         self.truncated = self.prompt_too_long = 0
 
-    def add(self, example: Example) -> None:
-        if example.messages is not None:  # a conversation: the sample training builds, at any length
-            sample = tokenize_conversation(example, self.tokenizer, self.template, 1 << 30)[0]
-            self.lengths.append(len(sample["input_ids"]))
-            self.truncated += len(sample["input_ids"]) > self.max_length  # training drops its earliest turns
-            return
+    def length(self, example: Example) -> tuple[int, int]:
+        """(prompt tokens, sample tokens) of the sample training builds from `example`, at any length; a
+        conversation's prompt length is 0 (training cuts it at turn boundaries, never to nothing)."""
+        if example.messages is not None:
+            return 0, len(tokenize_conversation(example, self.tokenizer, self.template, 1 << 30)[0]["input_ids"])
         prompt = len(self.template.prompt_ids(self.tokenizer, example.question, example.context))
-        total = prompt + len(self.template.answer_ids(self.tokenizer, example.answer))
+        return prompt, prompt + len(self.template.answer_ids(self.tokenizer, example.answer))
+
+    def add(self, example: Example) -> None:
+        prompt, total = self.length(example)
         self.lengths.append(total)
+        if example.messages is not None:
+            self.truncated += total > self.max_length  # training drops its earliest turns
+            return
         # The same two conditions as tokenize_example: no room for an answer, or the answer cut.
         if prompt >= self.max_length - 1:
             self.prompt_too_long += 1
@@ -179,7 +187,24 @@ class TokenCounter:
 
     def stats(self) -> TokenStats:
         return TokenStats(self.model, self.max_length, self.template.kind, LengthStats.of(self.lengths),
-                          self.truncated, self.prompt_too_long, histogram(self.lengths))
+                          self.truncated, self.prompt_too_long, histogram(self.lengths), self.context)
+
+
+def model_context(source, tokenizer) -> int | None:
+    """How many tokens the model attends to, from its config (max_position_embeddings and its other names), else
+    the tokenizer's model_max_length; None when neither says (BLOOM's ALiBi has no limit in its config)."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source.path, **source.kwargs())
+    except Exception:  # a tokenizer-only folder, an unknown architecture: only the tokenizer can tell
+        config = None
+    for name in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", 0)
+    return value if isinstance(value, int) and 0 < value < 1_000_000 else None
 
 
 def histogram(values: list[int], bins: int = 12) -> list[list[int]]:
@@ -346,11 +371,24 @@ def verdict(report: InspectReport) -> list[str]:
                      "restore them by hand or drop them; clean keeps them")
     tokens = report.tokens
     if tokens and (tokens.truncated or tokens.prompt_too_long):
-        advice = (f"raise --max-length to about {tokens.lengths.p95:,} (p95)" if tokens.lengths.p95 > tokens.max_length
-                  else "shorten them or raise --max-length")
         lines.append(f"{_n(tokens.truncated, 'sample')} longer than {tokens.max_length} tokens lose their end and EOS, "
-                     f"{_n(tokens.prompt_too_long, 'prompt')} leave no room for an answer: {advice}")
+                     f"{_n(tokens.prompt_too_long, 'prompt')} leave no room for an answer: {_length_advice(tokens)}")
     return lines or ["no problems found: ready to train"]
+
+
+def _length_advice(tokens: TokenStats) -> str:
+    """Raise --max-length as far as the samples need and the model's context allows; beyond the context, only
+    dropping or cutting the long rows helps."""
+    p95, context = tokens.lengths.p95, tokens.context
+    drop = f"`lmtune data clean --model {tokens.model} --max-length {{n}}` drops the longer rows; or cut them at the source"
+    if context is None or p95 <= context:
+        if p95 > tokens.max_length:
+            return f"raise --max-length to about {p95:,} (p95)"
+        return "shorten them, raise --max-length, or drop them: " + drop.format(n=tokens.max_length)
+    if tokens.max_length < context:
+        return (f"raise --max-length to {context:,} at most (the model's context; p95 is {p95:,}) and drop the rows "
+                f"still longer: " + drop.format(n=context))
+    return f"the model's context is {context:,} tokens, so no --max-length helps: " + drop.format(n=context)
 
 
 def format_report(report: InspectReport) -> str:
@@ -370,7 +408,8 @@ def format_report(report: InspectReport) -> str:
         out.append(f"answer length (characters):   {report.answer_chars}")
     if report.tokens:
         t = report.tokens
-        out.append(f"tokens ({t.model}, {t.template} template, prompt + answer + EOS): {t.lengths}")
+        out.append(f"tokens ({t.model}, {t.template} template, prompt + answer + EOS): {t.lengths}"
+                   + (f"; the model's context: {t.context:,}" if t.context else ""))
         out.append(f"  --max-length {t.max_length}: {t.truncated:,} samples truncated, {t.prompt_too_long:,} prompts too long")
     out.append("")
     out.append("checks:")
