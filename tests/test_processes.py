@@ -56,3 +56,14 @@ def test_the_users_thread_count_wins(registry, monkeypatch):
         assert model_module.configure_cpu_threads(log=lambda m: None) == 3
     finally:
         other.kill()
+
+
+def test_a_process_that_stops_computing_leaves_the_cores_to_the_next(registry):
+    import os
+
+    model_module.configure_cpu_threads()
+    assert (registry / str(os.getpid())).is_file()
+    processes.unregister_cpu_user()  # the web UI after an estimate: a training started next takes every core
+    assert not (registry / str(os.getpid())).exists() and processes.other_cpu_users() == []
+    model_module.configure_cpu_threads()  # computing again (a model loaded for a chat): registered again
+    assert (registry / str(os.getpid())).is_file()

@@ -117,4 +117,14 @@ def register_cpu_user() -> None:
     atexit.register(lambda: entry.unlink(missing_ok=True))
 
 
+def unregister_cpu_user() -> None:
+    """This process has stopped computing for now: lmtune processes started from here on may take every core.
+    For a long-lived process that computes now and then (the web UI: an estimate, a chat answer); it registers
+    again the next time it loads a model."""
+    global _REGISTERED
+    if _REGISTERED:
+        (_registry() / str(os.getpid())).unlink(missing_ok=True)
+        _REGISTERED = False
+
+
 _REGISTERED = False

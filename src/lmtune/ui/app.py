@@ -27,6 +27,7 @@ from ..bundled import HELDOUT_DATA, TRAIN_DATA, bundled_path, config_files
 from ..config import ConfigError, GenerateConfig, load_config, load_yaml
 from ..errors import LmtuneError
 from ..outputs import CONFIG_FILE
+from ..processes import unregister_cpu_user
 from .texts import TEXTS, choose_language, text
 from .training import Trainer, TrainingBusy
 
@@ -84,6 +85,8 @@ class Tasks:
                 if not isinstance(e, (LmtuneError, ConfigError)):
                     traceback.print_exc()
                 task["error"], task["state"] = cli_message(e), "failed"
+            finally:  # idle again: a training started next gets every core (processes.configure_cpu_threads)
+                unregister_cpu_user()
 
         threading.Thread(target=target, name=f"lmtune-ui-{kind}", daemon=True).start()
         return task
@@ -374,6 +377,7 @@ def create_app(workdir: str | Path, token: str | None = None) -> FastAPI:
         def work():
             try:
                 loaded = models.get(folder, side)
+                unregister_cpu_user()  # loading registered the UI as computing; it answers for a moment only
                 context = context_length(loaded)
                 ids, dropped = fit_conversation(loaded, history, question, context - answer_reserve(cfg, context))
                 if ids is None:
