@@ -214,11 +214,18 @@ def test_the_whole_job_in_the_browser(page, server, tiny_llama_dir, tmp_path):
         page.wait(lambda: page.find(f"#chat-{side} .msg.assistant:not(.waiting)").text.strip(), timeout=60,
                   what=f"the {side} model's answer")
     page.wait(lambda: page.find("#ask-btn").is_enabled(), what="both answers to end")
-    page.wait(lambda: page.find("#report .report-table"), what="the run's evaluation report")
+    page.wait(lambda: page.find("#report .report-table"), what="the run's validation report")
     page.shot("try-side-by-side")
+    # `lmtune eval` of tuned vs base, from the page, on the uploaded questions
+    Select(page.find("#eval-data")).select_by_visible_text("uploads/hoi_dap.jsonl")
+    page.click("#evaluate-btn")
+    page.wait(lambda: "tinh chỉnh so với gốc" in page.text("#report"), timeout=90, what="the evaluation against the base")
+    assert len(page.d.find_elements(By.CSS_SELECTOR, "#report table.answers tr")) > ROWS  # per question, both reports
 
     # ---- 4. Export: GGUF + Modelfile, downloaded by the browser
     page.tab("export")
+    page.click("#merge-btn")
+    page.wait(lambda: "lmtune chat --model" in page.text("#merge-result"), timeout=60, what="the merge")
     Select(page.find("#quant")).select_by_value("q8_0")
     page.click("#export-btn")
     page.wait(lambda: page.find("#download-gguf"), timeout=90, what="the export")
