@@ -131,3 +131,32 @@ def test_the_data_log_names_only_the_columns_the_file_has(tmp_path, tiny_bloom_d
     prepare_data(train_config(tiny_bloom_dir, write_jsonl(tmp_path / "b.jsonl", rows), tmp_path / "o"), bloom_tokenizer,
                  with_context.append)
     assert "1 pair (columns question='question' answer='answer' context='context');" in with_context[0]
+
+
+def test_dry_run_states_the_whole_run_with_its_validation(tiny_bloom_dir, tmp_path):
+    """The estimate once timed one micro-batch (27 s to 265 s per step between two runs), never gave the run's
+    total and left out the end-of-run validation report (most of 9 minutes in one run)."""
+    from conftest import write_jsonl
+
+    from lmtune.evaluation.evaluate import VALIDATION_REPORT_QUESTIONS
+
+    train_module = importlib.import_module("lmtune.training.train")
+    assert train_module.REPORT_QUESTIONS == VALIDATION_REPORT_QUESTIONS  # the report's own size, not a copy gone stale
+    rows = [{"question": f"Câu hỏi số {i} là gì?", "answer": f"Đây là câu trả lời số {i}."} for i in range(20)]
+    config = train_config(tiny_bloom_dir, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "a",
+                          **{"data.val_size": 0.25, "train.epochs": 2})
+    lines = []
+    estimate = train(config, dry_run=True, log=lines.append).dry_run_estimate
+    assert estimate["micro_batches_timed"] > 1
+    assert estimate["seconds_training"] == pytest.approx(estimate["seconds_per_optimizer_step"] * estimate["optimizer_steps"])
+    assert estimate["validation_report_questions"] == 5 and estimate["seconds_validation_report"] > 0
+    assert estimate["validation_evaluations"] == estimate["optimizer_steps"] == 16 and estimate["seconds_validation_loss"] > 0
+    assert estimate["seconds_total"] == pytest.approx(estimate["seconds_training"] + estimate["seconds_validation_loss"]
+                                                      + estimate["seconds_validation_report"])
+    text = "\n".join(lines)
+    assert "validation report: greedy answers to 5 questions, up to 128 new tokens each, at most " in text
+    assert "  whole run: about " in text and f"{estimate['micro_batches_timed']} micro-batches of 2" in text
+    # Without validation data the total is the training alone.
+    estimate = train(train_config(tiny_bloom_dir, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "a"),
+                     dry_run=True, log=lambda _: None).dry_run_estimate
+    assert estimate["seconds_total"] == estimate["seconds_training"] and estimate["seconds_validation_report"] == 0

@@ -323,34 +323,142 @@ def _training_arguments(config: Config, precision, scratch: Path, use_checkpoint
     )
 
 
-def _estimate_step_time(model, prepared: PreparedData, tokenizer, config: Config, precision) -> dict:
-    """Time real forward+backward passes on two typical micro-batches; extrapolate to an epoch."""
+# The validation report after the run (evaluation.validation_report) asks at most this many questions, in batches of
+# at least this size; kept equal to evaluation's constants (a test checks), which training cannot import.
+REPORT_QUESTIONS, REPORT_MIN_BATCH = 200, 8
+
+
+def _estimate_run_time(model, prepared: PreparedData, tokenizer, config: Config, precision, steps: int) -> dict:
+    """What the run will cost, from real passes on this machine: forward + backward timed on several micro-batches
+    spread over the length range (after an untimed warm-up, which pays one-time costs), scaled to the run's steps;
+    with validation data, the periodic validation loss and the end-of-run validation report (greedy answers: a
+    prefill and decoding steps timed on a batch of validation prompts)."""
     collate = Collator(tokenizer)
     t = config.train
-    by_length = sorted(prepared.samples, key=lambda s: len(s["input_ids"]))
-    middle = len(by_length) // 2
-    batch = collate(by_length[middle : middle + t.batch_size] or by_length[: t.batch_size])
-    device = precision.device
+    device, dtype = precision.device, precision.compute_dtype
+    autocast = lambda: torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
     model.to(device)
-    model.train()
-    timings = []
-    for _ in range(2):
+
+    def to_device(batch):
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def timed(fn) -> float:
         start = time.perf_counter()
-        with torch.autocast(device_type=device, dtype=precision.compute_dtype, enabled=precision.compute_dtype != torch.float32):
-            inputs = {k: v.to(device) for k, v in batch.items()}
+        fn()
+        return time.perf_counter() - start
+
+    def forward_backward(batch) -> None:
+        with autocast():
             lm = causal_lm_of(model)
-            loss = answer_only_loss(lm, **inputs) if supports_answer_only(lm) else model(**inputs).loss
+            loss = answer_only_loss(lm, **batch) if supports_answer_only(lm) else model(**batch).loss
         loss.backward()
-        timings.append(time.perf_counter() - start)
+
+    # group_by_length makes the run's micro-batches runs of similar lengths: time some across the whole range.
+    by_length = sorted(prepared.samples, key=lambda s: len(s["input_ids"]))
+    last = max(0, len(by_length) - t.batch_size)
+    starts = sorted({round(q * last) for q in (0.1, 0.35, 0.65, 0.9)})
+    batches = [to_device(collate(by_length[i : i + t.batch_size])) for i in starts]
+    model.train()
+    forward_backward(batches[len(batches) // 2])  # warm-up
+    per_micro = statistics.mean(timed(lambda b=b: forward_backward(b)) for b in batches)
     model.zero_grad(set_to_none=True)
     micro_batches = math.ceil(len(prepared.samples) / t.batch_size)
-    per_micro = timings[-1]
-    return {
+    per_step = per_micro * t.grad_accum
+    estimate = {
         "seconds_per_micro_batch": per_micro,
-        "seconds_per_optimizer_step": per_micro * t.grad_accum,
+        "micro_batches_timed": len(batches),
+        "seconds_per_optimizer_step": per_step,
         "optimizer_steps_per_epoch": math.ceil(micro_batches / t.grad_accum),
         "seconds_per_epoch": per_micro * micro_batches,
+        "seconds_training": per_step * steps,
+        "validation_evaluations": 0,
+        "seconds_validation_loss": 0.0,
+        "validation_report_questions": 0,
+        "seconds_validation_report": 0.0,
     }
+    if prepared.val_samples:
+        model.eval()
+        with torch.no_grad():
+            val = sorted(prepared.val_samples, key=lambda s: len(s["input_ids"]))
+            val_batch = to_device(collate(val[len(val) // 2 : len(val) // 2 + t.batch_size] or val[: t.batch_size]))
+            with autocast():
+                per_val_batch = timed(lambda: model(**val_batch))
+            every = t.eval_steps or max(1, steps // 10)
+            evaluations = steps // every
+            val_batches = math.ceil(len(val) / t.batch_size)
+            # The report also computes the answer loss once: one more pass over the validation samples.
+            estimate["validation_evaluations"] = evaluations
+            estimate["seconds_validation_loss"] = (evaluations + 1) * val_batches * per_val_batch
+            questions = min(REPORT_QUESTIONS, len(prepared.val_examples))
+            size = max(t.batch_size, REPORT_MIN_BATCH)
+            prefill, per_token = _time_decoding(model, val[:size], tokenizer, device, autocast)
+            estimate["validation_report_questions"] = questions
+            # At most: an answer that ends with EOS earlier costs less.
+            estimate["seconds_validation_report"] = (math.ceil(questions / size)
+                                                     * (prefill + config.generate.max_new_tokens * per_token))
+        model.train()
+    estimate["seconds_total"] = (estimate["seconds_training"] + estimate["seconds_validation_loss"]
+                                 + estimate["seconds_validation_report"])
+    return estimate
+
+
+def _time_decoding(model, samples: list[dict], tokenizer, device: str, autocast, steps: int = 4) -> tuple[float, float]:
+    """(seconds of the prefill, seconds per new token) for a batch of these samples' prompts, left padded, over a
+    KV cache with the last position's logits, as inference.decode generates (which training cannot import)."""
+    from transformers import DynamicCache
+
+    prompts = [[i for i, label in zip(s["input_ids"], s["labels"]) if label == -100] or s["input_ids"][:1] for s in samples]
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    network = causal_lm_of(model)
+    cache = DynamicCache(config=network.config)
+    takes_positions = getattr(network.config, "model_type", "") != "bloom"  # BLOOM (ALiBi) takes no position_ids
+
+    def forward(tokens, pos):
+        kwargs = {"position_ids": pos} if takes_positions else {}
+        out = model(input_ids=tokens, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    with autocast():
+        start = time.perf_counter()
+        token = forward(ids, positions)
+        prefill = time.perf_counter() - start
+        positions = positions[:, -1:]
+        start = time.perf_counter()
+        for _ in range(steps):
+            positions = positions + 1
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            token = forward(token, positions)
+    return prefill, (time.perf_counter() - start) / steps
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3 min 05 s', '1 h 20 min'."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _describe_estimate(e: dict, prepared: PreparedData, steps: int, config: Config) -> str:
+    t = config.train
+    lines = [f"dry run: {len(prepared.samples)} samples, {prepared.token_report.tokens} tokens, {steps} optimizer steps",
+             f"  training: about {e['seconds_per_optimizer_step']:.2f} s per step (forward + backward timed on "
+             f"{e['micro_batches_timed']} micro-batches of {t.batch_size}, x{t.grad_accum} per step), "
+             f"{duration(e['seconds_per_epoch'])} per epoch, {duration(e['seconds_training'])} for the run"]
+    if prepared.val_samples:
+        lines.append(f"  validation loss: {e['validation_evaluations']} evaluations of {len(prepared.val_samples)} samples "
+                     f"and one for the report, about {duration(e['seconds_validation_loss'])}")
+        lines.append(f"  validation report: greedy answers to {e['validation_report_questions']} questions, up to "
+                     f"{config.generate.max_new_tokens} new tokens each, at most {duration(e['seconds_validation_report'])}")
+    lines.append(f"  whole run: about {duration(e['seconds_total'])} (this machine, now; another process computing "
+                 f"beside it slows it down)")
+    return "\n".join(lines)
 
 
 def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = print) -> TrainResult:
@@ -409,11 +517,8 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         steps = total_steps(config, len(prepared.samples), plan.processes)
 
         if dry_run:
-            estimate = _estimate_step_time(model, prepared, tokenizer, config, precision)
-            log(
-                f"dry run: {len(prepared.samples)} samples, {prepared.token_report.tokens} tokens, {steps} optimizer steps;"
-                f" about {estimate['seconds_per_optimizer_step']:.2f} s per step, {estimate['seconds_per_epoch']:.1f} s per epoch"
-            )
+            estimate = _estimate_run_time(model, prepared, tokenizer, config, precision, steps)
+            log(_describe_estimate(estimate, prepared, steps, config))
             return TrainResult(output_dir="", steps=steps, dry_run_estimate={**estimate, "samples": len(prepared.samples),
                                                                               "tokens": prepared.token_report.tokens, "optimizer_steps": steps})
 
