@@ -10,7 +10,9 @@ converter behaviour mirrored (checked against llama.cpp as vendored by llama-cpp
 * BLOOM's fused query_key_value rows regrouped from per-head [q,k,v] to [all q, all k, all v];
 * the hyperparameter keys per architecture, and the vocabulary (`get_vocab_base`);
 * the pre-tokenizer name (`get_vocab_base_pre`), found by hashing the tokenizer's ids on the converter's
-  test string.
+  test string;
+* SentencePiece vocabularies (Llama 2, Mistral v0.1 to v0.3, TinyLlama) as llama.cpp's "llama" tokenizer
+  (`_set_vocab_sentencepiece` / `_create_vocab_sentencepiece`, and `_set_vocab_llama_hf` without tokenizer.model).
 
 The file also carries the prompt template the model was trained with (see `plain_chat_template`).
 """
@@ -18,6 +20,7 @@ The file also carries the prompt template the model was trained with (see `plain
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -309,15 +312,53 @@ def _backend(tokenizer) -> dict:
     return json.loads(backend.to_str())
 
 
-def _is_byte_level(spec: dict) -> bool:
-    def has(node) -> bool:
-        if isinstance(node, dict):
-            return node.get("type") == "ByteLevel" or any(has(v) for v in node.values())
-        if isinstance(node, list):
-            return any(has(v) for v in node)
-        return False
+def _has(node, test) -> bool:
+    if isinstance(node, dict):
+        return test(node) or any(_has(v, test) for v in node.values())
+    if isinstance(node, list):
+        return any(_has(v, test) for v in node)
+    return False
 
-    return spec.get("model", {}).get("type") == "BPE" and has(spec.get("pre_tokenizer")) and has(spec.get("decoder"))
+
+def _is_byte_level(spec: dict) -> bool:
+    def byte_level(node: dict) -> bool:
+        return node.get("type") == "ByteLevel"
+
+    return spec.get("model", {}).get("type") == "BPE" and _has(spec.get("pre_tokenizer"), byte_level) and _has(spec.get("decoder"), byte_level)
+
+
+def _spaces_as_metaspace(node: dict) -> bool:
+    # SentencePiece's "▁" for spaces: transformers' converted Llama tokenizers use a Metaspace pre-tokenizer
+    # (transformers 5) or a Replace(" ", "▁") normalizer (the tokenizer.json files of Llama 2 and Mistral).
+    return node.get("type") == "Metaspace" or (node.get("type") == "Replace" and node.get("content") == "\u2581")
+
+
+def _is_sentencepiece_bpe(spec: dict) -> bool:
+    """A SentencePiece BPE vocabulary as transformers holds it: BPE over characters with byte fallback (<0x0A>)
+    and spaces spelled "▁". llama.cpp's "llama" tokenizer runs exactly this algorithm; it has none that
+    reproduces a SentencePiece Unigram model (T5-style) in its "llama" type."""
+    model = spec.get("model", {})
+    return (model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+            and (_has(spec.get("pre_tokenizer"), _spaces_as_metaspace) or _has(spec.get("normalizer"), _spaces_as_metaspace)))
+
+
+def _adds_space_prefix(spec: dict) -> bool:
+    """Whether the tokenizer puts "▁" before the text, as llama.cpp's tokenizer.ggml.add_space_prefix says."""
+    def prefixing(node: dict) -> bool:
+        if node.get("type") == "Metaspace":
+            return node.get("prepend_scheme", "always" if node.get("add_prefix_space", True) else "never") != "never"
+        return node.get("type") == "Prepend" and node.get("prepend") == "\u2581"
+
+    return _has(spec.get("pre_tokenizer"), prefixing) or _has(spec.get("normalizer"), prefixing)
+
+
+def sentencepiece_space_prefix(tokenizer) -> bool | None:
+    """None for a tokenizer exported as a byte-level BPE; for a SentencePiece one, whether it puts "▁" before text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    return _adds_space_prefix(spec) if _is_sentencepiece_bpe(spec) else None
 
 
 def _adds(tokenizer, token_id: int | None, first: bool) -> bool:
@@ -327,20 +368,65 @@ def _adds(tokenizer, token_id: int | None, first: bool) -> bool:
     return bool(ids) and (ids[0] if first else ids[-1]) == token_id
 
 
+def _looks_special(token: str) -> bool:
+    """The converter's does_token_look_special: added tokens some models forget to flag special."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<｜") and token.endswith("｜>")) or (token.startswith("<unused") and token.endswith(">")))
+
+
 def _add_vocabulary(writer, tokenizer, vocab_size: int) -> str:
-    """Tokens, types, merges, special ids: the converter's get_vocab_base + SpecialVocab, from the loaded
-    tokenizer (the one training used) rather than from files in a folder. Returns the pre-tokenizer name."""
+    """Tokens, types, merges (or scores), special ids: the converter's get_vocab_base + SpecialVocab, from the
+    loaded tokenizer (the one training used) rather than from files in a folder. Returns the pre-tokenizer name."""
     import gguf
 
     spec = _backend(tokenizer)
-    if not _is_byte_level(spec):
-        model_type = spec.get("model", {}).get("type")
-        raise ExportError(f"GGUF export supports byte-level BPE tokenizers (BLOOM, SmolLM2, Qwen2, Llama 3); this one is "
-                          f"{model_type} without byte-level pre-tokenization (e.g. SentencePiece), which is not supported yet")
+    sentencepiece = _is_sentencepiece_bpe(spec)
+    if not sentencepiece and not _is_byte_level(spec):
+        model = spec.get("model", {})
+        kind = "SentencePiece Unigram (T5-style)" if model.get("type") == "Unigram" else \
+            f"{model.get('type')}{' without byte fallback' if model.get('type') == 'BPE' else ''}"
+        raise ExportError(f"GGUF export supports byte-level BPE tokenizers (BLOOM, SmolLM2, Qwen2, Llama 3) and SentencePiece "
+                          f"BPE ones (Llama 2, Mistral v0.1-v0.3, TinyLlama); this one is {kind}, which llama.cpp's tokenizers "
+                          "would not split as training did")
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise ExportError(f"GGUF export: the tokenizer has ids up to {max(vocab.values())} but the model only "
                           f"{vocab_size} embedding rows")
+    if sentencepiece:
+        pre = "default"
+        tokens, scores, types = _sentencepiece_vocabulary(tokenizer, spec, vocab_size)
+        # Mirrors the converter's _set_vocab_sentencepiece: model "llama", pre-tokenizer "default", scores, no merges
+        # (llama.cpp's "llama" tokenizer merges by token score). add_space_prefix is written as the tokenizer does it
+        # (LlamaModel.set_vocab writes it from tokenizer_config.json's add_prefix_space when that is set).
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(_adds_space_prefix(spec))
+    else:
+        pre = pre_tokenizer_name(tokenizer)
+        tokens, types = _byte_level_vocabulary(tokenizer, vocab, vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        merges = spec["model"].get("merges") or []
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    for kind, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                           ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    # Written explicitly: llama.cpp's default (BOS on for SentencePiece, per model for BPE) would otherwise decide
+    # whether a BOS starts every prompt, and a BOS training never saw (or a missing one) changes every answer.
+    writer.add_add_bos_token(_adds(tokenizer, tokenizer.bos_token_id, first=True))
+    writer.add_add_eos_token(_adds(tokenizer, tokenizer.eos_token_id, first=False))
+    return pre
+
+
+def _byte_level_vocabulary(tokenizer, vocab: dict[str, int], vocab_size: int):
+    import gguf
+
     reverse = {index: token for token, index in vocab.items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
@@ -356,22 +442,87 @@ def _add_vocabulary(writer, tokenizer, vocab_size: int) -> str:
         else:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
-    pre = pre_tokenizer_name(tokenizer)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    merges = spec["model"].get("merges") or []
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    for kind, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
-                           ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
-        if token_id is not None:
-            getattr(writer, f"add_{kind}_token_id")(token_id)
-    # Written explicitly: llama.cpp's default for BPE vocabularies would otherwise decide whether a BOS starts
-    # every prompt, and a BOS training never saw changes every answer.
-    writer.add_add_bos_token(_adds(tokenizer, tokenizer.bos_token_id, first=True))
-    writer.add_add_eos_token(_adds(tokenizer, tokenizer.eos_token_id, first=False))
-    return pre
+    return tokens, types
+
+
+def _sentencepiece_model(tokenizer, pieces: dict[str, int]):
+    """The tokenizer's own SentencePiece model file (tokenizer.model, beside a Llama 2 or Mistral checkpoint), loaded,
+    if there is one, the `sentencepiece` package is installed, and its pieces are the tokenizer's (ids included)."""
+    candidates = [getattr(tokenizer, "vocab_file", None), tokenizer.init_kwargs.get("vocab_file")]
+    if tokenizer.name_or_path:
+        candidates.append(Path(tokenizer.name_or_path) / "tokenizer.model")
+    path = next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+    if path is None:
+        return None
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        return None  # the scores are rebuilt from the merges instead, and the check proves the tokenization
+    model = SentencePieceProcessor()
+    try:
+        model.LoadFromFile(str(path))
+    except (OSError, RuntimeError):
+        return None
+    same = all(pieces.get(model.IdToPiece(i), i) == i for i in range(model.vocab_size()))
+    return model if same and model.vocab_size() <= len(pieces) else None
+
+
+def _sentencepiece_vocabulary(tokenizer, spec: dict, vocab_size: int):
+    """(tokens, scores, types) of a SentencePiece BPE vocabulary, as the converter's _create_vocab_sentencepiece makes
+    them from tokenizer.model: rows without a token are "[PAD<id>]" (UNUSED, score -10000); each piece has its score
+    and its type (UNKNOWN, CONTROL, UNUSED, BYTE for "<0x0A>"-style byte pieces, NORMAL); then every added token of the
+    tokenizer (transformers' added_tokens_decoder, which is what the converter reads from tokenizer_config.json)
+    overrides its row with score -1000, as CONTROL when special (or looking special), else USER_DEFINED with "▁"
+    spelled as a space.
+
+    Without tokenizer.model (transformers 5 saves tokenizer.json only, so every folder lmtune merges has none),
+    the converter falls back to _set_vocab_llama_hf (gguf's LlamaHfVocab), which gives every token the score -1000.
+    That is not followed here: llama.cpp's "llama" tokenizer merges the adjacent pair whose joined token scores
+    highest, so equal scores would merge left to right. Each token's score is instead minus the rank of the first
+    merge that makes it: the order in which transformers' BPE (and SentencePiece, whose merges transformers built
+    from these very scores) makes tokens. The export's llama.cpp check proves the result tokenizes like training.
+    """
+    import gguf
+
+    pieces: dict[str, int] = spec["model"]["vocab"]
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    model = _sentencepiece_model(tokenizer, pieces)
+    if model is not None:
+        for i in range(min(model.vocab_size(), vocab_size)):
+            tokens[i], scores[i] = model.IdToPiece(i), model.GetScore(i)
+            types[i] = (gguf.TokenType.UNKNOWN if model.IsUnknown(i) else gguf.TokenType.CONTROL if model.IsControl(i)
+                        else gguf.TokenType.UNUSED if model.IsUnused(i) else gguf.TokenType.BYTE if model.IsByte(i)
+                        else gguf.TokenType.NORMAL)
+    else:
+        merges = spec["model"].get("merges") or []
+        rank: dict[str, int] = {}
+        for number, merge in enumerate(merges):
+            left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+            rank.setdefault(left + right, number)
+        specials = set(tokenizer.all_special_ids)
+        for piece, i in pieces.items():
+            tokens[i] = piece
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                types[i], scores[i] = gguf.TokenType.BYTE, 0.0
+            elif i == tokenizer.unk_token_id:
+                types[i], scores[i] = gguf.TokenType.UNKNOWN, 0.0
+            elif i in specials:
+                types[i], scores[i] = gguf.TokenType.CONTROL, 0.0
+            else:
+                # Single characters are never a merge's result; below every merged token, they are never preferred.
+                types[i], scores[i] = gguf.TokenType.NORMAL, -float(rank.get(piece, len(merges)))
+    for i, added in tokenizer.added_tokens_decoder.items():
+        token = added.content
+        if added.special or _looks_special(token):
+            types[i] = gguf.TokenType.CONTROL
+        else:
+            token = token.replace("\u2581", " ")  # the converter pre-normalizes user-defined spaces
+            types[i] = gguf.TokenType.USER_DEFINED
+        scores[i] = -1000.0
+        tokens[i] = token
+    return tokens, scores, types
 
 
 # ---------------------------------------------------------------- the prompt template

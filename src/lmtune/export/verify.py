@@ -12,6 +12,7 @@ QKV) moves the distribution far more.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from ..data.template import PromptTemplate
 from ..errors import LmtuneError
 from . import llamacpp
+from .gguf import sentencepiece_space_prefix
 
 # Mean KL(merged || file) per probe token allowed for each quant type, for the worse of the two readers (llama.cpp
 # also rounds activations to 8 bits in its quantized dot products, so it sits above transformers). Measured:
@@ -75,9 +77,35 @@ def compare(reader: str, expected: torch.Tensor, actual: torch.Tensor, quant: st
 def runtime_ids(tokenizer, text: str, add_bos: bool) -> list[int]:
     """Ids a runtime (llama.cpp, Ollama) feeds for a rendered chat: special tokens parsed, and BOS in front when
     the vocabulary asks for one and the text does not already start with it."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    space_prefix = sentencepiece_space_prefix(tokenizer)
+    if space_prefix is None:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = llama_cpp_sentencepiece_ids(tokenizer, text, space_prefix)
     if add_bos and tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
         ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def llama_cpp_sentencepiece_ids(tokenizer, text: str, space_prefix: bool) -> list[int]:
+    """How llama.cpp tokenizes text with a SentencePiece vocabulary (llama-vocab.cpp, LLAMA_VOCAB_TYPE_SPM), which
+    is not always how transformers does: the text is cut at added tokens; every piece of text that starts the
+    text or follows an added token gets a space in front (transformers 5's Llama tokenizers prefix only the
+    start of the text, and not when it already starts with a space); spaces become "▁"; then BPE runs over
+    the whole piece."""
+    added = tokenizer.added_tokens_encoder
+    model = tokenizer.backend_tokenizer.model
+    ids: list[int] = []
+    after_added = True
+    pattern = "|".join(re.escape(token) for token in sorted(added, key=len, reverse=True))
+    for piece in (re.split(f"({pattern})", text) if pattern else [text]):
+        if piece in added:
+            ids.append(added[piece])
+            after_added = True
+        elif piece:
+            piece = (" " if space_prefix and after_added else "") + piece
+            ids += [token.id for token in model.tokenize(piece.replace(" ", "\u2581"))]
+            after_added = False
     return ids
 
 
