@@ -455,7 +455,9 @@ def create_app(loaded: LoadedModel, worker: BatchWorker, model_id: str, defaults
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "queued_rows": worker.queue.qsize(), "busy_rows": worker.busy_rows}
+        # cancelled_rows: answers stopped because their client left (a soak test checks they stop, not run on)
+        return {"status": "ok", "model": model_id, "queued_rows": worker.queue.qsize(), "busy_rows": worker.busy_rows,
+                "cancelled_rows": getattr(worker, "cancelled_rows", 0)}
 
     @app.get("/v1/models")
     async def models():
@@ -510,11 +512,13 @@ def model_id_for(model: str | None, adapter: str | None) -> str:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """Bind before printing, so the printed URL is one that already accepts connections (port 0 = any free one)."""
+    """Bind and listen before printing, so the printed URL is one that already accepts connections (port 0 = any
+    free one): a client that connects before the server loop runs waits in the backlog instead of being refused."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # uvicorn's default backlog
     return sock
 
 
