@@ -158,6 +158,9 @@ def _add_train_flags(p: argparse.ArgumentParser, model_required: bool, quickstar
                                                 f"{defaults.train.epochs:g} without one)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps instead of counting epochs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print every training log entry (loss, learning rate, gradient norm, ...) as it comes; "
+                        "they are always in train_log.jsonl")
     p.add_argument("--resume", nargs="?", const=True, metavar="DIR",
                    help="continue an interrupted run from its newest complete checkpoint (in <output-dir>.partial, "
                         "or DIR: a run folder or one checkpoint in it); the other settings must be the same")
@@ -175,7 +178,7 @@ def cmd_train(args, extra) -> int:
         raise ConfigError(["data.paths is empty: pass --data FILE"])
     if not args.dry_run and not config.train.output_dir:
         raise ConfigError(["train.output_dir is empty: pass --output-dir"])
-    result = train(config, dry_run=args.dry_run)
+    result = train(config, dry_run=args.dry_run, verbose=args.verbose)
     if not args.dry_run:
         validation_report(result, config.generate, config.train.batch_size)
     return 0
@@ -548,6 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     args.command_flags = _flags_of(parser, args)
+    if not sys.stderr.isatty():
+        # Progress bars redraw a line with carriage returns and cursor-up escapes: in a log file they are noise.
+        # transformers and huggingface_hub both read this before their first bar; lmtune's own bars and lines
+        # choose plain lines for themselves.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if args.command in ("merge", "data", "eval", "export", "ui") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # Under torchrun every process meets the same user error; one copy of the message is enough.

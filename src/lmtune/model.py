@@ -5,6 +5,7 @@ Also picks device and precision, and attaches LoRA with the right target modules
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -288,9 +289,11 @@ def load_model(source: ModelSource, trust_remote_code: bool = False, dtype: torc
     # GGUF files are read by their own loader, which this switch does not touch.
     safety = {} if source.gguf_file else {"use_safetensors": None if allow_pickle else True}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype, trust_remote_code=trust_remote_code, **safety, **source.kwargs(), **load_kwargs
-        )
+        with _gguf_loading(source):
+            model = AutoModelForCausalLM.from_pretrained(
+                source.path, dtype=dtype, trust_remote_code=trust_remote_code, **safety, **source.kwargs(),
+                **_gguf_dense(source), **load_kwargs
+            )
     except (OSError, ValueError) as e:
         if not allow_pickle and "use_safetensors" in str(e):
             raise pickle_refused_on_hub(source.path) from None
@@ -320,6 +323,65 @@ def use_fused_gelu(model) -> int:
                 setattr(parent, name, torch.nn.GELU(approximate="tanh"))
                 swapped += 1
     return swapped
+
+
+def _gguf_dense(source: ModelSource) -> dict:
+    """Ask transformers for a GGUF file's weights unpacked into plain tensors, which is what lmtune trains and runs.
+    Without saying so, transformers assumes packed weights and warns that a dtype other than float32 will be slow
+    (a warning that does not apply to dense weights)."""
+    if not source.gguf_file:
+        return {}
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # a transformers without packed GGUF support: it always unpacks
+        return {}
+    return {"quantization_config": GgufConfig(gguf_file=source.gguf_file, dequantize=True)}
+
+
+@contextlib.contextmanager
+def _gguf_loading(source: ModelSource):
+    """One progress bar while a GGUF file loads: transformers shows a bar for de-quantizing its tensors (the slow
+    part, on tqdm of its own) and then a second one for placing them; the first becomes "loading <file>" (shown on a
+    terminal only), the second is not shown."""
+    if not source.gguf_file:
+        yield
+        return
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    real_tqdm, bars_on = getattr(gguf_utils, "tqdm", None), hf_logging.is_progress_bar_enabled()
+    gguf_utils.tqdm = lambda iterable, **_: tqdm(iterable, desc=f"loading {source.gguf_file}", unit=" tensors",
+                                                  disable=None, leave=False)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if real_tqdm is not None:
+            gguf_utils.tqdm = real_tqdm
+        if bars_on:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def peft_wrapping():
+    """peft asks every model it wraps `is_gradient_checkpointing`, which transformers 5 deprecated (FutureWarning on
+    each call); the question and its answer are peft's business, not the user's. Only that warning is hidden."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
+def adapter_saving():
+    """peft, saving an adapter, fetches the base's config.json to learn whether the vocabulary changed; for a base
+    that is a GGUF file (or a hub id offline) it cannot, and warns that it will assume the vocabulary unchanged.
+    lmtune never changes a vocabulary (no tokens added, no embeddings resized), so the assumption is right and that
+    one warning is hidden; its others (embedding layers targeted, ...) still show."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Could not find a config file in .* - will assume that the "
+                                                  r"vocabulary was not modified")
+        yield
 
 
 def _forget_gguf_quantization(model) -> None:
@@ -410,7 +472,8 @@ def add_lora(model, r: int, alpha: int, dropout: float, bias: str, target_module
         ensure_weight_tying=bool(modules_to_save) and _tied_embeddings(model),
     )
     # No prepare_model_for_kbit_training here: the model is not quantized (the tutorial's defect 8).
-    model = get_peft_model(model, config)
+    with peft_wrapping():
+        model = get_peft_model(model, config)
     # peft keeps LoRA weights in fp32, but the trained copies of modules_to_save take the base's dtype (bf16 when the
     # frozen weights are stored in bf16): AdamW updates need fp32, as the adapters have.
     for param in model.parameters():
@@ -495,7 +558,8 @@ def apply_adapter(network, adapter: str | Path, base_name: str):
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(network, str(adapter))
+        with peft_wrapping():
+            return PeftModel.from_pretrained(network, str(adapter))
     except (RuntimeError, ValueError) as e:
         if "size mismatch" not in str(e) and "not found in the base model" not in str(e):
             raise

@@ -160,3 +160,38 @@ def test_dry_run_states_the_whole_run_with_its_validation(tiny_bloom_dir, tmp_pa
     estimate = train(train_config(tiny_bloom_dir, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "a"),
                      dry_run=True, log=lambda _: None).dry_run_estimate
     assert estimate["seconds_total"] == estimate["seconds_training"] and estimate["seconds_validation_report"] == 0
+
+
+def test_a_short_run_and_its_merge_print_a_console_a_person_can_read(tiny_llama_dir, tmp_path):
+    """Real processes whose output goes to files (not a terminal): no warning a user cannot act on, no cursor-up
+    escapes from progress bars, no raw per-step dictionaries (those are in train_log.jsonl); plain progress lines."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", QA * 3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+
+    def lmtune(*args):
+        result = subprocess.run([sys.executable, "-m", "lmtune", *map(str, args)], capture_output=True, text=True,
+                                env=env, timeout=600)
+        assert result.returncode == 0, result.stderr
+        return result.stdout, result.stderr
+
+    out, err = lmtune("train", "--model", tiny_llama_dir, "--data", data, "--output-dir", tmp_path / "a", "--max-steps", 4,
+                      "--batch-size", 2, "--grad-accum", 1, "--val-size", 2)
+    merged_out, merged_err = lmtune("merge", "--adapter", tmp_path / "a", "--output-dir", tmp_path / "m")
+    for text in (out + err, merged_out + merged_err):
+        assert not [line for line in text.splitlines() if "Warning" in line or "warning" in line.split(":")[0]], text
+        assert "\x1b[" not in text and "\r" not in text
+        assert "{'loss'" not in text and "'learning_rate'" not in text and "train_runtime" not in text
+    assert "step 4/4: loss " in err and ", lr " in err and " tok/s " in err and "ETA" in err
+    assert "validation loss " in err
+    logged = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in logged if "loss" in e] == [1, 2, 3, 4]
+    out, err = lmtune("train", "--model", tiny_llama_dir, "--data", data, "--output-dir", tmp_path / "b", "--max-steps", 1,
+                      "--batch-size", 2, "--grad-accum", 1, "--verbose")
+    assert "'learning_rate'" in err  # --verbose shows the entries too

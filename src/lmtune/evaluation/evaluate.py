@@ -82,7 +82,8 @@ def evaluate_model(loaded: LoadedModel, examples: list[Example], cfg: GenerateCo
     # A conversation is asked its last question after the earlier turns, as chat would ask it.
     questions = [e.messages[:-1] if e.messages else loaded.template.user_text(e.question, e.context) for e in examples]
     answers: list[Answer] = []
-    for start in tqdm(range(0, len(questions), batch_size), desc=f"answering with the {label} model", unit="batch"):
+    for start in tqdm(range(0, len(questions), batch_size), desc=f"answering with the {label} model", unit="batch",
+                      disable=None):  # a bar on a terminal only: in a log file its redraws are noise
         answers += generate_batch(loaded, questions[start : start + batch_size], cfg, batch_size=batch_size)
     scores = score_texts([a.text for a in answers], [e.answer for e in examples], [a.stopped_at_eos for a in answers])
     return ModelEval(label, loss, scores, answers)

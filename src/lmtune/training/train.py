@@ -28,6 +28,7 @@ from ..data.tokenize import TokenizeReport, tokenize_examples
 from ..errors import LmtuneError, TrainingInterrupted
 from ..model import (
     MUTATING_INITS,
+    adapter_saving,
     add_lora,
     choose_precision,
     configure_cpu_threads,
@@ -190,7 +191,7 @@ class _LossLog:
 
 
 def build_trainer(config: Config, model, tokenizer, samples: list[dict], precision, scratch: Path, callbacks=(),
-                  val_samples: list[dict] | None = None):
+                  val_samples: list[dict] | None = None, verbose: bool = False):
     """The Trainer lmtune trains with: answer-only loss, dynamic padding with the label-contract check,
     and with validation samples: periodic validation loss, best adapter kept, optional early stopping."""
     from transformers import EarlyStoppingCallback
@@ -205,7 +206,7 @@ def build_trainer(config: Config, model, tokenizer, samples: list[dict], precisi
     if config.train.report_to == "tensorboard" and processes.is_main_process():
         callbacks.append(_tensorboard_callback(scratch / TENSORBOARD_DIR))
     Trainer = make_trainer_class(config.train.loraplus_lr_ratio)
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=_training_arguments(config, precision, scratch, use_checkpointing, len(samples), bool(val_samples)),
         train_dataset=samples,
@@ -213,6 +214,16 @@ def build_trainer(config: Config, model, tokenizer, samples: list[dict], precisi
         data_collator=Collator(tokenizer),
         callbacks=callbacks,
     )
+    # The Trainer's console (a raw dictionary per step, a bar per evaluation) gives way to one bar with the figures.
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from .console import ConsoleProgress
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if processes.is_main_process():
+        trainer.add_callback(ConsoleProgress(verbose))
+    return trainer
 
 
 TENSORBOARD_DIR = "tensorboard"
@@ -317,6 +328,8 @@ def _training_arguments(config: Config, precision, scratch: Path, use_checkpoint
         restore_callback_states_from_checkpoint=True,
         activation_checkpointing=use_checkpointing,
         dataloader_num_workers=0,
+        disable_tqdm=True,  # training.console shows the progress
+        include_num_input_tokens_seen="non_padding",  # for the tokens/s it shows
         # DDP: every LoRA weight takes part in every forward pass, so skip the search for unused ones
         # (an extra walk of the autograd graph per step).
         ddp_find_unused_parameters=False,
@@ -461,8 +474,10 @@ def _describe_estimate(e: dict, prepared: PreparedData, steps: int, config: Conf
     return "\n".join(lines)
 
 
-def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = print) -> TrainResult:
-    """Fine-tune `config.model` with LoRA on `config.data`; write the adapter to `config.train.output_dir`."""
+def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = print, verbose: bool = False) -> TrainResult:
+    """Fine-tune `config.model` with LoRA on `config.data`; write the adapter to `config.train.output_dir`.
+
+    `verbose`: every log entry (loss, learning rate, gradient norm, ...) on screen too; it is always in train_log.jsonl."""
     main = processes.is_main_process()  # under torchrun / accelerate launch only rank 0 prints and writes
     if not main:
         log = processes.quiet
@@ -529,7 +544,9 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
     if main:
         run.start(replace(config, train=replace(t, resume=False)), log)
     try:
-        result = _train_in(run, config, model, tokenizer, prepared, precision, steps, started, start_clock, log)
+        with adapter_saving():
+            result = _train_in(run, config, model, tokenizer, prepared, precision, steps, started, start_clock, log,
+                               verbose)
     except BaseException as error:
         if not main:
             raise
@@ -548,7 +565,7 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
 
 
 def _train_in(run: RunFolder, config: Config, model, tokenizer, prepared: PreparedData, precision, steps: int,
-              started: str, start_clock: float, log) -> TrainResult:
+              started: str, start_clock: float, log, verbose: bool = False) -> TrainResult:
     """Train, writing everything into the run folder; raises TrainingInterrupted after a graceful stop."""
     t = config.train
     out = run.partial
@@ -560,7 +577,8 @@ def _train_in(run: RunFolder, config: Config, model, tokenizer, prepared: Prepar
         save_initial_adapter(model, out / INITIAL_ADAPTER_DIR)
     with GracefulStop(log) as stop:
         callbacks = [loss_log.make_callback(), checkpoint_callback(stop, out, t.checkpoint_minutes, t.keep_checkpoints)]
-        trainer = build_trainer(config, model, tokenizer, prepared.samples, precision, out, callbacks, prepared.val_samples)
+        trainer = build_trainer(config, model, tokenizer, prepared.samples, precision, out, callbacks, prepared.val_samples,
+                                verbose)
         if run.resume_from:
             log(f"resume: continuing from {run.resume_from} (step {resume_step} of {steps})")
         plan = distributed.batch_plan(t.batch_size, t.grad_accum, 0, processes.world_size())
