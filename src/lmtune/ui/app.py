@@ -12,7 +12,6 @@ import hmac
 import json
 import queue
 import re
-import sys
 import threading
 import traceback
 import uuid
@@ -321,7 +320,10 @@ def create_app(workdir: str | Path, token: str | None = None) -> FastAPI:
         existing = trainer.runs_dir / name
         if existing.exists() or (trainer.runs_dir / f"{name}.ui.json").exists():
             raise LmtuneError(f"{existing} already exists; choose another run name")
-        trainer.start(name, flags)
+        try:
+            trainer.start(name, flags)
+        except TrainingBusy:  # another start won the race since the check above
+            raise busy() from None
         return trainer.status()
 
     def busy() -> UserError:

@@ -166,6 +166,7 @@ TEXTS: dict[str, tuple[str, str]] = {
     "m_eos_rate": ("ended with EOS %", "kết thúc bằng EOS %"),
     "m_length_ratio": ("length / reference", "độ dài / tham chiếu"),
     "per_question": ("Answers per question", "Câu trả lời từng câu hỏi"),
+    "question_col": ("Question", "Câu hỏi"),
     "reference": ("reference", "đáp án tham chiếu"),
     # export
     "export_intro": ("Merge the adapter into the model, and write one GGUF file (llama.cpp, Ollama, LM Studio) with an Ollama Modelfile.",

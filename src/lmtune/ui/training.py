@@ -192,8 +192,11 @@ class Trainer:
     def status(self, name: str | None = None) -> dict:
         """What the page shows: state, step of total, loss points, learning rate, tokens/s, time left, console tail."""
         run = self.run if name is None or (self.run and self.run.name == name) else self.find(name)
-        if run is None:
-            return {"state": "idle"}
+        if run is None:  # a UI started again: show the newest run it finds
+            newest = self.runs()
+            if not newest:
+                return {"state": "idle"}
+            run = self.find(newest[0]["name"])
         current = run is self.run
         alive = current and self.running()
         console = run.console()

@@ -342,6 +342,7 @@ async function startTraining() {
     S.status = await api("POST", "/api/train/start", trainForm());
     $("train-name").value = "";
     renderStatus();
+    refreshRuns();
     pollStatus();
   });
 }
@@ -354,6 +355,7 @@ async function resumeTraining(name) {
   await guarded(async () => {
     S.status = await api("POST", "/api/train/resume", {run: name || (S.status && S.status.run)});
     renderStatus();
+    refreshRuns();
     pollStatus();
   });
 }
@@ -417,7 +419,9 @@ function plotLoss(train, val, total) {
   let lo = Math.min(...all.map((p) => p[1])), hi = Math.max(...all.map((p) => p[1]));
   if (!all.length) { lo = 0; hi = 1; }
   if (hi - lo < 1e-6) { hi += 0.5; lo -= 0.5; }
-  const pad = (hi - lo) * 0.06; lo -= pad; hi += pad;
+  const pad = (hi - lo) * 0.06;
+  lo = lo >= 0 ? Math.max(0, lo - pad) : lo - pad;  // a loss is never below 0: no negative axis under it
+  hi += pad;
   const x = (step) => left + (w - left - right) * step / maxStep;
   const y = (loss) => top + (h - top - bottom) * (hi - loss) / (hi - lo);
   add("line", {x1: left, x2: w - right, y1: h - bottom, y2: h - bottom, class: "axis"});
@@ -558,7 +562,7 @@ function renderReport() {
         base ? el("td", {class: "num"}, (tv - bv >= 0 ? "+" : "") + num(tv - bv, digits)) : null));
     }
     parts.push(table, el("h4", {}, t("per_question")));
-    const answers = el("table", {class: "list answers"}, el("tr", {}, el("th", {}, t("question")), el("th", {}, t("reference")),
+    const answers = el("table", {class: "list answers"}, el("tr", {}, el("th", {}, t("question_col")), el("th", {}, t("reference")),
       el("th", {}, t("tuned")), base ? el("th", {}, t("base")) : null));
     for (const p of predictions) {
       answers.append(el("tr", {}, el("td", {}, p.question), el("td", {}, p.reference),
