@@ -331,10 +331,10 @@ async function estimate() {
 function renderEstimate() {
   const e = S.estimate;
   if (!e) return;
-  const epochs = Number($("train-epochs").value) || 1;
   $("estimate").textContent = t("estimate_result", {
     samples: e.samples, tokens: e.tokens, steps: e.optimizer_steps, step_s: num(e.seconds_per_optimizer_step, 2),
-    epoch: duration(e.seconds_per_epoch), total: duration(e.seconds_per_optimizer_step * e.optimizer_steps || e.seconds_per_epoch * epochs)});
+    // seconds_total: the whole run, with its validation loss and end-of-run report (training.train's dry run)
+    epoch: duration(e.seconds_per_epoch), total: duration(e.seconds_total || e.seconds_per_optimizer_step * e.optimizer_steps)});
 }
 
 async function startTraining() {
