@@ -18,7 +18,7 @@ import torch
 from ..config import GenerateConfig
 from ..data.template import PromptTemplate
 from ..errors import LmtuneError
-from ..model import base_model_of_adapter, load_model, load_tokenizer, resolve_source
+from ..model import base_model_of_adapter, configure_cpu_threads, load_model, load_tokenizer, resolve_source
 from ..outputs import CONFIG_FILE, atomic_files, file_sha256
 from . import llamacpp
 from .gguf import (
@@ -99,6 +99,7 @@ def export_gguf(output: str, model: str | None = None, adapter: str | None = Non
     # Entering checks that no output exists (unless overwrite); nothing is created before the writes below.
     with atomic_files(paths, overwrite) as tmps:
         _check_architecture((model or base_model_of_adapter(adapter)) if adapter else model, trust_remote_code)
+        configure_cpu_threads(log)  # torch's threads here, and llama.cpp's in its child (llamacpp.threads)
         if adapter:
             merged = merge_in_memory(adapter, model, log=log, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
             network, tokenizer, template = merged.model, merged.tokenizer, merged.template

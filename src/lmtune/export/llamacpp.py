@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LmtuneError
-from ..model import physical_cores
 
 INSTALL_HINT = ("install it with: pip install 'lmtune[gguf]' (pip builds llama-cpp-python from source with this "
                 "machine's C++ compiler and cmake: a few minutes, once)")
@@ -41,6 +40,16 @@ _BOOT = "import runpy, sys; del sys.path[0]; sys.argv = sys.argv[1:]; runpy.run_
 
 class LlamaCppCrashed(LmtuneError):
     """llama.cpp ended its process with a signal (an illegal instruction, a segmentation fault, a kill)."""
+
+
+def threads() -> int:
+    """llama.cpp gets the threads lmtune's own torch work uses (model.configure_cpu_threads: OMP_NUM_THREADS when
+    set, else this process's share of the physical cores). Its threads meet at a barrier after every operation,
+    so one thread more than the cores free makes it many times slower: greedy decoding of SmolLM2 beside other
+    busy processes on a 2-core machine took 48 s with 2 threads and 3.9 s with 1, with the same tokens."""
+    import torch
+
+    return max(1, torch.get_num_threads())
 
 
 def available() -> bool:
@@ -103,7 +112,7 @@ def quantize(source: Path, target: Path, quant: str) -> None:
     ftype = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
              "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}[quant]
     result, _ = run_in_child("quantize", {"source": str(source), "target": str(target), "ftype": ftype,
-                                          "threads": physical_cores()}, f"quantizing to {quant}")
+                                          "threads": threads()}, f"quantizing to {quant}")
     if result["status"] != 0 or not Path(target).is_file():
         raise LmtuneError(f"llama.cpp's quantizer failed ({quant}, status {result['status']}) on {source}")
 
@@ -112,18 +121,18 @@ def check(path: Path, sequences: list[list[int]], texts: list[str], conversation
     """llama.cpp's view of an exported file, computed in a child process: (logits of each sequence concatenated
     [tokens, vocab], the ids of each text, the chat template rendered for `conversation`, its ids)."""
     request = {"model": str(path), "sequences": sequences, "texts": texts, "conversation": conversation,
-               "n_ctx": max(64, max(map(len, sequences)) + 16), "threads": physical_cores()}
+               "n_ctx": max(64, max(map(len, sequences)) + 16), "threads": threads()}
     result, logits = run_in_child("check", request, "loading the exported file to check it")
     return logits, result["tokenized"], result["rendered"], result["rendered_ids"]
 
 
 def load(path: Path, n_ctx: int = 512, logits_all: bool = True):
-    """The real llama.cpp, with logits kept for every position of an evaluated sequence."""
+    """The real llama.cpp in this process, with logits kept for every position of an evaluated sequence."""
     from llama_cpp import Llama
 
     try:
         return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all, verbose=False,
-                     n_threads=physical_cores(), n_threads_batch=physical_cores())
+                     n_threads=threads(), n_threads_batch=threads())
     except (ValueError, RuntimeError) as e:  # llama-cpp-python reports a file llama.cpp refused this way
         raise LmtuneError(f"llama.cpp could not load {path}: {e}") from None
 
