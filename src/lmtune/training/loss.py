@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.tokenize import IGNORE_INDEX
+from .attention import attention_for_batch
 
 # Config attributes of architectures that transform logits after the head (soft-capping, scaling).
 # Those models take the ordinary full-logits path, which applies them.
@@ -44,7 +45,8 @@ def supports_answer_only(causal_lm) -> bool:
 def answer_only_loss(causal_lm, input_ids, attention_mask, labels, num_items: int | torch.Tensor | None = None):
     """Sum of next-token cross-entropy over trained positions, divided by `num_items` (default: their count)."""
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    with attention_for_batch(causal_lm, input_ids):
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     trained = targets != IGNORE_INDEX
     head = causal_lm.get_output_embeddings()
