@@ -189,3 +189,21 @@ def test_unigram_sentencepiece_is_refused_in_one_line(tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line]
     assert code == 2 and len(lines) == 1 and "Unigram" in lines[0] and "Llama 2" in lines[0], err
     assert not (tmp_path / "out" / "m.gguf").exists()
+
+
+def test_chat_template_with_text_after_special_tokens_is_refused_with_the_reason(sentencepiece_llama, tmp_path, capsys):
+    """A Zephyr-style template (`</s>` then text, as TinyLlama-Chat's) on a transformers 5 SentencePiece tokenizer: lmtune
+    trained on ids without a "▁" after each `</s>`, llama.cpp would send one. The export refuses and says why."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "chat"
+    shutil.copytree(sentencepiece_llama["json"], folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token }}"
+                               "{% endfor %}"
+                               "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    tokenizer.save_pretrained(folder)
+    code, _, err = run(capsys, "export", "--model", folder, "--output", tmp_path / "out" / "m.gguf", "--quant", "f16")
+    lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line]
+    assert code == 2 and len(lines) == 1 and "put a space before text that follows a special token" in lines[0], err
+    assert not (tmp_path / "out" / "m.gguf").exists()

@@ -21,7 +21,7 @@ import torch
 from ..data.template import PromptTemplate
 from ..errors import LmtuneError
 from . import llamacpp
-from .gguf import sentencepiece_space_prefix
+from .gguf import adds_bos, sentencepiece_space_prefix
 
 # Mean KL(merged || file) per probe token allowed for each quant type, for the worse of the two readers (llama.cpp
 # also rounds activations to 8 bits in its quantized dot products, so it sits above transformers). Measured:
@@ -162,6 +162,21 @@ def check_chat_template(chat_template: str, tokenizer, template: PromptTemplate,
     return None
 
 
+def _space_after_special_reason(tokenizer, template: PromptTemplate, rendered: str) -> str:
+    """Why a SentencePiece model's chat template fails the check, when the reason is llama.cpp's space rule: the
+    text tokenized as transformers does gives the training ids, tokenized as llama.cpp does it does not."""
+    if sentencepiece_space_prefix(tokenizer) is None:
+        return ""
+    hf_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and adds_bos(tokenizer) and hf_ids[:1] != [tokenizer.bos_token_id]:
+        hf_ids = [tokenizer.bos_token_id] + hf_ids
+    if hf_ids != template.conversation_ids(tokenizer, CONVERSATION):
+        return ""
+    return (" as a GGUF runtime tokenizes it: llama.cpp (and Ollama) put a space before text that follows a special "
+            "token with a SentencePiece vocabulary, and this tokenizer (transformers 5's, legacy=False) did not when "
+            "the model was trained, so the runtime would send ids training never saw")
+
+
 def verify(path: Path, probe: dict, expected: torch.Tensor, quant: str, tokenizer, template: PromptTemplate,
            chat_template: str, add_bos: bool, use_llama_cpp: bool = True, log=print) -> Verification:
     """Raise ExportVerificationError unless every available reader reproduces the merged model."""
@@ -169,7 +184,8 @@ def verify(path: Path, probe: dict, expected: torch.Tensor, quant: str, tokenize
     rendered = check_chat_template(chat_template, tokenizer, template, add_bos)
     if rendered is not None:
         raise ExportVerificationError(f"the chat template written to the file renders {rendered!r}, not the prompt "
-                                      "lmtune trains with; nothing was written")
+                                      f"lmtune trains with{_space_after_special_reason(tokenizer, template, rendered)}; "
+                                      "nothing was written")
     checks = [check_with_transformers(path, probe, expected, quant)]
     problems: list[str] = []
     if use_llama_cpp and llamacpp.available():
