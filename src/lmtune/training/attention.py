@@ -4,7 +4,7 @@ transformers picks torch's scaled_dot_product_attention ("sdpa"), which on a CPU
 short sequences and small heads of the models people fine-tune, that kernel's backward is slow: in a profile of
 a SmolLM2-135M LoRA step (9 heads of 64, about 200 tokens, micro-batches of 4) the flash forward and backward
 took about a fifth of the step. transformers' eager attention (two matmuls around an fp32 softmax) computes the
-same function, and on those batches the whole step ran about 1.3x faster (`bench/smollm2_step.py --attention`
+same function, and on those batches the whole step ran about 1.3x faster (`bench/smollm2_step.py --compare attention`
 measures the two in one run).
 
 Eager attention keeps the [batch, heads, length, length] scores for the backward pass, which flash does not, so it
