@@ -258,3 +258,15 @@ def test_a_binary_upload_shows_the_error_in_the_page(page, tmp_path):
     assert re.fullmatch(r"error: \S*anh.jsonl:\d+: not UTF-8 text \(byte 0x\w+\); save the file as UTF-8", message)
     assert "Traceback" not in page.d.page_source
     page.shot("binary-upload")
+
+
+def test_length_advice_stops_at_the_models_context(page, tiny_llama_dir, tmp_path):
+    # The tiny model reads 512 tokens; answers far longer than that cannot be fixed by a longer max length.
+    rows = [{"question": f"Câu hỏi {i}?", "answer": "Trí tuệ nhân tạo học từ dữ liệu. " * 120} for i in range(6)]
+    page.tab("data")
+    page.type("#inspect-model", tiny_llama_dir)
+    page.find("#upload").send_keys(write_jsonl(tmp_path / "dai.jsonl", rows))
+    page.wait(lambda: page.find("#verdict") and "6 mẫu" in page.text("#verdict"), what="the length advice")
+    advice = page.text("#verdict")
+    assert "tối đa 512 token" in advice and "lmtune data clean --max-length 512" in advice
+    assert "khoảng" not in advice  # not the advice to raise the max length past the context

@@ -67,6 +67,13 @@ TEXTS: dict[str, tuple[str, str]] = {
                      "{n} trường tiếng Việt thiếu dấu: hãy thêm dấu bằng tay hoặc bỏ chúng."),
     "v_tokens": ("{n} samples are longer than {max_length} tokens and lose their end: raise the max length to about {p95}.",
                  "{n} mẫu dài hơn {max_length} token và bị mất phần cuối: hãy tăng độ dài tối đa lên khoảng {p95}."),
+    # Past the model's context no max length helps (as the CLI's data inspect advice says): drop or cut those rows.
+    "v_tokens_context": ("{n} samples are longer than {max_length} tokens and lose their end; the model reads at most "
+                         "{context} tokens, so raise the max length to {context} at most and drop the rows still longer "
+                         "(lmtune data clean --max-length {context}).",
+                         "{n} mẫu dài hơn {max_length} token và bị mất phần cuối; mô hình chỉ đọc tối đa {context} token, "
+                         "nên chỉ tăng độ dài tối đa lên {context} là cùng và bỏ các dòng vẫn dài hơn "
+                         "(lmtune data clean --max-length {context})."),
     "v_ok": ("No problems found: ready to train.", "Không thấy vấn đề gì: sẵn sàng huấn luyện."),
     "unit_s": ("s", "giây"),
     "unit_min": ("min", "phút"),

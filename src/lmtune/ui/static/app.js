@@ -182,7 +182,11 @@ function verdictLines(r) {
   if (f.missing_diacritics) lines.push(t("v_diacritics", {n: f.missing_diacritics}));
   const tk = r.tokens;
   if (tk && (tk.truncated || tk.prompt_too_long)) {
-    lines.push(t("v_tokens", {n: tk.truncated + tk.prompt_too_long, max_length: tk.max_length, p95: tk.lengths.p95}));
+    const n = tk.truncated + tk.prompt_too_long;
+    // The advice stops at the model's context, as `lmtune data inspect` does.
+    lines.push(tk.context && tk.lengths.p95 > tk.context
+      ? t("v_tokens_context", {n, max_length: tk.max_length, context: tk.context})
+      : t("v_tokens", {n, max_length: tk.max_length, p95: tk.lengths.p95}));
   }
   return lines.length ? lines : [t("v_ok")];
 }
