@@ -130,7 +130,7 @@ def export_gguf(output: str, model: str | None = None, adapter: str | None = Non
             written = write_gguf(network, tokenizer, template, target, quant, title)
         add_bos = adds_bos(tokenizer)
         verification = verify(target, probe, expected, quant, tokenizer, template, written.chat_template, add_bos,
-                              use_llama_cpp=use_llama_cpp, log=log)
+                              use_llama_cpp=use_llama_cpp, log=log, config=network.config)
         for note in verification.notes:
             log(f"export: {note}")
 

@@ -13,6 +13,7 @@ converter behaviour mirrored (checked against llama.cpp as vendored by llama-cpp
   test string;
 * SentencePiece vocabularies (Llama 2, Mistral v0.1 to v0.3, TinyLlama) as llama.cpp's "llama" tokenizer
   (`_set_vocab_sentencepiece` / `_create_vocab_sentencepiece`, and `_set_vocab_llama_hf` without tokenizer.model).
+* Llama 3.1/3.2/3.3's "llama3" rope scaling as the `rope_freqs.weight` tensor (`LlamaModel.generate_extra_tensors`).
 
 The file also carries the prompt template the model was trained with (see `plain_chat_template`).
 """
@@ -20,6 +21,7 @@ The file also carries the prompt template the model was trained with (see `plain
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from hashlib import sha256
@@ -53,13 +55,61 @@ def gguf_architecture(model_type: str) -> str:
     return ARCHITECTURES[model_type]
 
 
-def check_rope(config) -> None:
-    """Refuse rope scaling this writer does not reproduce (llama3's rope_freqs tensor, yarn, longrope...)."""
+def _rope_params(config) -> dict:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
-    if kind not in ("default", "linear", None):
+    return params if isinstance(params, dict) else {}
+
+
+def rope_type(config) -> str:
+    params = _rope_params(config)
+    return str(params.get("rope_type", params.get("type", "default")) or "default").lower()
+
+
+def check_rope(config) -> None:
+    """Refuse rope scaling this writer does not reproduce (yarn, longrope, dynamic...). "llama3" (Llama 3.1, 3.2,
+    3.3) is written for the Llama family only: llama.cpp's converter makes its rope_freqs tensor in LlamaModel
+    (which Mistral uses too), not in Qwen2Model."""
+    kind = rope_type(config)
+    supported = ("default", "linear", "llama3") if ARCHITECTURES.get(config.model_type) == "llama" else ("default", "linear")
+    if kind not in supported:
         raise ExportError(f"GGUF export does not support rope scaling '{kind}' yet (model type {config.model_type}); "
-                          "supported: none or linear")
+                          f"supported: none, {', '.join(supported[1:])}")
+
+
+def llama3_rope_factors(config) -> torch.Tensor | None:
+    """The per-frequency divisors of Llama 3.1's rope scaling, or None when the model has no "llama3" scaling.
+
+    Mirrors llama.cpp's converter, LlamaModel.generate_extra_tensors (conversion/llama.py in llama.cpp as vendored
+    by llama-cpp-python 0.3.36): llama.cpp has no "llama3" rope scaling type and no key for its parameters; it
+    divides each rotary frequency by a factor read from the `rope_freqs.weight` tensor (fp32, head_dim / 2 values),
+    which the converter computes here from rope_scaling: 1 for wavelengths below original_max_position_embeddings /
+    high_freq_factor, `factor` above original_max_position_embeddings / low_freq_factor, and the smooth blend between.
+    The same defaults as the converter (factor 8, low 1, high 4, original context 8192, theta 10000) when a key is
+    missing. Without this tensor llama.cpp runs the model with unscaled frequencies: it loads, and is wrong.
+    """
+    if rope_type(config) != "llama3":
+        return None
+    params = _rope_params(config)
+    base = _rope_theta(config) or 10000.0
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = params.get("factor", 8.0)
+    low_freq_factor = params.get("low_freq_factor", 1.0)
+    high_freq_factor = params.get("high_freq_factor", 4.0)
+    old_context_len = params.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------- the file
@@ -141,12 +191,14 @@ def _add_hyperparameters(writer, config, arch: str) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     if (theta := _rope_theta(config)) is not None:
         writer.add_rope_freq_base(theta)
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if isinstance(params, dict) and params.get("rope_type", params.get("type")) == "linear":
+    # Mirrors the converter's TextModel.set_gguf_parameters: linear scaling is a type and a factor; "llama3" writes no
+    # rope.scaling key at all (its factors travel as the rope_freqs tensor, see llama3_rope_factors), and the
+    # context length stays max_position_embeddings (131072 for Llama 3.1-3.3), as the converter writes it.
+    if rope_type(config) == "linear":
         import gguf
 
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(params["factor"])
+        writer.add_rope_scaling_factor(_rope_params(config)["factor"])
     if arch == "llama":
         writer.add_vocab_size(config.vocab_size)
         writer.add_rope_dimension_count(head_dim)
@@ -222,6 +274,8 @@ def _gguf_tensors(model, arch: str):
         if new_name is None:
             raise ExportError(f"GGUF export: no llama.cpp name for tensor '{hf_name}' of {type(model).__name__}")
         yield new_name, data
+    if arch == "llama" and (factors := llama3_rope_factors(config)) is not None:
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors
 
 
 def _tensor_qtype(new_name: str, data: np.ndarray, quant: str):

@@ -109,6 +109,55 @@ def llama_cpp_sentencepiece_ids(tokenizer, text: str, space_prefix: bool) -> lis
     return ids
 
 
+def file_rope_factors(path: Path) -> torch.Tensor | None:
+    """The `rope_freqs.weight` tensor of a GGUF file (Llama 3.1-3.3's rope scaling), or None."""
+    import gguf
+
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        if tensor.name == "rope_freqs.weight":
+            return torch.from_numpy(tensor.data.astype("float32").reshape(-1).copy())
+    return None
+
+
+def check_rope_factors(path: Path, config) -> str | None:
+    """For a "llama3" rope-scaled model: None if the file's rope_freqs equal the divisors transformers' own llama3
+    rope applies to the model's frequencies (its unscaled frequencies over its scaled ones); else the problem.
+    Independent of the probe's length: for a real Llama 3.2 the scaled frequencies have wavelengths above 2048
+    tokens, which a short probe hardly turns, so the logit checks alone would barely see a wrong factor."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from .gguf import rope_type
+
+    if rope_type(config) != "llama3":
+        return None
+    factors = file_rope_factors(path)
+    if factors is None:
+        return "the model has Llama 3 rope scaling and the file has no rope_freqs tensor to carry it"
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+    theta = config.rope_parameters["rope_theta"]
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    unscaled = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    expected = unscaled / scaled.float()
+    if factors.shape != expected.shape or not torch.allclose(factors, expected, rtol=1e-4, atol=0):
+        return (f"the file's rope_freqs {factors.tolist()[:8]}... are not the Llama 3 rope divisors transformers "
+                f"applies ({expected.tolist()[:8]}...)")
+    return None
+
+
+def _apply_file_rope_factors(model, factors: torch.Tensor) -> None:
+    """transformers' GGUF reader (5.x) reads no rope scaling for Llama and drops the rope_freqs tensor, so a Llama 3.1+
+    file comes back with unscaled rope. Apply the file's factors the way llama.cpp does (ggml_rope_ext divides each
+    rotary frequency by its factor), so this check runs the frequencies the file holds, not the merged model's.
+    Only when the reader left the rope unscaled: a later reader that applies them itself is not scaled twice."""
+    config = model.config
+    if str((getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")) != "default":
+        return
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor) and inv_freq.shape == factors.shape:
+            module.inv_freq = inv_freq / factors.to(inv_freq)
+
+
 def check_with_transformers(path: Path, probe: dict, expected: torch.Tensor, quant: str) -> LogitCheck:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -124,6 +173,8 @@ def check_with_transformers(path: Path, probe: dict, expected: torch.Tensor, qua
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+    if (factors := file_rope_factors(path)) is not None:
+        _apply_file_rope_factors(model, factors)
     with torch.no_grad():
         actual = model(**probe).logits[probe["attention_mask"].bool()]
     return compare("transformers", expected, actual, quant)
@@ -178,14 +229,17 @@ def _space_after_special_reason(tokenizer, template: PromptTemplate, rendered: s
 
 
 def verify(path: Path, probe: dict, expected: torch.Tensor, quant: str, tokenizer, template: PromptTemplate,
-           chat_template: str, add_bos: bool, use_llama_cpp: bool = True, log=print) -> Verification:
-    """Raise ExportVerificationError unless every available reader reproduces the merged model."""
+           chat_template: str, add_bos: bool, use_llama_cpp: bool = True, log=print, config=None) -> Verification:
+    """Raise ExportVerificationError unless every available reader reproduces the merged model (`config` is the
+    merged model's, for the Llama 3 rope factors check)."""
     result = Verification()
     rendered = check_chat_template(chat_template, tokenizer, template, add_bos)
     if rendered is not None:
         raise ExportVerificationError(f"the chat template written to the file renders {rendered!r}, not the prompt "
                                       f"lmtune trains with{_space_after_special_reason(tokenizer, template, rendered)}; "
                                       "nothing was written")
+    if config is not None and (problem := check_rope_factors(path, config)) is not None:
+        raise ExportVerificationError(f"{problem}; nothing was written")
     checks = [check_with_transformers(path, probe, expected, quant)]
     problems: list[str] = []
     if use_llama_cpp and llamacpp.available():
