@@ -73,8 +73,7 @@ def main() -> None:
     for size in (4, 8, 16):
         ways[f"micro-batch {size}"] = [collate(samples[i : i + size]) for i in range(0, len(samples), size)]
     eager_bytes = attention.EAGER_SCORES_BYTES
-    levers = {"attention": lambda on: setattr(attention, "EAGER_SCORES_BYTES", eager_bytes if on else 0),
-              }
+    levers = {"attention": lambda on: setattr(attention, "EAGER_SCORES_BYTES", eager_bytes if on else 0)}
     lever_on = dict.fromkeys(ways, True)
     if args.compare:
         off = f"micro-batch 4, {args.compare} off"

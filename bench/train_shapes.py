@@ -66,6 +66,9 @@ from train_speed import (  # noqa: E402  (a script beside this one: the shared t
 from train_speed import make_model as make_bloom  # noqa: E402
 
 
+LORA_ALPHA = 32  # both recipes' (configs/bloom-560m.yaml, configs/quickstart.yaml), for lmtune and TRL alike
+
+
 @dataclass
 class Shape:
     name: str
@@ -135,7 +138,7 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str):
 
     overrides = {"train.max_steps": steps, "model.dtype": dtype, "train.logging_steps": 1,
                  "train.batch_size": shape.batch_size, "train.grad_accum": shape.grad_accum, "train.warmup_steps": 2,
-                 "lora.r": shape.lora_r, "lora.alpha": 2 * shape.lora_r if shape.lora_r == 16 else 32,
+                 "lora.r": shape.lora_r, "lora.alpha": LORA_ALPHA,
                  "lora.target_modules": shape.lora_targets}
     config = load_config(bundled_path(shape.config_file), overrides)
     template = PromptTemplate.for_tokenizer(tok) if shape.real_tokenizer else PromptTemplate()
@@ -170,7 +173,7 @@ def run_trl(shape: Shape, tok, pairs, steps: int, micro_limit: int | None, scrat
     args = SFTConfig(output_dir=scratch, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                      max_steps=steps, learning_rate=2e-4, warmup_steps=2, logging_steps=1, save_strategy="no",
                      report_to=[], use_cpu=True, bf16=True, disable_tqdm=True, seed=42, **extra)
-    lora = LoraConfig(r=shape.lora_r, lora_alpha=2 * shape.lora_r, lora_dropout=0.0, bias="none",
+    lora = LoraConfig(r=shape.lora_r, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
                       task_type="CAUSAL_LM", target_modules=shape.lora_targets)
     trainer = SFTTrainer(model=shape.make_model(), args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tok, callbacks=[timer], peft_config=lora)
@@ -212,7 +215,7 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
     times: dict[str, list[float]] = {"lmtune": [], "trl": [], "trl-defaults": []}
     peaks = dict.fromkeys(times, 0.0)
     order = ["lmtune", "trl", "trl-defaults"]
-    losses, samples, report, model_config = [], None, None, None
+    losses, samples, report, model_config = [], None, None, None  # filled by the lmtune path
     for round_index in range(rounds):
         for name in (order if round_index % 2 == 0 else order[::-1]):
             if name != "lmtune" and skip_trl:
