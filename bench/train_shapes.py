@@ -17,7 +17,10 @@ Vietnamese text and lmtune's plain `Human:/Assistant:` template; their output he
 
 Paths per shape, alternating (order reversed every round) after a warm-up step:
   lmtune        lmtune's default CPU path (build_trainer: answer-only fused head + loss, dynamic padding,
-                length-grouped batches, bf16 frozen weights and autocast, checkpointing only if memory needs it);
+                length-grouped batches, bf16 frozen weights and autocast, checkpointing only if memory needs it),
+                with its decoder layers compiled as train.compile "auto" does for a long run (training/compiled.py;
+                the first step pays the compile and is printed apart, the measured steps follow it);
+  lmtune-eager  (not with --quick) the same without compiling: the compile lever's ratio;
   trl           TRL's SFTTrainer on prompt/completion data (loss on the completion only; conversational for
                 smollm2, so both paths train on the same chat-template tokens), the same batch split as lmtune,
                 bf16, gradient checkpointing OFF (its fastest setting);
@@ -127,13 +130,14 @@ def tokenizer_for(shape: Shape, shared_bpe):
 # ---------------------------------------------------------------- the paths
 
 
-def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str):
+def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, compile_layers: bool = True):
     from lmtune.bundled import bundled_path
     from lmtune.config import load_config
     from lmtune.data.readers import Example
     from lmtune.data.template import PromptTemplate
     from lmtune.data.tokenize import tokenize_examples
     from lmtune.model import add_lora, choose_precision, configure_cpu_threads, frozen_weights_dtype, use_fused_gelu
+    from lmtune.training.compiled import compiled_layers
     from lmtune.training.train import build_trainer
 
     overrides = {"train.max_steps": steps, "model.dtype": dtype, "train.logging_steps": 1,
@@ -153,7 +157,8 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str):
     timer = timing_callback(None)
     trainer = build_trainer(config, model, tok, samples, precision, Path(scratch), [timer])
     trainer.args.disable_tqdm = True
-    run_trainer(trainer, timer)
+    with compiled_layers(model.get_base_model(), compile_layers, strict=True):
+        run_trainer(trainer, timer)
     return timer, samples, report, model.get_base_model().config
 
 
@@ -212,9 +217,10 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
     tok = tokenizer_for(shape, shared_bpe)
     lm_steps = 2 if quick else 4
     micro = None if not quick else 2
-    times: dict[str, list[float]] = {"lmtune": [], "trl": [], "trl-defaults": []}
+    times: dict[str, list[float]] = {"lmtune": [], "lmtune-eager": [], "trl": [], "trl-defaults": []}
     peaks = dict.fromkeys(times, 0.0)
-    order = ["lmtune", "trl", "trl-defaults"]
+    order = ["lmtune", "trl", "trl-defaults"] + ([] if quick else ["lmtune-eager"])
+    first_steps = []
     losses, samples, report, model_config = [], None, None, None  # filled by the lmtune path
     for round_index in range(rounds):
         for name in (order if round_index % 2 == 0 else order[::-1]):
@@ -226,6 +232,10 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
                     timer, samples, report, model_config = run_lmtune(shape, tok, pairs, lm_steps, "auto", scratch)
                     seconds = seconds_per_step(timer, shape.grad_accum, full_steps=True)
                     losses = timer.losses
+                    first_steps.append(timer.steps[0])
+                elif name == "lmtune-eager":
+                    timer, *_ = run_lmtune(shape, tok, pairs, lm_steps, "auto", scratch, compile_layers=False)
+                    seconds = seconds_per_step(timer, shape.grad_accum, full_steps=True)
                 else:
                     timer, accumulation = run_trl(shape, tok, pairs, 2, micro, scratch, defaults=name == "trl-defaults")
                     seconds = seconds_per_step(timer, accumulation, full_steps=not quick)
@@ -234,7 +244,8 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
             print(f"  {shape.name} round {round_index + 1} {name:12s}: {seconds:7.2f} s per optimizer step,"
                   f" peak RSS {rss.gb:.2f} GB", flush=True)
     release_memory()
-    fp32_timer, *_ = run_lmtune(shape, tok, pairs, lm_steps, "float32", scratch)
+    # The reference runs eager: compiling an fp32 graph would only cost time.
+    fp32_timer, *_ = run_lmtune(shape, tok, pairs, lm_steps, "float32", scratch, compile_layers=False)
     fp32_loss, auto_loss = fp32_timer.losses[-1], losses[-1]
     gap = abs(auto_loss - fp32_loss) / fp32_loss
     print(f"  {shape.name} loss after {lm_steps} steps: lmtune {auto_loss:.4f}, fp32 {fp32_loss:.4f}"
@@ -242,7 +253,9 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
     med = {k: statistics.median(v) for k, v in times.items() if v}
     mfu = step_flops(model_config, samples) / med["lmtune"] / (ceiling * 1e9)
     tokens_per_s = report.tokens / med["lmtune"]
-    for name in ("trl", "trl-defaults"):
+    print(f"  {shape.name} lmtune's first step (compiling the layers, then the step): "
+          + ", ".join(f"{t:.0f} s" for t in first_steps) + " (the first uncached, later ones from the disk cache)", flush=True)
+    for name in ("lmtune-eager", "trl", "trl-defaults"):
         if name in med:
             print(f"  {shape.name} {name}: {med[name] / med['lmtune']:.2f}x lmtune's time per step,"
                   f" peak RSS {peaks[name]:.2f} GB", flush=True)

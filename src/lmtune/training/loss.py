@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..data.tokenize import IGNORE_INDEX
 from .attention import attention_for_batch
+from .compiled import eager
 
 # Config attributes of architectures that transform logits after the head (soft-capping, scaling).
 # Those models take the ordinary full-logits path, which applies them.
@@ -117,6 +118,11 @@ def make_trainer_class(loraplus_lr_ratio: float = 0.0):
                                                        loraplus_lr_ratio=loraplus_lr_ratio,
                                                        loraplus_weight_decay=self.args.weight_decay, **optimizer_kwargs)
             return self.optimizer
+
+        def prediction_step(self, *args, **kwargs):
+            # Validation runs eager: its no-grad graph is not worth a compile of its own (training/compiled.py).
+            with eager():
+                return super().prediction_step(*args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             causal_lm = causal_lm_of(self.accelerator.unwrap_model(model))

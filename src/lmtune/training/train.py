@@ -54,7 +54,7 @@ from ..outputs import (
     write_json,
 )
 from ..safeload import check_model_weights
-from . import distributed
+from . import compiled, distributed
 from .checkpoints import (
     CHECKPOINTS_DIR,
     RUN_CONFIG_FILE,
@@ -530,9 +530,11 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
             log(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)" + _variants(config))
 
         steps = total_steps(config, len(prepared.samples), plan.processes)
+        use_compile = _decide_compile(config, model, prepared, precision, steps, plan.processes, log)
 
         if dry_run:
-            estimate = _estimate_run_time(model, prepared, tokenizer, config, precision, steps)
+            with compiled.compiled_layers(causal_lm_of(model), use_compile, strict=t.compile is True):
+                estimate = _estimate_run_time(model, prepared, tokenizer, config, precision, steps)
             log(_describe_estimate(estimate, prepared, steps, config))
             return TrainResult(output_dir="", steps=steps, dry_run_estimate={**estimate, "samples": len(prepared.samples),
                                                                               "tokens": prepared.token_report.tokens, "optimizer_steps": steps})
@@ -546,7 +548,7 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
     try:
         with adapter_saving():
             result = _train_in(run, config, model, tokenizer, prepared, precision, steps, started, start_clock, log,
-                               verbose)
+                               verbose, use_compile)
     except BaseException as error:
         if not main:
             raise
@@ -564,8 +566,22 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
     return result
 
 
+def _decide_compile(config: Config, model, prepared: PreparedData, precision, steps: int, n_processes: int, log) -> bool:
+    """Whether the decoder layers are compiled for this run (training/compiled.py), said in one line."""
+    t = config.train
+    mean_length = sum(len(s["input_ids"]) for s in prepared.samples) / max(1, len(prepared.samples))
+    tokens = mean_length * t.batch_size * t.grad_accum * n_processes * steps
+    checkpointing = decide_checkpointing(config, model, prepared.samples, precision)
+    use, why = compiled.decide(t.compile, device=precision.device, processes=n_processes, method=t.method,
+                               use_dora=config.lora.use_dora, quantized=config.model.quantization != "none",
+                               checkpointing=checkpointing, causal_lm=causal_lm_of(model), tokens=tokens)
+    if use or t.compile is not False:
+        log(f"compile: {why}")
+    return use
+
+
 def _train_in(run: RunFolder, config: Config, model, tokenizer, prepared: PreparedData, precision, steps: int,
-              started: str, start_clock: float, log, verbose: bool = False) -> TrainResult:
+              started: str, start_clock: float, log, verbose: bool = False, use_compile: bool = False) -> TrainResult:
     """Train, writing everything into the run folder; raises TrainingInterrupted after a graceful stop."""
     t = config.train
     out = run.partial
@@ -584,7 +600,8 @@ def _train_in(run: RunFolder, config: Config, model, tokenizer, prepared: Prepar
         plan = distributed.batch_plan(t.batch_size, t.grad_accum, 0, processes.world_size())
         log(f"training: {steps} optimizer steps of {plan.describe()}")
         # Errors propagate: an untrained adapter is never saved (the tutorial's defect 9).
-        trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        with compiled.compiled_layers(causal_lm_of(model), use_compile, strict=t.compile is True):
+            trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
         # Every process may still be reading the best checkpoint back; rank 0 deletes checkpoints only after this.
         trainer.accelerator.wait_for_everyone()
     if stop.requested and trainer.state.global_step < steps:
