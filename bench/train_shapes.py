@@ -18,9 +18,9 @@ Vietnamese text and lmtune's plain `Human:/Assistant:` template; their output he
 Paths per shape, alternating (order reversed every round) after a warm-up step:
   lmtune        lmtune's default CPU path (build_trainer: answer-only fused head + loss, dynamic padding,
                 length-grouped batches, bf16 frozen weights and autocast, checkpointing only if memory needs it),
-                with its decoder layers compiled as train.compile "auto" does for a long run (training/compiled.py;
-                the first step pays the compile and is printed apart, the measured steps follow it);
-  lmtune-eager  (not with --quick) the same without compiling: the compile lever's ratio;
+                with its decoder layers compiled where train.compile "auto" compiles for a long run (training/compiled.py:
+                the Llama-family shapes, not BLOOM; the first step pays the compile, printed apart, and is not timed);
+  lmtune-eager  (not with --quick) the same never compiled: the compile lever's ratio;
   trl           TRL's SFTTrainer on prompt/completion data (loss on the completion only; conversational for
                 smollm2, so both paths train on the same chat-template tokens), the same batch split as lmtune,
                 bf16, gradient checkpointing OFF (its fastest setting);
@@ -130,14 +130,15 @@ def tokenizer_for(shape: Shape, shared_bpe):
 # ---------------------------------------------------------------- the paths
 
 
-def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, compile_layers: bool = True):
+def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, compile_layers: bool | None = None):
+    """compile_layers None: what train.compile "auto" decides for a long run of this model (compiled.decide)."""
     from lmtune.bundled import bundled_path
     from lmtune.config import load_config
     from lmtune.data.readers import Example
     from lmtune.data.template import PromptTemplate
     from lmtune.data.tokenize import tokenize_examples
     from lmtune.model import add_lora, choose_precision, configure_cpu_threads, frozen_weights_dtype, use_fused_gelu
-    from lmtune.training.compiled import compiled_layers
+    from lmtune.training.compiled import compiled_layers, decide
     from lmtune.training.train import build_trainer
 
     overrides = {"train.max_steps": steps, "model.dtype": dtype, "train.logging_steps": 1,
@@ -157,6 +158,9 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, c
     timer = timing_callback(None)
     trainer = build_trainer(config, model, tok, samples, precision, Path(scratch), [timer])
     trainer.args.disable_tqdm = True
+    if compile_layers is None:
+        compile_layers, _ = decide("auto", device="cpu", processes=1, method="lora", use_dora=False, quantized=False,
+                                   checkpointing=False, causal_lm=model.get_base_model(), tokens=float("inf"))
     with compiled_layers(model.get_base_model(), compile_layers, strict=True):
         run_trainer(trainer, timer)
     return timer, samples, report, model.get_base_model().config
@@ -224,7 +228,7 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
     losses, samples, report, model_config = [], None, None, None  # filled by the lmtune path
     for round_index in range(rounds):
         for name in (order if round_index % 2 == 0 else order[::-1]):
-            if name != "lmtune" and skip_trl:
+            if name.startswith("trl") and skip_trl:
                 continue
             release_memory()
             with PeakRss() as rss:
@@ -253,7 +257,7 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
     med = {k: statistics.median(v) for k, v in times.items() if v}
     mfu = step_flops(model_config, samples) / med["lmtune"] / (ceiling * 1e9)
     tokens_per_s = report.tokens / med["lmtune"]
-    print(f"  {shape.name} lmtune's first step (compiling the layers, then the step): "
+    print(f"  {shape.name} lmtune's first step (with the compile, if compiled): "
           + ", ".join(f"{t:.0f} s" for t in first_steps) + " (the first uncached, later ones from the disk cache)", flush=True)
     for name in ("lmtune-eager", "trl", "trl-defaults"):
         if name in med:

@@ -108,6 +108,15 @@ def test_auto_compiles_only_long_single_process_cpu_lora_runs_with_a_compiler(ti
     assert not use and "no C++ compiler" in why
 
 
+def test_auto_leaves_bloom_eager_where_compiling_measured_no_gain(tiny_bloom_dir, monkeypatch):
+    lm = causal_lm_of(add_lora(load_model(resolve_source(tiny_bloom_dir)), 4, 8, 0.0, "none", "all-linear"))
+    assert compiled.decoder_layers(lm) is lm.transformer.h
+    monkeypatch.setattr(compiled, "cpp_compiler", lambda: "/usr/bin/g++")
+    use, why = _decide(causal_lm=lm, tokens=1e15)
+    assert not use and "bloom layers (no measured gain)" in why
+    assert _decide(setting=True, causal_lm=lm, tokens=0.0)[0] is True
+
+
 def test_no_compiler_is_found_when_none_is_on_the_path(monkeypatch, tmp_path):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
@@ -142,3 +151,16 @@ def test_a_training_run_with_compile_on_learns_what_the_eager_run_learns(tiny_ll
     # Trained at a high learning rate in bf16, neither run keeps fp32's bits; the compiled one strays no further.
     eager_error, fused_error = _distance(adapters["eager"], adapters["fp32"]), _distance(adapters["compiled"], adapters["fp32"])
     assert fused_error <= 2 * eager_error + 1e-3, (fused_error, eager_error)
+
+
+def test_kernels_are_cached_under_the_users_cache_unless_a_folder_is_chosen(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    # What importing transformers leaves in the environment: Inductor's own default under /tmp, not a choice.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert compiled.inductor_cache_dir() == tmp_path / "xdg" / "lmtune" / "torchinductor"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert compiled.inductor_cache_dir() == tmp_path / "xdg" / "lmtune" / "torchinductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compiled.inductor_cache_dir() == tmp_path / "mine"

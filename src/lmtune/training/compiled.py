@@ -12,8 +12,8 @@ one graph per layer. Inductor's compiled code is cached on disk (TORCHINDUCTOR_C
 ~/.cache/lmtune), so a later run with the same model shape starts in seconds.
 
 "auto" compiles only where it pays and is safe to: a CPU, one process, LoRA without DoRA or quantization, no
-gradient checkpointing, a C++ compiler on the machine (Inductor generates C++), and a run long enough that the
-minute of compiling is won back (`COMPILE_WORTH_FLOPS`). If compiling fails anyway, Dynamo falls back to eager for
+gradient checkpointing, a Llama-family model (RMSNorm: where the gain was measured), a C++ compiler on the machine
+(Inductor generates C++), and a run long enough that the minute of compiling is won back (`COMPILE_WORTH_FLOPS`). If compiling fails anyway, Dynamo falls back to eager for
 that layer (suppress_errors), so "auto" never stops a run that eager mode could do; `true` lets the error through.
 Validation and generation run eager: compiling their no-grad graphs would cost another minute for a small share
 of the run's time.
@@ -32,17 +32,21 @@ from pathlib import Path
 
 import torch
 
-# Training FLOPs (forward + input gradients: 4 per frozen weight per token) above which "auto" compiles: at the
-# ~200 GFLOP/s of an eager LoRA step on a 2-core CPU that is about 2.5 minutes, which the 1.8x gain shortens by
-# about 70 s, the cost of a first (uncached) compile of a SmolLM2-sized layer.
-COMPILE_WORTH_FLOPS = 30e12
+# Training FLOPs (forward + input gradients: 4 per frozen weight per token) above which "auto" compiles. Counted so,
+# an eager SmolLM2 LoRA run did about 130 GFLOP/s on a 2-core CPU, so this is about 2.5 minutes of eager training,
+# which the 1.5x-1.8x gain shortens by about the 50-70 s a first (uncached) compile of a small model's layer takes;
+# with the compiled kernels cached from an earlier run, compiling takes about 10 s.
+COMPILE_WORTH_FLOPS = 20e12
 
 
 def inductor_cache_dir() -> Path:
     """Where Inductor keeps compiled kernels: the user's TORCHINDUCTOR_CACHE_DIR, else ~/.cache/lmtune/torchinductor
     (Inductor's own default is under /tmp, which a reboot empties)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if chosen:
+    # Importing transformers already writes Inductor's default into the environment: that one is not a choice.
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
         return Path(chosen)
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "lmtune" / "torchinductor"
@@ -97,6 +101,11 @@ def decide(setting, *, device: str, processes: int, method: str, use_dora: bool,
         (quantized, "a quantized base"),
         (checkpointing, "gradient checkpointing"),
         (decoder_layers(causal_lm) is None, "no decoder layer stack found in the model"),
+        # The gain is fused element-wise work: fp32 RMSNorm, rotary embeddings, gated MLPs (the Llama family:
+        # Llama, Qwen, Mistral, Gemma, Phi-3, SmolLM). BLOOM's layers (LayerNorm, one fused GeLU) measured no gain
+        # (bench/train_shapes.py's lmtune-eager row), so they do not pay for the compile.
+        (not hasattr(getattr(causal_lm, "config", None), "rms_norm_eps"),
+         f"{getattr(getattr(causal_lm, 'config', None), 'model_type', 'this')} layers (no measured gain)"),
     ]
     for applies, reason in reasons:
         if applies:
@@ -120,7 +129,7 @@ def compiled_layers(causal_lm, enabled: bool, strict: bool = False):
         return
     import torch._dynamo
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
     suppress = torch._dynamo.config.suppress_errors
     torch._dynamo.config.suppress_errors = not strict
     for layer in layers:
