@@ -167,6 +167,19 @@ def trained_bloom(tiny_bloom_dir, tmp_path_factory):
     return result, snapshot, root, data
 
 
+def lora_llama(model_dir: str, dtype: torch.dtype = torch.float32):
+    """The tiny Llama with LoRA r=4 on every linear layer, in training mode, seeded. peft starts B at zero, so the A
+    gradients would be zero too; a random B makes every gradient count."""
+    from lmtune.model import add_lora, load_model, resolve_source
+
+    torch.manual_seed(0)
+    model = add_lora(load_model(resolve_source(model_dir), dtype=dtype), 4, 8, 0.0, "none", "all-linear")
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    return model.train()
+
+
 def conversation(*texts: str) -> list[dict]:
     return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
 

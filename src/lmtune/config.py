@@ -122,7 +122,7 @@ class TrainConfig:
     # "auto": only when the activations of the longest micro-batch would not fit in half the free memory
     # (it costs about a third more compute); true/false force it.
     gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
-    # torch.compile of each decoder layer (training/compiled.py): about 1.8x faster LoRA steps on a CPU after a
+    # torch.compile of each decoder layer (training/compiled.py): about 1.5x faster LoRA steps on a CPU after a
     # minute of compiling (cached on disk for later runs). "auto": on a CPU, for runs long enough to repay it, when a
     # C++ compiler is installed; true/false force it.
     compile: Union[bool, Literal["auto"]] = "auto"

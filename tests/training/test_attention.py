@@ -4,18 +4,9 @@ where it is safe (grad enabled, small scores, no checkpointing, a model that can
 import torch
 
 from lmtune.model import add_lora, load_model, resolve_source
+from conftest import lora_llama
 from lmtune.training import attention
 from lmtune.training.loss import answer_only_loss, causal_lm_of
-
-
-def _lora_llama(tiny_llama_dir):
-    torch.manual_seed(0)
-    model = add_lora(load_model(resolve_source(tiny_llama_dir)), 4, 8, 0.0, "none", "all-linear")
-    # peft starts B at zero, so the A gradients would be zero too; random B makes every gradient count.
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.1)
-    return model.train()
 
 
 def _batch():
@@ -47,7 +38,7 @@ def _kernels_seen(model):
 
 
 def test_eager_attention_gives_the_same_loss_and_gradients_and_is_really_used(tiny_llama_dir, monkeypatch):
-    model = _lora_llama(tiny_llama_dir)
+    model = lora_llama(tiny_llama_dir)
     lm = causal_lm_of(model)
     assert lm.config._attn_implementation == "sdpa"
     ids, mask, labels = _batch()
@@ -68,7 +59,7 @@ def test_eager_attention_gives_the_same_loss_and_gradients_and_is_really_used(ti
 
 
 def test_sdpa_is_kept_where_eager_would_cost_memory_or_break_checkpointing(tiny_llama_dir, monkeypatch):
-    model = _lora_llama(tiny_llama_dir)
+    model = lora_llama(tiny_llama_dir)
     lm = causal_lm_of(model)
     ids, _, _ = _batch()
     assert attention.prefers_eager(lm, ids)

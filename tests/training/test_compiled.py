@@ -11,17 +11,7 @@ from lmtune.training import compiled
 from lmtune.training.loss import answer_only_loss, causal_lm_of
 from lmtune.training.train import train
 
-from conftest import train_config
-
-
-def _lora_llama(tiny_llama_dir):
-    torch.manual_seed(0)
-    model = add_lora(load_model(resolve_source(tiny_llama_dir), dtype=torch.bfloat16), 4, 8, 0.0, "none", "all-linear")
-    # peft starts B at zero, so the A gradients would be zero too; random B makes every gradient count.
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.1)
-    return model.train()
+from conftest import lora_llama, train_config
 
 
 def _batches():
@@ -58,7 +48,7 @@ def test_compiled_layers_give_the_same_loss_and_gradients_and_are_undone_after(t
     import torch._dynamo
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    model = _lora_llama(tiny_llama_dir)
+    model = lora_llama(tiny_llama_dir, dtype=torch.bfloat16)
     lm = causal_lm_of(model)
     batches = _batches()
     eager = _losses_and_grads(model, batches)
@@ -89,7 +79,7 @@ def _decide(**overrides):
 
 
 def test_auto_compiles_only_long_single_process_cpu_lora_runs_with_a_compiler(tiny_llama_dir, monkeypatch):
-    lm = causal_lm_of(_lora_llama(tiny_llama_dir))
+    lm = causal_lm_of(lora_llama(tiny_llama_dir, dtype=torch.bfloat16))
     weights = sum(p.numel() for p in lm.model.layers.parameters() if p.dim() == 2)
     long_run = compiled.COMPILE_WORTH_FLOPS / (4 * weights) * 1.01
     monkeypatch.setattr(compiled, "cpp_compiler", lambda: "/usr/bin/g++")

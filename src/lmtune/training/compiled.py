@@ -3,8 +3,8 @@
 In eager mode a LoRA step on the small models people fine-tune on a CPU spends about half its time outside the
 matmuls: in a profile of a SmolLM2-135M step, dtype casts took 17%, element-wise multiplies 12% and additions 7%
 (RMSNorm in fp32, rotary embeddings, SiLU gating, the LoRA branch of every linear layer), each a separate pass over
-memory on two cores. Inductor fuses them into a few C++ loops around the matmuls: the same step ran 1.8x faster
-(`bench/smollm2_step.py --compare compile`).
+memory on two cores. Inductor fuses them into a few C++ loops around the matmuls: an eager SmolLM2 step took 1.66x
+the compiled one's time (`bench/train_shapes.py --skip-trl --shapes smollm2`, its lmtune-eager row).
 
 Compiled per layer ("regional compilation"): every decoder layer runs the same code, so one graph (with dynamic
 sequence length and batch size) serves all of them, and compiling takes about a minute the first time instead of
@@ -13,8 +13,9 @@ one graph per layer. Inductor's compiled code is cached on disk (TORCHINDUCTOR_C
 
 "auto" compiles only where it pays and is safe to: a CPU, one process, LoRA without DoRA or quantization, no
 gradient checkpointing, a Llama-family model (RMSNorm: where the gain was measured), a C++ compiler on the machine
-(Inductor generates C++), and a run long enough that the minute of compiling is won back (`COMPILE_WORTH_FLOPS`). If compiling fails anyway, Dynamo falls back to eager for
-that layer (suppress_errors), so "auto" never stops a run that eager mode could do; `true` lets the error through.
+(Inductor generates C++), and a run long enough that the minute of compiling is won back (`COMPILE_WORTH_FLOPS`).
+If compiling fails anyway, Dynamo falls back to eager for that layer (suppress_errors), so "auto" never stops a run
+that eager mode could do; `true` lets the error through.
 Validation and generation run eager: compiling their no-grad graphs would cost another minute for a small share
 of the run's time.
 
@@ -112,7 +113,7 @@ def decide(setting, *, device: str, processes: int, method: str, use_dora: bool,
             return False, f"off: auto does not compile with {reason}"
     if cpp_compiler() is None:
         return False, ("off: no C++ compiler found (g++, clang++ or $CXX), which torch.compile needs on a CPU; "
-                       "installing one makes long CPU runs about 1.8x faster")
+                       "installing one makes long CPU runs about 1.5x faster")
     flops = training_flops(causal_lm, tokens)
     if flops < COMPILE_WORTH_FLOPS:
         return False, "off: the run is too short to repay compiling"

@@ -391,7 +391,7 @@ def _estimate_run_time(model, prepared: PreparedData, tokenizer, config: Config,
     }
     if prepared.val_samples:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), compiled.eager():  # validation runs eager in the run too (training/compiled.py)
             val = sorted(prepared.val_samples, key=lambda s: len(s["input_ids"]))
             val_batch = to_device(collate(val[len(val) // 2 : len(val) // 2 + t.batch_size] or val[: t.batch_size]))
             with autocast():
