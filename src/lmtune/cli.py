@@ -210,7 +210,7 @@ def cmd_generate(args, extra) -> int:
     problems = [] if args.prompt.strip() else ["--prompt is empty: give the question to answer"]
     config = _inference_config(args, extra, problems)
     cfg = config.generate
-    loaded = _load_for_inference(args, config)
+    loaded = _load_for_inference(args, config, one_answer=True)
     answer = generate(loaded, args.prompt, cfg, on_text=lambda t: print(t, end="", flush=True))
     print()
     if not answer.stopped_at_eos:
@@ -239,11 +239,14 @@ def _inference_config(args, extra, command_problems: list[str] = ()):
     return _load_config_reporting_all(args.config, overrides, problems)
 
 
-def _load_for_inference(args, config):
+def _load_for_inference(args, config, one_answer: bool = False):
+    from .inference import compiled_decode
     from .inference.load import load_for_inference
 
-    return load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype,
-                              trust_remote_code=config.model.trust_remote_code, allow_pickle=config.model.allow_pickle)
+    loaded = load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype,
+                                trust_remote_code=config.model.trust_remote_code, allow_pickle=config.model.allow_pickle)
+    compiled_decode.enable(loaded, config.generate.compile, one_answer)
+    return loaded
 
 
 def cmd_chat(args, extra) -> int:

@@ -184,9 +184,15 @@ def run_batch(loaded: LoadedModel, rows: list[Row]) -> None:
                 _advance(row, token, eos_ids, tokenizer)
         return [row.done for row in rows]
 
+    longest = max(r.max_tokens for r in rows)
+    compiled = loaded.compiled_decoder
+    if compiled is not None and len(rows) == 1 and compiled.fits(len(rows[0].prompt_ids), longest):
+        # One answer at a time (chat, a lone serve request): the compiled step (compiled_decode.py). Batches stay
+        # eager, where they measured faster.
+        compiled.decode(rows[0].prompt_ids, longest, choose, observe)
+        return
     with inference_autocast(loaded):
-        decode(loaded.model, [r.prompt_ids for r in rows], pad, max(r.max_tokens for r in rows), choose, observe,
-               loaded.device)
+        decode(loaded.model, [r.prompt_ids for r in rows], pad, longest, choose, observe, loaded.device)
 
 
 class BatchWorker:

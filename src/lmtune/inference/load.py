@@ -31,6 +31,8 @@ class LoadedModel:
     template: PromptTemplate
     device: str
     compute_dtype: torch.dtype
+    # Set by compiled_decode.enable: single answers then decode through a compiled one-token step.
+    compiled_decoder: object | None = None
 
 
 def load_for_inference(
