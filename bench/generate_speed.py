@@ -33,7 +33,7 @@ import torch
 
 from lmtune.config import GenerateConfig
 from lmtune.inference.batching import context_length
-from lmtune.inference.compiled_decode import CompiledDecoder
+from lmtune.inference.compiled_decode import CompiledDecoder, weight_bytes
 from lmtune.inference.decode import decode, greedy
 from lmtune.inference.generate import generate_batch
 from lmtune.inference.load import (
@@ -58,15 +58,6 @@ def read_bandwidth_gb_s() -> float:
         data.sum()
         best = min(best, time.perf_counter() - start)
     return data.numel() * data.element_size() / best / 1e9
-
-
-def weight_bytes(model) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:  # a tied embedding is the output head too: read once per token, counted once
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
 
 
 def lmtune_single(loaded: LoadedModel, prompt: list[int], tokens: int) -> float:
