@@ -38,8 +38,8 @@ from ..training.compiled import cpp_compiler, inductor_cache_dir
 # Weights (bytes) from which "auto" compiles: SmolLM2-135M in bf16 is 270 MB, test models are a few MB.
 COMPILE_WORTH_BYTES = 200e6
 SMALLEST_CACHE = 512
-# Each bucket is 4x the last: each is one more compile, and marking the length dynamic did not give one graph for
-# all (transformers' mask code fixes the cache's length as a constant).
+# Each bucket is 4x the last: each is one more compile, and marking the cache's length dynamic did not give one
+# graph for all (mark_dynamic: a constraint violation; maybe_mark_dynamic: specialised back, one compile per bucket).
 BUCKET_GROWTH = 4
 # Inductor's pass decomposes one-row matmuls whose weight dimensions are both at most this (its CPU default,
 # 2,048, leaves out the output head, 49,152 x 576 for SmolLM2, the largest matmul of the step).
