@@ -120,6 +120,7 @@ def test_auto_compiles_only_where_it_pays_and_can_work(tiny_llama_dir, tiny_bloo
     assert "bloom" in decide(bloom)[1] and not decide(bloom)[0]
     monkeypatch.setattr(compiled_decode, "cpp_compiler", lambda: None)
     assert "no C++ compiler" in decide(bf16)[1] and not decide(bf16)[0]
+    assert not decide(bf16, True)[0]  # forced: refused with the reason, not a compiler traceback later
 
 
 def test_forcing_the_compiled_step_where_it_cannot_work_is_a_clear_error(tiny_llama_dir, capsys):

@@ -68,6 +68,9 @@ def decide(setting, model, device: str, compute_dtype: torch.dtype, one_answer: 
         return False, "off: the compiled decode step needs bf16 weights (--dtype auto or bf16)"
     if not getattr(model, "_can_compile_fullgraph", getattr(getattr(model, "base_model", None), "_can_compile_fullgraph", True)):
         return False, f"off: transformers cannot compile {getattr(config, 'model_type', 'this model')} in one graph"
+    if cpp_compiler() is None:
+        return False, ("off: no C++ compiler found (g++, clang++ or $CXX), which torch.compile needs on a CPU; "
+                       "installing one makes single answers about 1.8x faster")
     if setting is True:
         return True, "on (generate.compile true)"
     if not hasattr(config, "rms_norm_eps"):
@@ -76,9 +79,6 @@ def decide(setting, model, device: str, compute_dtype: torch.dtype, one_answer: 
         return False, "off: one answer does not repay compiling (chat and serve compile; generate.compile true forces it)"
     if weight_bytes(model) < COMPILE_WORTH_BYTES:
         return False, "off: the model is small enough that its tokens are fast without compiling"
-    if cpp_compiler() is None:
-        return False, ("off: no C++ compiler found (g++, clang++ or $CXX), which torch.compile needs on a CPU; "
-                       "installing one makes answers about 1.8x faster")
     return True, "on: one-token decode step compiled for single answers (about a minute the first time, cached after)"
 
 
