@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -176,7 +177,11 @@ def test_serve_soak(server):
     _abandon(host, port, _chat("Học máy là gì?", 480, stream=True), after_bytes=600)
     status, text = _post(url + "/v1/chat/completions", _chat("LoRA là gì?", 4, stream=False))
     assert status == 200 and json.loads(text)["choices"][0]["message"]["content"] is not None
-    state = health()
+    # The answer is sent when its row finishes, a moment before the worker marks itself idle: wait for that moment.
+    state, deadline = health(), time.monotonic() + 10
+    while state["busy_rows"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+        state = health()
     assert state["cancelled_rows"] == before + 1 and state["busy_rows"] == 0 and state["queued_rows"] == 0
 
     assert process.poll() is None, "the server exited"
