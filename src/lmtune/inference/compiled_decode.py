@@ -66,7 +66,7 @@ def decide(setting, model, device: str, compute_dtype: torch.dtype, one_answer: 
         return False, f"off: the compiled decode step is for a CPU (this model is on {device})"
     if compute_dtype != torch.bfloat16 or torch.bfloat16 not in dtypes:
         return False, "off: the compiled decode step needs bf16 weights (--dtype auto or bf16)"
-    if not getattr(model, "_can_compile_fullgraph", getattr(getattr(model, "base_model", None), "_can_compile_fullgraph", True)):
+    if not getattr(model, "_can_compile_fullgraph", True):  # a peft model answers for its base model
         return False, f"off: transformers cannot compile {getattr(config, 'model_type', 'this model')} in one graph"
     if cpp_compiler() is None:
         return False, ("off: no C++ compiler found (g++, clang++ or $CXX), which torch.compile needs on a CPU; "
