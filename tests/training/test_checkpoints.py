@@ -242,7 +242,9 @@ def test_resume_with_validation_keeps_the_best_checkpoint_and_ends_like_an_unint
                 "generate.max_new_tokens": 8}
     train(_config(tiny_bloom_dir, data, tmp_path / "reference", **settings), **QUIET)
     reference = json.loads((tmp_path / "reference" / "lmtune_manifest.json").read_text())["validation"]
-    assert reference["best_step"] < 18  # the best is early, so it must outlive later checkpoints
+    # The best is at or before step 18, so it must outlive the later checkpoint 20, which keep_checkpoints 1 alone
+    # would keep (where exactly the validation loss turns up moves with the CPU's arithmetic: 18 on an AVX2 machine).
+    assert reference["best_step"] <= 18
 
     real_step_end = transformers.trainer_callback.CallbackHandler.on_step_end
 
