@@ -48,3 +48,37 @@ def test_decoding_stops_when_every_row_is_finished(tiny_llama_dir):
 
     decode(model, [[5, 6, 7], [8, 9]], 0, 50, greedy, observe)
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("model_dir", ["tiny_bloom_dir", "tiny_llama_dir"])
+def test_finished_rows_leave_the_batch_and_the_others_answer_the_same(request, model_dir):
+    """Compacting the batch as rows finish changes no token of the rows still going, and really shrinks the batch."""
+    model = load_model(resolve_source(request.getfixturevalue(model_dir))).eval()
+    torch.manual_seed(0)
+    prompts = [torch.randint(4, 500, (n,)).tolist() for n in (3, 9, 6, 5, 7, 4)]
+    stop_after = [2, 12, 3, 5, 12, 8]  # tokens each row is given before it is told it is finished
+
+    def run(compact_share):
+        chosen: list[list[int]] = [[] for _ in prompts]
+        widths: list[int] = []
+        hook = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[0]),
+                                               with_kwargs=True)
+
+        def observe(tokens):
+            for row, token, limit in zip(chosen, tokens, stop_after):
+                if len(row) < limit:
+                    row.append(token)
+            return [len(row) >= limit for row, limit in zip(chosen, stop_after)]
+
+        try:
+            decode(model, prompts, 3, 12, greedy, observe, compact_share=compact_share)
+        finally:
+            hook.remove()
+        return chosen, widths
+
+    kept, kept_widths = run(0)
+    compacted, widths = run(0.25)
+    assert compacted == kept
+    assert kept_widths == [6] * 12
+    # 6 rows; after the 2nd token one finished (1/6 < 1/4: stays), after the 3rd two (>= 1/4: both leave), ...
+    assert widths[:3] == [6, 6, 6] and widths[3] == 4 and widths[-1] == 2

@@ -21,16 +21,23 @@ Choose = Callable[[torch.Tensor], torch.Tensor]
 Observe = Callable[[list[int]], list[bool]]
 
 
+# Finished rows leave the batch once this share of the rows still in it have finished (see decode).
+COMPACT_SHARE = 0.25
+
+
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
 def decode(model, prompts: list[list[int]], pad_id: int, max_new_tokens: int, choose: Choose, observe: Observe,
-           device: str = "cpu") -> None:
+           device: str = "cpu", compact_share: float = COMPACT_SHARE) -> None:
     """Generate for every prompt at once until `observe` says every row is finished or `max_new_tokens` is reached.
 
-    Finished rows keep going in the batch (their tokens are ignored): removing them would reshape the cache,
-    which costs more than it saves at the batch sizes of a CPU.
+    `choose` always sees logits for every row (a finished row's are zeros; its token is ignored). Once at least
+    `compact_share` of the rows still in the batch have finished, they leave it: the KV cache keeps only the
+    others (`Cache.batch_select_indices`), so the answers of an evaluation batch do not all run as long as its
+    longest one. Compacting copies the cache, so it waits for a share of rows rather than acting on each one;
+    0 turns it off.
     """
     from transformers import DynamicCache
 
@@ -54,15 +61,26 @@ def decode(model, prompts: list[list[int]], pad_id: int, max_new_tokens: int, ch
         out = model(input_ids=ids, attention_mask=attention, cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
         return out.logits[:, -1].float()
 
+    rows = len(prompts)
+    live = list(range(rows))  # the rows still in the batch, in batch order
     with torch.inference_mode():
         logits = forward(input_ids, positions)
         positions = positions[:, -1:]
         for step in range(max_new_tokens):
+            if len(live) < rows:
+                every_row = logits.new_zeros((rows, logits.shape[-1]))
+                every_row[live] = logits
+                logits = every_row
             tokens = choose(logits)
             done = observe(tokens.tolist())
             if all(done) or step == max_new_tokens - 1:
                 return
+            going = [i for i in live if not done[i]]
+            if compact_share > 0 and len(live) - len(going) >= compact_share * len(live):
+                keep = torch.tensor([n for n, i in enumerate(live) if not done[i]], device=device)
+                cache.batch_select_indices(keep)
+                positions, mask, live = positions[keep], mask[keep], going
             positions = positions + 1
             if padded or not takes_positions:
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            logits = forward(tokens[:, None].to(device), positions)
+            logits = forward(tokens[live][:, None].to(device), positions)
