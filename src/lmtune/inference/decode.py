@@ -36,8 +36,8 @@ def decode(model, prompts: list[list[int]], pad_id: int, max_new_tokens: int, ch
     `choose` always sees logits for every row (a finished row's are zeros; its token is ignored). Once at least
     `compact_share` of the rows still in the batch have finished, they leave it: the KV cache keeps only the
     others (`Cache.batch_select_indices`), so the answers of an evaluation batch do not all run as long as its
-    longest one. Compacting copies the cache, so it waits for a share of rows rather than acting on each one;
-    0 turns it off.
+    longest one (`bench/eval_batches.py`: 1.11x on SmolLM2's evaluation-shaped batches of 24). Compacting copies
+    the cache, so it waits for a share of rows rather than acting on each one; 0 turns it off.
     """
     from transformers import DynamicCache
 
