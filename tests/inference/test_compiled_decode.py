@@ -116,6 +116,12 @@ def test_auto_compiles_only_where_it_pays_and_can_work(tiny_llama_dir, tiny_bloo
     fp16 = load_for_inference(tiny_llama_dir, dtype="float16")
     assert decide(fp16, True)[0] is False and "bf16 or fp32 weights" in decide(fp16, True)[1]
     assert decide(fp32, True) == (True, "on (generate.compile true)")
+    # An adapter on a bf16 base keeps its LoRA weights in fp32 (peft): still a bf16 model the step can run.
+    from conftest import lora_llama
+
+    adapted = lora_llama(tiny_llama_dir, torch.bfloat16)
+    assert {p.dtype for p in adapted.parameters()} == {torch.bfloat16, torch.float32}
+    assert compiled_decode.decide(True, adapted, "cpu", torch.bfloat16, False) == (True, "on (generate.compile true)")
     monkeypatch.setattr(compiled_decode, "COMPILE_WORTH_BYTES", 0)
     assert decide(fp32)[0] and decide(fp32)[1].startswith("on:")  # a CPU without native bf16 decodes in fp32
     assert decide(bf16) == (True, decide(bf16)[1]) and decide(bf16)[1].startswith("on:")

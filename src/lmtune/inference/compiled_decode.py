@@ -70,8 +70,9 @@ def decide(setting, model, device: str, compute_dtype: torch.dtype, one_answer: 
     if device != "cpu":
         return False, f"off: the compiled decode step is for a CPU (this model is on {device})"
     # bf16 on a CPU with native bf16, fp32 on one without (AVX2 only), as load_for_inference picks them: the step
-    # computes in its weights' dtype, so the weights must be in the compute dtype and one of those two.
-    if compute_dtype not in (torch.bfloat16, torch.float32) or dtypes != {compute_dtype}:
+    # computes in its weights' dtype, so the weights must be in the compute dtype and one of those two. "In", not
+    # "only": peft keeps an adapter's LoRA weights in fp32 on a bf16 base (autocast_adapter_dtype), and that compiles.
+    if compute_dtype not in (torch.bfloat16, torch.float32) or compute_dtype not in dtypes:
         return False, "off: the compiled decode step needs bf16 or fp32 weights (--dtype auto, bfloat16 or float32)"
     if not getattr(model, "_can_compile_fullgraph", True):  # a peft model answers for its base model
         return False, f"off: transformers cannot compile {getattr(config, 'model_type', 'this model')} in one graph"
