@@ -154,3 +154,29 @@ def test_compiled_step_on_fp32_weights_gives_the_eager_fp32_logits(tiny_llama_di
     assert len(compiled) == len(eager) == len(FORCED)
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
+
+
+@needs_compiler
+def test_the_web_uis_try_page_answers_through_the_compiled_step(tiny_llama_dir, tmp_path, monkeypatch):
+    from conftest import QA, train_config, write_jsonl
+    from lmtune.inference.batching import run_batch
+    from lmtune.inference.chat import answer_row
+    from lmtune.training.train import train
+    from lmtune.ui.app import Models
+
+    run_dir = tmp_path / "run"
+    train(train_config(tiny_llama_dir, write_jsonl(tmp_path / "qa.jsonl", QA), run_dir, **{"train.max_steps": 2}),
+          log=lambda _: None)
+    models = Models()
+    tuned = models.get(run_dir, "tuned", True)  # the run's generate.compile, forced here for the tiny model
+    assert isinstance(tuned.compiled_decoder, compiled_decode.CompiledDecoder)
+    calls = []
+    real = tuned.compiled_decoder.decode
+    monkeypatch.setattr(tuned.compiled_decoder, "decode", lambda *a: (calls.append(a[0]), real(*a))[1])
+    pieces = []
+    prompt = tuned.template.prompt_ids(tuned.tokenizer, "Học máy là gì?")
+    row = answer_row(GenerateConfig(greedy=True, max_new_tokens=5, repetition_penalty=1.0), prompt, 5, pieces.append)
+    run_batch(tuned, [row])  # what the Try page's /api/chat runs
+    assert calls == [prompt] and row.ids and row.finish_reason
+    # "auto" leaves a model this small eager, as chat does.
+    assert models.get(run_dir, "base", "auto").compiled_decoder is None

@@ -95,14 +95,20 @@ class Tasks:
 
 
 class Models:
-    """The base and tuned models of one run, loaded on first use for the Try page (one run's pair at a time)."""
+    """The base and tuned models of one run, loaded on first use for the Try page (one run's pair at a time).
+
+    The Try page answers one question at a time, as `lmtune chat` does, so each model gets chat's compiled one-token
+    decode step where `generate.compile` (the run's config, "auto" by default) says it pays (about 2x the eager
+    loop on SmolLM2, inference/compiled_decode.py); it is compiled when the model loads, so the first answer
+    waits for it (about a minute the first time, seconds from Inductor's disk cache)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._run: str | None = None
         self._loaded: dict[str, Any] = {}
 
-    def get(self, run_dir: Path, side: str):
+    def get(self, run_dir: Path, side: str, compile_setting: Any = "auto"):
+        from ..inference import compiled_decode
         from ..inference.load import load_for_inference
         from ..model import base_model_of_adapter
 
@@ -112,10 +118,13 @@ class Models:
                 self._loaded.clear()
                 self._run = key
             if "tuned" not in self._loaded:
-                self._loaded["tuned"] = load_for_inference(None, str(run_dir))
+                tuned = load_for_inference(None, str(run_dir))
+                compiled_decode.enable(tuned, compile_setting, one_answer=False)
+                self._loaded["tuned"] = tuned
             if side == "base" and "base" not in self._loaded:
                 base = load_for_inference(base_model_of_adapter(run_dir))
                 base.template = self._loaded["tuned"].template  # asked with exactly the tuned model's prompts
+                compiled_decode.enable(base, compile_setting, one_answer=False)
                 self._loaded["base"] = base
             return self._loaded[side]
 
@@ -378,7 +387,7 @@ def create_app(workdir: str | Path, token: str | None = None) -> FastAPI:
 
         def work():
             try:
-                loaded = models.get(folder, side)
+                loaded = models.get(folder, side, cfg.compile)
                 unregister_cpu_user()  # loading registered the UI as computing; it answers for a moment only
                 context = context_length(loaded)
                 ids, dropped = fit_conversation(loaded, history, question, context - answer_reserve(cfg, context))
