@@ -39,3 +39,24 @@ def test_a_row_stops_at_eos_and_keeps_what_came_before(bloom_tokenizer):
     for token in ids:
         _advance(cut, token, {2}, bloom_tokenizer)
     assert cut.finish_reason == "length" and not _answer(cut, PromptTemplate()).stopped_at_eos
+
+
+def test_an_adapter_is_merged_for_answering_and_gives_the_adapters_logits(trained_bloom):
+    import torch
+
+    from lmtune.model import apply_adapter, base_model_of_adapter, load_model, resolve_source
+
+    result, _, _, _ = trained_bloom
+    loaded = load_for_inference(adapter=result.output_dir, dtype="float32")
+    assert not any("lora_" in name for name, _ in loaded.model.named_parameters())  # merged, no LoRA layers left
+    base = base_model_of_adapter(result.output_dir)
+    unmerged = apply_adapter(load_model(resolve_source(base), dtype=torch.float32), result.output_dir, base).eval()
+    assert any("lora_" in name for name, _ in unmerged.named_parameters())
+    ids = loaded.tokenizer([r["question"] for r in QA], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        merged_logits, adapter_logits = loaded.model(**ids).logits, unmerged(**ids).logits
+    assert (merged_logits - adapter_logits).abs().max() < 1e-4
+    # The adapter changed the model, so the equality above is not that of two untouched bases.
+    with torch.no_grad():
+        base_logits = load_model(resolve_source(base), dtype=torch.float32).eval()(**ids).logits
+    assert (base_logits - adapter_logits).abs().max() > 1e-2

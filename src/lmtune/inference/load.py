@@ -66,7 +66,11 @@ def load_for_inference(
         check_adapter_weights(adapter, allow_pickle)
     network = load_model(source, trust_remote_code, dtype=frozen_weights_dtype(precision), allow_pickle=allow_pickle)
     if adapter:
-        network = apply_adapter(network, adapter, model)
+        # Merged into the weights for answering (peft's merge_and_unload, W + BA in place): the same function of the
+        # input, without 7 extra pairs of small matmuls per layer per token, which an eager CPU step pays in full.
+        # The quickstart adapter of SmolLM2, fp32 on an AVX2 CPU, 4 alternating rounds: one answer 13.7 against
+        # 9.6 tokens/s (1.42x), evaluation batches of 24 82.0 against 68.5 (1.20x), the same greedy answer.
+        network = apply_adapter(network, adapter, model).merge_and_unload()
     network.to(precision.device).eval()
     template = (PromptTemplate.load(adapter) if adapter else None) or PromptTemplate.load(source.path)
     if template is None:
