@@ -41,6 +41,7 @@ class ModelConfig:
     allow_pickle: bool = False
     # "auto": bf16 autocast where the hardware supports it, else fp32 (fp16 on older CUDA GPUs).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Where to train and answer: "auto" picks a CUDA GPU, then Apple's mps, else the CPU.
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # QLoRA: load the frozen base in 4 bits (nf4, double quantization) or 8 bits through bitsandbytes and
     # train LoRA on top. Needs a CUDA GPU and `pip install 'lmtune[gpu]'`; merging uses the full-precision base.
@@ -49,9 +50,13 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
+    # Rank of the low-rank update (A is r x in, B is out x r): more capacity, a larger adapter.
     r: int = 8
+    # Scale of the update: it is multiplied by alpha / r (alpha / sqrt(r) with use_rslora).
     alpha: int = 32
+    # Dropout on the input of the LoRA branch while training, in [0, 1).
     dropout: float = 0.05
+    # Which biases train with the adapter: "none", "all", or only those of the adapted layers ("lora_only").
     bias: Literal["none", "all", "lora_only"] = "none"
     # "auto" = peft's own per-architecture default (query_key_value for BLOOM, q_proj/v_proj for Llama);
     # "attention" = every attention projection; "all-linear" = attention and MLP linears;
@@ -60,6 +65,7 @@ class LoraConfig:
     # LoRA variants (peft; see the README's table of methods). rsLoRA scales the update by alpha/sqrt(r) instead of
     # alpha/r, so higher ranks still learn; DoRA trains a magnitude per output feature apart from the direction.
     use_rslora: bool = False
+    # DoRA (see use_rslora above); cannot be combined with init pissa or olora.
     use_dora: bool = False
     # How A and B start: "default" (B = 0, so training starts from the base); "gaussian"; "pissa" / "olora" start
     # from the weights' principal (SVD) / orthonormal (QR) directions, moved out of the base. Those adapters are
@@ -76,7 +82,9 @@ class DataConfig:
     # Explicit column names; empty means detect (question/answer, input/output[/context],
     # prompt/response, instruction/input/output).
     question_field: str = ""
+    # Answer column; empty means detect (see question_field).
     answer_field: str = ""
+    # Optional context column, added to the prompt after the question; empty means detect.
     context_field: str = ""
     # Conversation column (OpenAI `messages` or ShareGPT `conversations`); empty means detect. Conversations and
     # question/answer rows may be mixed: a pair is a one-turn conversation.
@@ -99,25 +107,35 @@ class DataConfig:
     # Validation: a share (< 1) or number (>= 1) of rows held out from `paths`, whole question groups
     # at a time (see split.py), and/or separate files.
     val_size: float = 0.0
+    # Validation files (same formats as paths), used beside or instead of val_size.
     eval_paths: list[str] = field(default_factory=list)
+    # Seed of the validation split (which question groups are held out).
     seed: int = 42
 
 
 @dataclass
 class TrainConfig:
+    # Folder the adapter (or, with method full, the model) is written to; required by train.
     output_dir: str = ""
+    # Passes over the training rows; fractions allowed (ignored when max_steps > 0).
     epochs: float = 3.0
     # Stops after this many optimizer steps when > 0 (overrides epochs).
     max_steps: int = -1
     batch_size: int = 2  # per device (per process)
+    # Micro-batches accumulated per optimizer step (derived from global_batch_size when that is set).
     grad_accum: int = 8
     # Samples per optimizer step over all processes = batch_size x grad_accum x processes. When > 0, grad_accum is
     # derived from it at launch, so the same config trains with the same global batch on 1 or N processes.
     global_batch_size: int = 0
+    # Peak learning rate of AdamW, reached after warmup_steps.
     learning_rate: float = 2e-4
+    # Optimizer steps of linear warmup from 0 to learning_rate.
     warmup_steps: int = 2
+    # How the learning rate moves after warmup (transformers' scheduler of that name).
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    # AdamW's decoupled weight decay (0 = none).
     weight_decay: float = 0.0
+    # Gradients are clipped to this total norm (0 = no clipping).
     max_grad_norm: float = 1.0
     # "auto": only when the activations of the longest micro-batch would not fit in half the free memory
     # (it costs about a third more compute); true/false force it.
@@ -128,17 +146,22 @@ class TrainConfig:
     compile: Union[bool, Literal["auto"]] = "auto"
     # Sort samples into batches of similar length so little padding is computed.
     group_by_length: bool = True
+    # Print and log the loss every N optimizer steps.
     logging_steps: int = 1
     # With validation data: evaluate every N optimizer steps (0 = about ten times per run), keep the
     # adapter with the lowest validation loss, and stop after this many evaluations without improvement (0 = never).
     eval_steps: int = 0
+    # Stop after this many evaluations without a lower validation loss (0 = never; needs validation data).
     early_stopping_patience: int = 0
+    # Seed of the LoRA initialisation, the data order and dropout: the same seed trains the same weights.
     seed: int = 42
+    # Replace an existing output_dir (or discard an interrupted run); without it both are refused.
     overwrite_output_dir: bool = False
     # Interrupt and resume: a run writes to <output_dir>.partial/ and saves a resumable checkpoint (adapter,
     # optimizer, scheduler, RNG states, data position) at least every checkpoint_minutes (0 = only when
     # stopped by Ctrl-C/SIGTERM), keeping the newest keep_checkpoints complete ones.
     checkpoint_minutes: float = 10.0
+    # How many complete checkpoints are kept (the best one with validation is kept as well).
     keep_checkpoints: int = 2
     # true: continue the interrupted run of this output_dir from its newest complete checkpoint;
     # a path: continue from that run folder or checkpoint.
@@ -158,11 +181,18 @@ class TrainConfig:
 
 @dataclass
 class GenerateConfig:
+    # Most tokens an answer may have (it stops earlier at EOS or an end-of-turn token).
     max_new_tokens: int = 128
+    # Always take the most likely token (deterministic); temperature, top_p and top_k are then unused.
     greedy: bool = False
+    # Sampling temperature: below 1 sharper, above 1 more varied.
     temperature: float = 0.7
+    # Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p (1 = off).
     top_p: float = 0.9
+    # Sample among the k most likely tokens only (0 = off).
     top_k: int = 50
+    # Makes tokens the answer already holds less likely: their scores are divided by it (negative ones multiplied);
+    # 1.0 = off.
     repetition_penalty: float = 1.1
     # Single answers (chat, serve) through a compiled one-token step (inference/compiled_decode.py): about 1.8-2x the
     # tokens/s on a CPU after a minute or two of compiling (cached on disk). "auto": on a CPU with bf16 or fp32 weights,
