@@ -148,7 +148,7 @@ def trained_bloom(tiny_bloom_dir, tmp_path_factory):
     from lmtune.training.train import train
 
     # the package re-exports train(), which hides the module attribute
-    train_module = importlib.import_module("lmtune.training.train")
+    train_module = importlib.import_module("lmtune.training.methods.lora")  # where LoRA is added
     root = tmp_path_factory.mktemp("run")
     data = write_jsonl(root / "qa.jsonl", QA)
     snapshot = {}

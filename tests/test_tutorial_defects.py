@@ -109,7 +109,7 @@ def test_defect6_generation_uses_the_models_own_eos_and_pad(tiny_bloom_dir, qa_f
 
 def test_defect7_training_and_inference_prompts_are_the_same_ids(tiny_bloom_dir, qa_file, tmp_path):
     from lmtune.inference.load import load_for_inference
-    from lmtune.training.train import prepare_data
+    from lmtune.training.methods.supervised import prepare_data
 
     config = _config(tiny_bloom_dir, qa_file, tmp_path / "adapter")
     tok = load_tokenizer(resolve_source(tiny_bloom_dir))

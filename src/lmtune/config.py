@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Callable, Literal, Union, get_args, get_origin
 
 import yaml
 
@@ -476,15 +476,29 @@ def _method_checks(c: Config) -> list[str]:
         (not (l.init in ("pissa", "olora") and c.model.quantization != "none"),
          f"lora.init {l.init!r} needs a full-precision base, got model.quantization {c.model.quantization!r}"),
     ]
-    if t.method == "full":
-        lora_only = [name for name, on in [("lora.use_rslora", l.use_rslora), ("lora.use_dora", l.use_dora),
-                                           ("lora.init", l.init != "default"), ("lora.modules_to_save", bool(l.modules_to_save)),
-                                           ("train.loraplus_lr_ratio", t.loraplus_lr_ratio > 0)] if on]
-        checks.append((not lora_only, f"{', '.join(lora_only)} appl{'ies' if len(lora_only) == 1 else 'y'} to LoRA "
-                                      f"training, but train.method is 'full' (every weight is trained)"))
-        checks.append((c.model.quantization == "none", f"train.method 'full' trains every weight and cannot use a "
-                                                        f"quantized base, got model.quantization {c.model.quantization!r}"))
-    return checks
+    return checks + METHOD_RULES.get(t.method, lambda _: [])(c)
+
+
+def _lora_keys_set(c: Config) -> list[str]:
+    l, t = c.lora, c.train
+    return [name for name, on in [("lora.use_rslora", l.use_rslora), ("lora.use_dora", l.use_dora),
+                                  ("lora.init", l.init != "default"), ("lora.modules_to_save", bool(l.modules_to_save)),
+                                  ("train.loraplus_lr_ratio", t.loraplus_lr_ratio > 0)] if on]
+
+
+def _full_rules(c: Config) -> list[tuple[bool, str]]:
+    lora_only = _lora_keys_set(c)
+    return [(not lora_only, f"{', '.join(lora_only)} appl{'ies' if len(lora_only) == 1 else 'y'} to LoRA "
+                            f"training, but train.method is 'full' (every weight is trained)"),
+            (c.model.quantization == "none", f"train.method 'full' trains every weight and cannot use a "
+                                             f"quantized base, got model.quantization {c.model.quantization!r}")]
+
+
+# train.method -> the settings that method cannot run with, each (holds, message naming both keys). One entry per
+# method whose settings conflict with others; the method itself lives in training/methods/.
+METHOD_RULES: dict[str, Callable[[Config], list[tuple[bool, str]]]] = {
+    "full": _full_rules,
+}
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,

@@ -98,7 +98,7 @@ def test_training_logs_validation_loss_and_keeps_the_best_adapter(tiny_bloom_dir
     # The saved adapter is the best one: its validation loss, recomputed from disk, is the best logged loss.
     tok = load_tokenizer(resolve_source(tiny_bloom_dir))
     config = _val_config(tiny_bloom_dir, data, tmp_path / "unused")
-    from lmtune.training.train import prepare_data
+    from lmtune.training.methods.supervised import prepare_data
 
     val = prepare_data(config, tok, log=lambda _: None).val_samples
     model = PeftModel.from_pretrained(load_model(resolve_source(tiny_bloom_dir)), str(tmp_path / "a")).eval()

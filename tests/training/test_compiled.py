@@ -72,10 +72,18 @@ def test_compiled_layers_give_the_same_loss_and_gradients_and_are_undone_after(t
 
 
 def _decide(**overrides):
-    args = dict(device="cpu", processes=1, method="lora", use_dora=False, quantized=False, checkpointing=False,
+    args = dict(device="cpu", processes=1, method_blocker=None, quantized=False, checkpointing=False,
                 causal_lm=None, tokens=0.0)
     args.update(overrides)
     return compiled.decide(args.pop("setting", "auto"), **args)
+
+
+def _blocker(overrides: dict) -> str | None:
+    """What the training method of these settings says against compiling (training.methods)."""
+    from lmtune.config import build_config
+    from lmtune.training.methods import method_for
+
+    return method_for(build_config(overrides=overrides)).compile_blocker()
 
 
 def test_auto_compiles_only_long_single_process_cpu_lora_runs_with_a_compiler(tiny_llama_dir, monkeypatch):
@@ -87,7 +95,8 @@ def test_auto_compiles_only_long_single_process_cpu_lora_runs_with_a_compiler(ti
     use, why = _decide(causal_lm=lm, tokens=long_run * 0.98)
     assert not use and "too short" in why
     for overrides, reason in [({"device": "cuda"}, "CPU only"), ({"processes": 2}, "several processes"),
-                              ({"method": "full"}, "full fine-tuning"), ({"use_dora": True}, "DoRA"),
+                              ({"method_blocker": _blocker({"train.method": "full"})}, "full fine-tuning"),
+                              ({"method_blocker": _blocker({"lora.use_dora": True})}, "DoRA"),
                               ({"quantized": True}, "quantized"), ({"checkpointing": True}, "checkpointing")]:
         use, why = _decide(causal_lm=lm, tokens=long_run, **overrides)
         assert not use and reason in why, (overrides, why)

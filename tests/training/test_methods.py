@@ -27,6 +27,7 @@ from lmtune.training.checkpoints import complete_checkpoints, partial_dir
 from lmtune.training.train import train
 
 train_module = importlib.import_module("lmtune.training.train")  # the package re-exports train(), hiding the module
+lora_module = importlib.import_module("lmtune.training.methods.lora")  # where LoRA is added to the base
 
 QUIET = {"log": lambda _: None}
 FP32 = {"model.dtype": "float32", "model.device": "cpu"}  # exact comparisons: no bf16 weights or autocast
@@ -35,14 +36,14 @@ FP32 = {"model.dtype": "float32", "model.device": "cpu"}  # exact comparisons: n
 def _train_recording(config, monkeypatch):
     """train(config) with a snapshot of every parameter right after LoRA was added."""
     snapshot = {}
-    real = train_module.add_lora
+    real = lora_module.add_lora
 
     def recording(*args, **kwargs):
         model = real(*args, **kwargs)
         snapshot.update({n: p.detach().clone() for n, p in model.named_parameters()})
         return model
 
-    monkeypatch.setattr(train_module, "add_lora", recording)
+    monkeypatch.setattr(lora_module, "add_lora", recording)
     return train(config, **QUIET), snapshot
 
 
@@ -138,7 +139,8 @@ def test_saved_pissa_adapter_merges_onto_the_original_base(tiny_bloom_dir, qa_fi
 
 def _trainer(config, tmp_path, callbacks=()):
     from lmtune.model import choose_precision, load_tokenizer
-    from lmtune.training.train import build_trainer, prepare_data
+    from lmtune.training.methods.supervised import prepare_data
+    from lmtune.training.train import build_trainer
 
     source = resolve_source(config.model.name_or_path)
     tokenizer = load_tokenizer(source)

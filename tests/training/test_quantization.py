@@ -30,7 +30,7 @@ def test_quantization_on_a_cpu_machine_stops_before_loading_with_a_clear_message
         raise AssertionError("the tokenizer or model was loaded before the quantization check")
 
     monkeypatch.setattr(train_module, "load_tokenizer", must_not_load)
-    monkeypatch.setattr(train_module, "load_model", must_not_load)
+    monkeypatch.setattr(importlib.import_module("lmtune.training.methods.lora"), "load_model", must_not_load)
     out = tmp_path / "runs" / "adapter"
     code = main(["train", "--model", tiny_bloom_dir, "--data", qa_file, "--output-dir", str(out), "--quantization", mode])
     err = capsys.readouterr().err

@@ -14,6 +14,7 @@ from lmtune.errors import ModelError, OutputExistsError
 from lmtune.export.merge import merge
 from lmtune.model import add_lora, load_model, resolve_source
 from lmtune.training.train import train
+from lmtune.training.methods import supervised
 
 train_module = importlib.import_module("lmtune.training.train")  # the package re-exports train(), which hides the module attribute
 
@@ -107,8 +108,8 @@ def test_an_nfd_copy_of_the_data_gives_the_same_samples_and_says_so_once(tiny_bl
     nfd.write_text(unicodedata.normalize("NFD", TRAIN_DATA.read_text(encoding="utf-8")), encoding="utf-8")
     tokenizer = load_tokenizer(resolve_source(tiny_bloom_dir), False)
     normal_log, nfd_log = [], []
-    normal = train_module.prepare_data(train_config(tiny_bloom_dir, str(TRAIN_DATA), tmp_path / "a"), tokenizer, normal_log.append)
-    decomposed = train_module.prepare_data(train_config(tiny_bloom_dir, str(nfd), tmp_path / "b"), tokenizer, nfd_log.append)
+    normal = supervised.prepare_data(train_config(tiny_bloom_dir, str(TRAIN_DATA), tmp_path / "a"), tokenizer, normal_log.append)
+    decomposed = supervised.prepare_data(train_config(tiny_bloom_dir, str(nfd), tmp_path / "b"), tokenizer, nfd_log.append)
     assert decomposed.samples == normal.samples  # the same token ids and labels, row for row
     rows = normal.load_report.rows_read
     assert [m for m in nfd_log if "NFC" in m] == [
@@ -121,7 +122,7 @@ def test_the_data_log_names_only_the_columns_the_file_has(tmp_path, tiny_bloom_d
     """A file without a context column was logged as `context='context'`, a column nobody wrote."""
     from conftest import write_jsonl
 
-    from lmtune.training.train import prepare_data
+    from lmtune.training.methods.supervised import prepare_data
 
     plain, with_context = [], []
     prepare_data(train_config(tiny_bloom_dir, write_jsonl(tmp_path / "a.jsonl", QA), tmp_path / "o"), bloom_tokenizer,

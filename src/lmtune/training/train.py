@@ -1,7 +1,9 @@
-"""train(config): LoRA fine-tuning around the transformers Trainer.
+"""train(config): one training run around the transformers Trainer, whatever the method.
 
-Setup (tokenizer, template, data, pre-flight check) -> model + LoRA -> Trainer -> save the
-adapter with everything needed to reproduce and reuse it, atomically.
+Setup (tokenizer, the method's data and pre-flight check) -> the method's model -> Trainer with the method's loss ->
+the method saves what it trained, with everything needed to reproduce and reuse it, atomically. What differs between
+methods (LoRA, full fine-tuning, preference tuning) lives in `training.methods`; this module owns what they share:
+the run folder and its lock, graceful stop, resume, checkpoints, the batch plan, compiling, the log, plot and manifest.
 """
 
 from __future__ import annotations
@@ -18,29 +20,11 @@ from typing import Callable
 
 import torch
 
-from .. import processes
+from .. import families, processes
 from ..config import Config
-from ..data.collate import Collator, render_example
-from ..data.readers import LoadReport, load_examples
-from ..data.split import leaked_questions, split_train_val
 from ..data.template import PromptTemplate
-from ..data.tokenize import TokenizeReport, tokenize_examples
 from ..errors import LmtuneError, TrainingInterrupted
-from ..model import (
-    MUTATING_INITS,
-    adapter_saving,
-    add_lora,
-    choose_precision,
-    configure_cpu_threads,
-    describe,
-    frozen_weights_dtype,
-    load_model,
-    load_tokenizer,
-    resolve_source,
-    save_converted_adapter,
-    save_generation_config,
-    save_initial_adapter,
-)
+from ..model import adapter_saving, choose_precision, configure_cpu_threads, describe, load_tokenizer, resolve_source
 from ..outputs import (
     CONFIG_FILE,
     LOG_FILE,
@@ -64,25 +48,10 @@ from .checkpoints import (
     open_run_folder,
     resume_command,
 )
-from .loss import (
-    answer_only_loss,
-    causal_lm_of,
-    make_trainer_class,
-    supports_answer_only,
-)
+from .loss import causal_lm_of
+from .methods import PreparedData, TrainingMethod, method_for
 from .plot import plot_loss
-from .quantization import check_quantization, load_quantized_model
-
-
-@dataclass
-class PreparedData:
-    template: PromptTemplate
-    samples: list[dict]
-    load_report: LoadReport
-    token_report: TokenizeReport
-    val_samples: list[dict] = field(default_factory=list)
-    leaked_val_questions: int = 0
-    val_examples: list = field(default_factory=list)
+from .quantization import check_quantization
 
 
 @dataclass
@@ -102,62 +71,6 @@ class TrainResult:
     device: str = "cpu"
     compute_dtype: torch.dtype = torch.float32
     sharded_engine: str | None = None  # FSDP / ZeRO-3: no process holds the whole model, so no generation report
-
-
-def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) -> PreparedData:
-    d = config.data
-    template = PromptTemplate.for_tokenizer(tokenizer, d.template, d.system_prompt)
-    examples, load_report = load_examples(d.paths, d.question_field, d.answer_field, d.context_field, d.max_samples,
-                                          csv_delimiter=d.csv_delimiter, messages_field=d.messages_field)
-    examples, val_examples = split_train_val(examples, d.val_size, d.seed)
-    if d.eval_paths:
-        val_examples += load_examples(d.eval_paths, d.question_field, d.answer_field, d.context_field,
-                                      csv_delimiter=d.csv_delimiter, messages_field=d.messages_field)[0]
-    last_only = d.train_on_turns == "last"
-    samples, token_report = tokenize_examples(examples, tokenizer, template, d.max_length, last_only)
-    val_samples = tokenize_examples(val_examples, tokenizer, template, d.max_length, last_only)[0] if val_examples else []
-    leaked = leaked_questions(examples, val_examples)
-    pairs = load_report.rows_read - load_report.conversations
-    kinds = []
-    if load_report.columns and pairs:
-        q, a, c = load_report.columns
-        context = f" context='{c}'" if load_report.has_context else ""  # not a column the file lacks
-        kinds.append(f"{pairs} {'pair' if pairs == 1 else 'pairs'} (columns question='{q}' answer='{a}'{context})")
-    if load_report.conversations:
-        kinds.append(f"{load_report.conversations} conversations ({'every' if not last_only else 'the last'} assistant turn trained)")
-    log(f"data: {load_report.rows_read} rows from {len(load_report.files)} file(s): {', '.join(kinds)};"
-        f" {len(samples)} samples, {token_report.tokens} tokens ({token_report.trained_tokens} trained)")
-    if token_report.conversations_cut:
-        log(f"data: {token_report.conversations_cut} conversations longer than data.max_length={d.max_length} lost their "
-            f"{token_report.turns_dropped} earliest turns (cut at turn boundaries; the later turns are trained)")
-    if token_report.turn_by_turn:
-        log(f"data: the chat template re-tokenizes earlier turns of {token_report.turn_by_turn} conversations; each of "
-            "their answers is a sample of its own, after exactly the prompt chat builds")
-    if load_report.skipped_empty:
-        log(f"data: skipped {load_report.skipped_empty} rows with an empty question or answer")
-    if load_report.normalized:  # said once: the rows are trained on as prompts are built at inference, in NFC
-        log(f"data: normalised {load_report.normalized} of {load_report.rows_read} rows to NFC (they held decomposed "
-            f"Unicode, as Unikey's 'Unicode tổ hợp' or some macOS tools write it)")
-    if token_report.truncated:
-        log(f"data: {token_report.truncated} answers cut at data.max_length={d.max_length} (they lose their EOS)")
-    if token_report.dropped_long_prompt:
-        log(f"data: dropped {token_report.dropped_long_prompt} samples whose prompt alone exceeds data.max_length")
-    if val_examples:
-        log(f"validation: {len(val_samples)} samples; {leaked} of their questions also appear in training"
-            + (" (they measure memorisation, not generalisation; run `lmtune data clean`)" if leaked else ""))
-    return PreparedData(template, samples, load_report, token_report, val_samples, leaked, val_examples)
-
-
-def preflight(prepared: PreparedData, tokenizer, batch_size: int, log: Callable[[str], None] = print) -> None:
-    """Show one example with its trained span and check the label contract on every batch once."""
-    # A multi-turn sample shows the most: every turn's span marked.
-    shown = max(prepared.samples[:200], key=lambda s: len(s.get("spans") or ()))
-    log("pre-flight: one tokenized example (what the loss sees)")
-    log(render_example(shown, tokenizer))
-    collate = Collator(tokenizer)
-    for start in range(0, len(prepared.samples), batch_size):
-        collate(prepared.samples[start : start + batch_size])
-    log(f"pre-flight: label contract holds on all {math.ceil(len(prepared.samples) / batch_size)} batches")
 
 
 class _LossLog:
@@ -191,10 +104,13 @@ class _LossLog:
 
 
 def build_trainer(config: Config, model, tokenizer, samples: list[dict], precision, scratch: Path, callbacks=(),
-                  val_samples: list[dict] | None = None, verbose: bool = False):
-    """The Trainer lmtune trains with: answer-only loss, dynamic padding with the label-contract check,
-    and with validation samples: periodic validation loss, best adapter kept, optional early stopping."""
+                  val_samples: list[dict] | None = None, verbose: bool = False, method: TrainingMethod | None = None):
+    """The Trainer lmtune trains with: the method's loss and batches (for supervised methods the answer-only loss and
+    dynamic padding with the label-contract check), and with validation samples: periodic validation loss, best
+    weights kept, optional early stopping."""
     from transformers import EarlyStoppingCallback
+
+    method = method or method_for(config)
 
     use_checkpointing = decide_checkpointing(config, model, samples, precision)
     if use_checkpointing:
@@ -205,13 +121,13 @@ def build_trainer(config: Config, model, tokenizer, samples: list[dict], precisi
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience))
     if config.train.report_to == "tensorboard" and processes.is_main_process():
         callbacks.append(_tensorboard_callback(scratch / TENSORBOARD_DIR))
-    Trainer = make_trainer_class(config.train.loraplus_lr_ratio)
+    Trainer = method.trainer_class()
     trainer = Trainer(
         model=model,
         args=_training_arguments(config, precision, scratch, use_checkpointing, len(samples), bool(val_samples)),
         train_dataset=samples,
         eval_dataset=val_samples or None,
-        data_collator=Collator(tokenizer),
+        data_collator=method.collator(tokenizer),
         callbacks=callbacks,
     )
     # The Trainer's console (a raw dictionary per step, a bar per evaluation) gives way to one bar with the figures.
@@ -271,7 +187,7 @@ def decide_checkpointing(config: Config, model, samples: list[dict], precision) 
     c = model.config
     hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 0)
     heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", 1)
-    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 1)
+    layers = families.layer_count(c) or 1
     longest = max(len(s["input_ids"]) for s in samples)
     b = config.train.batch_size
     per_layer = longest * b * hidden * (34 + 5 * heads * longest / max(hidden, 1))
@@ -341,12 +257,13 @@ def _training_arguments(config: Config, precision, scratch: Path, use_checkpoint
 REPORT_QUESTIONS, REPORT_MIN_BATCH = 200, 8
 
 
-def _estimate_run_time(model, prepared: PreparedData, tokenizer, config: Config, precision, steps: int) -> dict:
+def _estimate_run_time(method: TrainingMethod, model, prepared: PreparedData, tokenizer, config: Config, precision,
+                       steps: int) -> dict:
     """What the run will cost, from real passes on this machine: forward + backward timed on several micro-batches
     spread over the length range (after an untimed warm-up, which pays one-time costs), scaled to the run's steps;
     with validation data, the periodic validation loss and the end-of-run validation report (greedy answers: a
     prefill and decoding steps timed on a batch of validation prompts)."""
-    collate = Collator(tokenizer)
+    collate = method.collator(tokenizer)
     t = config.train
     device, dtype = precision.device, precision.compute_dtype
     autocast = lambda: torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
@@ -362,8 +279,7 @@ def _estimate_run_time(model, prepared: PreparedData, tokenizer, config: Config,
 
     def forward_backward(batch) -> None:
         with autocast():
-            lm = causal_lm_of(model)
-            loss = answer_only_loss(lm, **batch) if supports_answer_only(lm) else model(**batch).loss
+            loss = method.loss(model, batch)
         loss.backward()
 
     # group_by_length makes the run's micro-batches runs of similar lengths: time some across the whole range.
@@ -395,7 +311,7 @@ def _estimate_run_time(model, prepared: PreparedData, tokenizer, config: Config,
             val = sorted(prepared.val_samples, key=lambda s: len(s["input_ids"]))
             val_batch = to_device(collate(val[len(val) // 2 : len(val) // 2 + t.batch_size] or val[: t.batch_size]))
             with autocast():
-                per_val_batch = timed(lambda: model(**val_batch))
+                per_val_batch = timed(lambda: method.loss(model, val_batch))
             every = t.eval_steps or max(1, steps // 10)
             evaluations = steps // every
             val_batches = math.ceil(len(val) / t.batch_size)
@@ -428,7 +344,7 @@ def _time_decoding(model, samples: list[dict], tokenizer, device: str, autocast,
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     network = causal_lm_of(model)
     cache = DynamicCache(config=network.config)
-    takes_positions = getattr(network.config, "model_type", "") != "bloom"  # BLOOM (ALiBi) takes no position_ids
+    takes_positions = families.takes_position_ids(network.config)  # BLOOM (ALiBi) takes none
 
     def forward(tokens, pos):
         kwargs = {"position_ids": pos} if takes_positions else {}
@@ -475,7 +391,8 @@ def _describe_estimate(e: dict, prepared: PreparedData, steps: int, config: Conf
 
 
 def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = print, verbose: bool = False) -> TrainResult:
-    """Fine-tune `config.model` with LoRA on `config.data`; write the adapter to `config.train.output_dir`.
+    """Fine-tune `config.model` on `config.data` with `config.train.method`; write what it trained (an adapter, or a
+    whole model) to `config.train.output_dir`.
 
     `verbose`: every log entry (loss, learning rate, gradient norm, ...) on screen too; it is always in train_log.jsonl."""
     main = processes.is_main_process()  # under torchrun / accelerate launch only rank 0 prints and writes
@@ -486,9 +403,11 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
                                   processes.world_size())
     config = replace(config, train=replace(config.train, grad_accum=plan.grad_accum))
     t = config.train
+    method = method_for(config)
     started, start_clock = now_iso(), time.perf_counter()
     check_quantization(config.model)  # before anything is loaded or written: QLoRA needs a CUDA GPU and bitsandbytes
     check_report_to(t.report_to)
+    method.check()
     # Fail before minutes of loading, not after: the output must be free, a --resume must find its checkpoint.
     # Every process checks (and finds the same checkpoint); only rank 0 creates, renames or removes the run folder.
     run = None if dry_run else open_run_folder(t.output_dir, t.overwrite_output_dir, t.resume, log,
@@ -503,38 +422,20 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         if not source.gguf_file:  # refuse pickle-only weights before the data work (a GGUF file is not a pickle)
             check_model_weights(source.path, config.model.allow_pickle)
         tokenizer = load_tokenizer(source, config.model.trust_remote_code)
-        prepared = prepare_data(config, tokenizer, log)
-        preflight(prepared, tokenizer, t.batch_size, log)
+        prepared = method.prepare_data(tokenizer, log)
+        method.preflight(prepared, tokenizer, log)
 
         precision = choose_precision(config.model.device, config.model.dtype)
         threads = f", {configure_cpu_threads(log)} threads" if precision.device == "cpu" else ""
         log(f"model: {describe(source)} on {precision.device}{threads}, compute dtype {str(precision.compute_dtype).removeprefix('torch.')}")
-        if config.model.quantization != "none":
-            log(f"model: loading the base {config.model.quantization} quantized (bitsandbytes) for QLoRA")
-            model = load_quantized_model(source, config.model.quantization, precision.compute_dtype,
-                                         config.model.trust_remote_code, config.model.allow_pickle)
-        elif t.method == "full":
-            # Every weight is trained: fp32 weights (AdamW updates are lost in bf16), bf16 only in autocast.
-            model = load_model(source, config.model.trust_remote_code, dtype=torch.float32, allow_pickle=config.model.allow_pickle)
-        else:
-            model = load_model(source, config.model.trust_remote_code, dtype=frozen_weights_dtype(precision),
-                               allow_pickle=config.model.allow_pickle)
-        if t.method == "full":
-            total = sum(p.numel() for p in model.parameters())
-            log(f"full fine-tuning: all {total:,} parameters trained; saved as a whole model (no merge needed)")
-        else:
-            l = config.lora
-            model = add_lora(model, l.r, l.alpha, l.dropout, l.bias, l.target_modules, use_rslora=l.use_rslora,
-                             use_dora=l.use_dora, init=l.init, modules_to_save=l.modules_to_save)
-            trainable, total = model.get_nb_trainable_parameters()
-            log(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)" + _variants(config))
+        model = method.load_model(source, precision, log)
 
         steps = total_steps(config, len(prepared.samples), plan.processes)
-        use_compile = _decide_compile(config, model, prepared, precision, steps, plan.processes, log)
+        use_compile = _decide_compile(config, method, model, prepared, precision, steps, plan.processes, log)
 
         if dry_run:
             with compiled.compiled_layers(causal_lm_of(model), use_compile, strict=t.compile is True):
-                estimate = _estimate_run_time(model, prepared, tokenizer, config, precision, steps)
+                estimate = _estimate_run_time(method, model, prepared, tokenizer, config, precision, steps)
             log(_describe_estimate(estimate, prepared, steps, config))
             return TrainResult(output_dir="", steps=steps, dry_run_estimate={**estimate, "samples": len(prepared.samples),
                                                                               "tokens": prepared.token_report.tokens, "optimizer_steps": steps})
@@ -547,8 +448,8 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         run.start(replace(config, train=replace(t, resume=False)), log)
     try:
         with adapter_saving():
-            result = _train_in(run, config, model, tokenizer, prepared, precision, steps, started, start_clock, log,
-                               verbose, use_compile)
+            result = _train_in(run, config, method, model, tokenizer, prepared, precision, steps, started, start_clock,
+                               log, verbose, use_compile)
     except BaseException as error:
         if not main:
             raise
@@ -562,39 +463,40 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         raise full or error
     if main:
         run.finish()
-    log(f"saved adapter to {t.output_dir} (final loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
+    log(f"saved {'adapter' if method.output_kind == 'adapter' else 'model'} to {t.output_dir} (final loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
     return result
 
 
-def _decide_compile(config: Config, model, prepared: PreparedData, precision, steps: int, n_processes: int, log) -> bool:
+def _decide_compile(config: Config, method: TrainingMethod, model, prepared: PreparedData, precision, steps: int,
+                    n_processes: int, log) -> bool:
     """Whether the decoder layers are compiled for this run (training/compiled.py), said in one line."""
     t = config.train
     mean_length = sum(len(s["input_ids"]) for s in prepared.samples) / max(1, len(prepared.samples))
     tokens = mean_length * t.batch_size * t.grad_accum * n_processes * steps
     checkpointing = decide_checkpointing(config, model, prepared.samples, precision)
-    use, why = compiled.decide(t.compile, device=precision.device, processes=n_processes, method=t.method,
-                               use_dora=config.lora.use_dora, quantized=config.model.quantization != "none",
+    use, why = compiled.decide(t.compile, device=precision.device, processes=n_processes,
+                               method_blocker=method.compile_blocker(), quantized=config.model.quantization != "none",
                                checkpointing=checkpointing, causal_lm=causal_lm_of(model), tokens=tokens)
     if use or t.compile is not False:
         log(f"compile: {why}")
     return use
 
 
-def _train_in(run: RunFolder, config: Config, model, tokenizer, prepared: PreparedData, precision, steps: int,
-              started: str, start_clock: float, log, verbose: bool = False, use_compile: bool = False) -> TrainResult:
+def _train_in(run: RunFolder, config: Config, method: TrainingMethod, model, tokenizer, prepared: PreparedData, precision,
+              steps: int, started: str, start_clock: float, log, verbose: bool = False,
+              use_compile: bool = False) -> TrainResult:
     """Train, writing everything into the run folder; raises TrainingInterrupted after a graceful stop."""
     t = config.train
     out = run.partial
     resume_step = run.resume_step
     main = processes.is_main_process()
     loss_log = _LossLog(out / LOG_FILE, resume_step, write=main)
-    if t.method == "lora" and config.lora.init in MUTATING_INITS and main and not (out / INITIAL_ADAPTER_DIR).is_dir():
-        # Kept from the first start of the run, so that a resumed run converts against the same initial adapter.
-        save_initial_adapter(model, out / INITIAL_ADAPTER_DIR)
+    if main:
+        method.before_training(model, out)
     with GracefulStop(log) as stop:
         callbacks = [loss_log.make_callback(), checkpoint_callback(stop, out, t.checkpoint_minutes, t.keep_checkpoints)]
         trainer = build_trainer(config, model, tokenizer, prepared.samples, precision, out, callbacks, prepared.val_samples,
-                                verbose)
+                                verbose, method)
         if run.resume_from:
             log(f"resume: continuing from {run.resume_from} (step {resume_step} of {steps})")
         plan = distributed.batch_plan(t.batch_size, t.grad_accum, 0, processes.world_size())
@@ -615,13 +517,14 @@ def _train_in(run: RunFolder, config: Config, model, tokenizer, prepared: Prepar
     state_dict = distributed.gathered_state_dict(trainer)  # FSDP / DeepSpeed: every process joins the gather
     if not main:  # the others have trained; rank 0 writes the one copy of every output
         return TrainResult(t.output_dir, trainer.state.global_step, final_loss, loss_log.entries, 0.0, model=model)
-    _save_adapter(model, tokenizer, prepared, config, out, state_dict)
+    method.save(model, tokenizer, prepared, out, state_dict)
+    replace(config, train=replace(t, resume=False)).save_yaml(out / CONFIG_FILE)
     evals = [e for e in loss_log.entries if "eval_loss" in e]
     plot_loss([e["step"] for e in loss_log.entries if "loss" in e], losses, out / PLOT_FILE,
               title=f"{Path(config.model.name_or_path).name}, {len(prepared.samples)} samples: training loss",
               val_steps=[e["step"] for e in evals], val_losses=[e["eval_loss"] for e in evals])
     seconds = time.perf_counter() - start_clock
-    manifest = _manifest(config, prepared, precision, started, seconds, final_loss, trainer.state.global_step)
+    manifest = _manifest(config, method, prepared, precision, started, seconds, final_loss, trainer.state.global_step)
     if run.resume_from:
         manifest["resumed_from_step"] = resume_step
     if evals:
@@ -645,47 +548,7 @@ def _interrupted_message(run: RunFolder, why: str, steps: int) -> str:
             f"saved in {newest}\nresume with:\n  {resume_command(run.partial / RUN_CONFIG_FILE)}")
 
 
-INITIAL_ADAPTER_DIR = "initial_adapter"
-
-
-def _variants(config: Config) -> str:
-    """The training methods switched on, for the log: '' when none."""
-    l, t = config.lora, config.train
-    on = [name for name, flag in [("rsLoRA", l.use_rslora), ("DoRA", l.use_dora), (f"init {l.init}", l.init != "default"),
-                                  (f"modules_to_save {l.modules_to_save}", bool(l.modules_to_save)),
-                                  (f"LoRA+ ratio {t.loraplus_lr_ratio:g}", t.loraplus_lr_ratio > 0),
-                                  (f"NEFTune alpha {t.neftune_noise_alpha:g}", t.neftune_noise_alpha > 0)] if flag]
-    return f"; {', '.join(on)}" if on else ""
-
-
-def _save_adapter(model, tokenizer, prepared: PreparedData, config: Config, out: Path, state_dict: dict | None = None) -> None:
-    # adapter_model.safetensors + adapter_config.json; state_dict: the gathered weights when they were sharded.
-    # Full fine-tuning: the whole model (model.safetensors, config.json, generation_config.json) instead.
-    sharded = {"state_dict": state_dict} if state_dict is not None else {}
-    initial = out / INITIAL_ADAPTER_DIR
-    if config.train.method == "full":
-        model.save_pretrained(out, **sharded)
-        save_generation_config(model, tokenizer, out)
-    elif initial.is_dir():
-        save_converted_adapter(model, out, initial, state_dict)
-        shutil.rmtree(initial)
-    else:
-        model.save_pretrained(out, **sharded)
-    tokenizer.save_pretrained(out)
-    prepared.template.save(out)
-    replace(config, train=replace(config.train, resume=False)).save_yaml(out / CONFIG_FILE)
-
-
-def _method_manifest(config: Config) -> dict:
-    l, t = config.lora, config.train
-    if t.method == "full":
-        return {"method": "full", "neftune_noise_alpha": t.neftune_noise_alpha}
-    return {"method": "lora", "use_rslora": l.use_rslora, "use_dora": l.use_dora, "init": l.init,
-            "converted_to_lora_on_original_base": l.init in MUTATING_INITS, "modules_to_save": l.modules_to_save,
-            "loraplus_lr_ratio": t.loraplus_lr_ratio, "neftune_noise_alpha": t.neftune_noise_alpha}
-
-
-def _manifest(config: Config, prepared: PreparedData, precision, started: str, seconds: float, final_loss: float, steps: int) -> dict:
+def _manifest(config: Config, method: TrainingMethod, prepared: PreparedData, precision, started: str, seconds: float, final_loss: float, steps: int) -> dict:
     files = [
         {"path": f, "sha256": file_sha256(f) if Path(f).is_file() else None}
         for f in prepared.load_report.files
@@ -705,7 +568,7 @@ def _manifest(config: Config, prepared: PreparedData, precision, started: str, s
             "median_length": statistics.median(lengths),
         },
         "template": prepared.template.kind,
-        "method": _method_manifest(config),
+        "method": method.manifest(),
         "device": precision.device,
         "compute_dtype": str(precision.compute_dtype).removeprefix("torch."),
         "seed": config.train.seed,

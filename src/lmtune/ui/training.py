@@ -222,7 +222,7 @@ class Trainer:
             status.update(self._speed(losses, tokens, total))
             if self._stop_requested:
                 status["state"] = "stopping"
-            elif any(line.startswith("saved adapter to") for line in console):
+            elif any(line.startswith(("saved adapter to", "saved model to")) for line in console):
                 status["state"] = "evaluating"
             else:
                 status["state"] = "running" if losses or total else "starting"

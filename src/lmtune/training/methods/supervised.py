@@ -1,0 +1,98 @@
+"""Supervised fine-tuning on question/answer pairs and conversations: what LoRA and full fine-tuning share.
+
+The samples follow the label contract of `data.tokenize` (prompt ids exactly as inference builds them, loss on the
+answers and their EOS only), batches are right-padded per batch and checked (`data.collate.Collator`), and the loss
+is the answer-only loss (`training.loss`): the output head runs only where a token is trained.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+from ...data.collate import Collator, render_example
+from ...data.readers import load_examples
+from ...data.split import leaked_questions, split_train_val
+from ...data.template import PromptTemplate
+from ...data.tokenize import tokenize_examples
+from ..loss import answer_only_loss, causal_lm_of, make_trainer_class, supports_answer_only
+from .base import PreparedData, TrainingMethod
+
+
+class SupervisedMethod(TrainingMethod):
+    def prepare_data(self, tokenizer, log: Callable[[str], None] = print) -> PreparedData:
+        return prepare_data(self.config, tokenizer, log)
+
+    def preflight(self, prepared: PreparedData, tokenizer, log: Callable[[str], None] = print) -> None:
+        preflight(prepared, tokenizer, self.config.train.batch_size, log)
+
+    def collator(self, tokenizer):
+        return Collator(tokenizer)
+
+    def loss(self, model, batch):
+        lm = causal_lm_of(model)
+        return answer_only_loss(lm, **batch) if supports_answer_only(lm) else model(**batch).loss
+
+    def trainer_class(self):
+        return make_trainer_class(self.config.train.loraplus_lr_ratio)
+
+    def save_common(self, tokenizer, prepared: PreparedData, out: Path) -> None:
+        tokenizer.save_pretrained(out)
+        prepared.template.save(out)
+
+
+def prepare_data(config, tokenizer, log: Callable[[str], None] = print) -> PreparedData:
+    d = config.data
+    template = PromptTemplate.for_tokenizer(tokenizer, d.template, d.system_prompt)
+    examples, load_report = load_examples(d.paths, d.question_field, d.answer_field, d.context_field, d.max_samples,
+                                          csv_delimiter=d.csv_delimiter, messages_field=d.messages_field)
+    examples, val_examples = split_train_val(examples, d.val_size, d.seed)
+    if d.eval_paths:
+        val_examples += load_examples(d.eval_paths, d.question_field, d.answer_field, d.context_field,
+                                      csv_delimiter=d.csv_delimiter, messages_field=d.messages_field)[0]
+    last_only = d.train_on_turns == "last"
+    samples, token_report = tokenize_examples(examples, tokenizer, template, d.max_length, last_only)
+    val_samples = tokenize_examples(val_examples, tokenizer, template, d.max_length, last_only)[0] if val_examples else []
+    leaked = leaked_questions(examples, val_examples)
+    pairs = load_report.rows_read - load_report.conversations
+    kinds = []
+    if load_report.columns and pairs:
+        q, a, c = load_report.columns
+        context = f" context='{c}'" if load_report.has_context else ""  # not a column the file lacks
+        kinds.append(f"{pairs} {'pair' if pairs == 1 else 'pairs'} (columns question='{q}' answer='{a}'{context})")
+    if load_report.conversations:
+        kinds.append(f"{load_report.conversations} conversations ({'every' if not last_only else 'the last'} assistant turn trained)")
+    log(f"data: {load_report.rows_read} rows from {len(load_report.files)} file(s): {', '.join(kinds)};"
+        f" {len(samples)} samples, {token_report.tokens} tokens ({token_report.trained_tokens} trained)")
+    if token_report.conversations_cut:
+        log(f"data: {token_report.conversations_cut} conversations longer than data.max_length={d.max_length} lost their "
+            f"{token_report.turns_dropped} earliest turns (cut at turn boundaries; the later turns are trained)")
+    if token_report.turn_by_turn:
+        log(f"data: the chat template re-tokenizes earlier turns of {token_report.turn_by_turn} conversations; each of "
+            "their answers is a sample of its own, after exactly the prompt chat builds")
+    if load_report.skipped_empty:
+        log(f"data: skipped {load_report.skipped_empty} rows with an empty question or answer")
+    if load_report.normalized:  # said once: the rows are trained on as prompts are built at inference, in NFC
+        log(f"data: normalised {load_report.normalized} of {load_report.rows_read} rows to NFC (they held decomposed "
+            f"Unicode, as Unikey's 'Unicode tổ hợp' or some macOS tools write it)")
+    if token_report.truncated:
+        log(f"data: {token_report.truncated} answers cut at data.max_length={d.max_length} (they lose their EOS)")
+    if token_report.dropped_long_prompt:
+        log(f"data: dropped {token_report.dropped_long_prompt} samples whose prompt alone exceeds data.max_length")
+    if val_examples:
+        log(f"validation: {len(val_samples)} samples; {leaked} of their questions also appear in training"
+            + (" (they measure memorisation, not generalisation; run `lmtune data clean`)" if leaked else ""))
+    return PreparedData(template, samples, load_report, token_report, val_samples, leaked, val_examples)
+
+
+def preflight(prepared: PreparedData, tokenizer, batch_size: int, log: Callable[[str], None] = print) -> None:
+    """Show one example with its trained span and check the label contract on every batch once."""
+    # A multi-turn sample shows the most: every turn's span marked.
+    shown = max(prepared.samples[:200], key=lambda s: len(s.get("spans") or ()))
+    log("pre-flight: one tokenized example (what the loss sees)")
+    log(render_example(shown, tokenizer))
+    collate = Collator(tokenizer)
+    for start in range(0, len(prepared.samples), batch_size):
+        collate(prepared.samples[start : start + batch_size])
+    log(f"pre-flight: label contract holds on all {math.ceil(len(prepared.samples) / batch_size)} batches")
