@@ -37,9 +37,10 @@ def _imports() -> dict[str, set[str]]:
                 target = ".".join(base + ([node.module] if node.module else []))
                 if not target.startswith("lmtune"):
                     continue
-                for alias in node.names:  # `from . import processes` imports a module, not a name
+                for alias in node.names:  # `from . import processes` imports a module (or a package), not a name
                     submodule = f"{target}.{alias.name}"
-                    is_module = (ROOT.parent / (submodule.replace(".", "/") + ".py")).exists()
+                    where = ROOT.parent / submodule.replace(".", "/")
+                    is_module = where.with_suffix(".py").exists() or (where / "__init__.py").exists()
                     deps.add(submodule if is_module else target)
         graph[name] = deps - {name}
     return graph

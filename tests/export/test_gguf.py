@@ -17,10 +17,11 @@ import yaml
 from conftest import make_llama_tokenizer, run
 
 from lmtune.data.template import PromptTemplate
-from lmtune.export import gguf as gguf_module
 from lmtune.export import llamacpp
+from lmtune.export.chat_templates import gguf_chat_template
 from lmtune.export.exporter import export_gguf
-from lmtune.export.gguf import gguf_chat_template, llama_permute
+from lmtune.families import llama as llama_family
+from lmtune.families.llama import llama_permute
 from lmtune.export.verify import KL_TOLERANCE, check_chat_template, runtime_ids
 
 QUIET = {"log": lambda _: None}
@@ -287,7 +288,7 @@ def test_disk_full_while_writing_keeps_the_previous_file(tiny_llama_dir, tmp_pat
 
 def test_a_file_that_does_not_reproduce_the_model_is_not_written(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     # Without the Q/K permutation the file holds the right numbers in the wrong layout: only the check can tell.
-    monkeypatch.setattr(gguf_module, "llama_permute", lambda weights, n_head, n_head_kv: weights)
+    monkeypatch.setattr(llama_family, "llama_permute", lambda weights, n_head, n_head_kv: weights)
     code, _, err = run(capsys, "export", "--model", tiny_llama_dir, "--output", tmp_path / "m.gguf", "--quant", "f32")
     line = _one_error_line(err)
     assert code == 2 and "does not reproduce the merged model" in line and "nothing was written" in line

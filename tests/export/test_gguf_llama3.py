@@ -20,10 +20,12 @@ import pytest
 import torch
 from conftest import _corpus
 
-from lmtune.export import gguf as gguf_module
 from lmtune.export import llamacpp
+from lmtune.export.errors import ExportError
 from lmtune.export.exporter import export_gguf
-from lmtune.export.gguf import ExportError, check_rope, llama3_rope_factors
+from lmtune.export.gguf import check_exportable
+from lmtune.families import llama as llama_family
+from lmtune.families.llama import llama3_rope_factors
 from lmtune.export.verify import CONVERSATION, KL_TOLERANCE, ExportVerificationError
 
 QUIET = {"log": lambda _: None}
@@ -126,13 +128,13 @@ def test_llama3_rope_is_refused_for_qwen2_and_other_scalings_still_are():
     """llama.cpp's converter writes rope_freqs in LlamaModel (Llama, Mistral) only; yarn is still not written."""
     from transformers import LlamaConfig, Qwen2Config
 
-    check_rope(llama3_config(600))
+    check_exportable(llama3_config(600))
     with pytest.raises(ExportError, match="'llama3'.*qwen2"):
-        check_rope(Qwen2Config(vocab_size=600, hidden_size=64, num_attention_heads=4, rope_scaling=dict(LLAMA3_ROPE)))
+        check_exportable(Qwen2Config(vocab_size=600, hidden_size=64, num_attention_heads=4, rope_scaling=dict(LLAMA3_ROPE)))
     yarn = LlamaConfig(vocab_size=600, hidden_size=64, num_attention_heads=4, max_position_embeddings=256,
                        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
     with pytest.raises(ExportError, match="'yarn'.*llama3"):
-        check_rope(yarn)
+        check_exportable(yarn)
 
 
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
@@ -179,7 +181,7 @@ def test_without_rope_freqs_llama_cpp_disagrees_and_the_export_refuses(tiny_llam
     from lmtune.data.template import PromptTemplate
     from lmtune.export.gguf import write_gguf
 
-    monkeypatch.setattr(gguf_module, "llama3_rope_factors", lambda config: None)
+    monkeypatch.setattr(llama_family, "llama3_rope_factors", lambda config: None)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama3_dir, dtype=torch.float32).eval()
     path = tmp_path / "no-rope-freqs.gguf"
     write_gguf(model, llama3_tokenizer, PromptTemplate.for_tokenizer(llama3_tokenizer), path, "f16", "control")

@@ -21,18 +21,12 @@ from ..errors import LmtuneError
 from ..model import base_model_of_adapter, configure_cpu_threads, load_model, load_tokenizer, resolve_source
 from ..outputs import CONFIG_FILE, atomic_files, file_sha256
 from . import llamacpp
-from .gguf import (
-    LLAMA_CPP_QUANTS,
-    QUANTS,
-    ExportError,
-    adds_bos,
-    check_rope,
-    gguf_architecture,
-    write_gguf,
-)
+from .errors import ExportError
+from .gguf import LLAMA_CPP_QUANTS, QUANTS, check_exportable, gguf_family, write_gguf
 from .merge import merge_in_memory, probe_batch
 from .ollama import go_template, modelfile_text, stop_strings, template_pieces
 from .verify import LogitCheck, verify
+from .vocab import adds_bos
 
 MODELFILE = "Modelfile"
 
@@ -72,8 +66,7 @@ def _check_architecture(name: str, trust_remote_code: bool) -> None:
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
     except (OSError, ValueError) as e:
         raise LmtuneError(f"cannot read the model config of '{name}': {str(e).splitlines()[0]}") from None
-    gguf_architecture(config.model_type)
-    check_rope(config)
+    check_exportable(config)
 
 
 def _generate_defaults(*folders: str | None) -> GenerateConfig:
@@ -126,7 +119,7 @@ def export_gguf(output: str, model: str | None = None, adapter: str | None = Non
             finally:
                 intermediate.unlink(missing_ok=True)
         else:
-            log(f"export: writing {quant} GGUF ({type(network).__name__} as llama.cpp '{gguf_architecture(network.config.model_type)}')")
+            log(f"export: writing {quant} GGUF ({type(network).__name__} as llama.cpp '{gguf_family(network.config).gguf_architecture}')")
             written = write_gguf(network, tokenizer, template, target, quant, title)
         add_bos = adds_bos(tokenizer)
         verification = verify(target, probe, expected, quant, tokenizer, template, written.chat_template, add_bos,

@@ -20,8 +20,9 @@ import torch
 
 from ..data.template import PromptTemplate
 from ..errors import LmtuneError
+from ..families.base import rope_type
 from . import llamacpp
-from .gguf import adds_bos, sentencepiece_space_prefix
+from .vocab import adds_bos, sentencepiece_space_prefix
 
 # Mean KL(merged || file) per probe token allowed for each quant type, for the worse of the two readers (llama.cpp
 # also rounds activations to 8 bits in its quantized dot products, so it sits above transformers). Measured:
@@ -125,8 +126,6 @@ def check_rope_factors(path: Path, config) -> str | None:
     Independent of the probe's length: for a real Llama 3.2 the scaled frequencies have wavelengths above 2048
     tokens, which a short probe hardly turns, so the logit checks alone would barely see a wrong factor."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    from .gguf import rope_type
 
     if rope_type(config) != "llama3":
         return None
