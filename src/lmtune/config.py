@@ -168,8 +168,13 @@ class TrainConfig:
     resume: Union[bool, str] = False
     # "lora": train an adapter (see the lora section); "full": train every weight of the model and save a whole model
     # folder (no merge needed). Full needs about four times the model's size in memory for weights, gradients and
-    # AdamW's two moments: for small models.
-    method: Literal["lora", "full"] = "lora"
+    # AdamW's two moments: for small models. Preference tuning on a LoRA adapter, from rows with a prompt and a chosen
+    # and a rejected answer: "dpo" (against a reference: the model as training starts) or "orpo" (no reference, SFT
+    # loss included); "kto" from rows with a prompt, one completion and a good/bad label. See the preference section.
+    method: Literal["lora", "full", "dpo", "orpo", "kto"] = "lora"
+    # An adapter folder of an earlier run to keep training instead of a new adapter (the usual start of preference
+    # tuning: the SFT run's adapter). Its own LoRA settings (rank, targets) apply; the lora section's are not used.
+    init_adapter: str = ""
     # NEFTune: uniform noise of this scale on the input embeddings while training (0 = off; 5 is the paper's usual value).
     neftune_noise_alpha: float = 0.0
     # LoRA+: the B matrices learn this many times faster than A (0 = off; the paper suggests 16).
@@ -201,12 +206,31 @@ class GenerateConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    # How far the tuned model may move from the reference (DPO, KTO: higher stays closer; 0.1 as in TRL); for
+    # ORPO the weight of the odds-ratio term beside the SFT loss; for SimPO the scale of the length-normalised reward.
+    beta: float = 0.1
+    # DPO's loss: "sigmoid" (the DPO paper), "ipo" (squared, on length-normalised log-probabilities) or "simpo"
+    # (length-normalised margin with no reference model).
+    loss_type: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
+    # Share of pairs assumed mislabelled (conservative DPO; 0 = off). sigmoid and simpo only.
+    label_smoothing: float = 0.0
+    # SimPO's target margin between the chosen and rejected rewards.
+    simpo_gamma: float = 0.5
+    # KTO: weights of the loss of answers marked good and of those marked bad (raise the smaller side's weight when
+    # one kind is much rarer than the other).
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -215,7 +239,8 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig, "generate": GenerateConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig,
+                             "generate": GenerateConfig, "preference": PreferenceConfig}
 
 
 def all_keys() -> list[str]:
@@ -494,10 +519,27 @@ def _full_rules(c: Config) -> list[tuple[bool, str]]:
                                              f"quantized base, got model.quantization {c.model.quantization!r}")]
 
 
+def _preference_rules(c: Config, method: str) -> list[tuple[bool, str]]:
+    p = c.preference
+    return [(p.beta > 0, f"preference.beta must be positive, got {p.beta!r}"),
+            (0 <= p.label_smoothing < 0.5, f"preference.label_smoothing must be in [0, 0.5), got {p.label_smoothing!r}"),
+            (not (p.label_smoothing and p.loss_type == "ipo"), "preference.label_smoothing does not apply to loss_type ipo"),
+            (p.desirable_weight > 0 and p.undesirable_weight > 0, "preference.desirable_weight and undesirable_weight "
+                                                                  "must be positive"),
+            # With the adapter switched off a PiSSA/OLoRA model is the residual base, not the model training started from.
+            (c.lora.init not in ("pissa", "olora"), f"train.method {method} takes its reference with the adapter switched "
+                                                    f"off, which lora.init {c.lora.init!r} moves part of the base into"),
+            (c.model.quantization == "none", f"train.method {method} needs a full-precision base, got "
+                                             f"model.quantization {c.model.quantization!r}")]
+
+
 # train.method -> the settings that method cannot run with, each (holds, message naming both keys). One entry per
 # method whose settings conflict with others; the method itself lives in training/methods/.
 METHOD_RULES: dict[str, Callable[[Config], list[tuple[bool, str]]]] = {
     "full": _full_rules,
+    "dpo": lambda c: _preference_rules(c, "dpo"),
+    "orpo": lambda c: _preference_rules(c, "orpo"),
+    "kto": lambda c: _preference_rules(c, "kto"),
 }
 
 

@@ -118,26 +118,38 @@ def hub_unreachable(endpoint: str) -> str | None:
     return None
 
 
+def hub_out_of_reach() -> str | None:
+    """'<endpoint>: <why>' when the Hub cannot be reached and nothing says so yet (HF_HUB_OFFLINE unset, no proxy);
+    None otherwise. The data readers ask it before a `hub:` dataset, as `check_hub_reachable` before a model."""
+    if _hub_offline() or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # offline already; or a proxy: a direct connection says nothing about what the proxy reaches
+    endpoint = _hub_endpoint()
+    why = hub_unreachable(endpoint)
+    return None if why is None else f"{endpoint}: {why}"
+
+
+def go_offline() -> None:
+    """Use the Hugging Face cache only from now on (for a model or dataset that is in it, when the Hub is out of reach)."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True  # read at import time by huggingface_hub and transformers
+
+
 def check_hub_reachable(name: str) -> None:
     """Before `name` (a hub id) is loaded: without a network, huggingface_hub retries every file with back-off
     (about 50 s of "Retrying in 8s" lines) before its error. Look once, quickly, instead: if the Hub cannot be
     reached, a model already in the cache is used offline (said once), and any other is refused at once with
     what works without a network."""
-    if _hub_offline() or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return  # offline already; or a proxy: a direct connection says nothing about what the proxy reaches
-    endpoint = _hub_endpoint()
-    why = hub_unreachable(endpoint)
-    if why is None:
+    out_of_reach = hub_out_of_reach()
+    if out_of_reach is None:
         return
     if name in cached_hub_models():
-        from huggingface_hub import constants
-
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        constants.HF_HUB_OFFLINE = True  # read at import time by huggingface_hub and transformers
-        print(f"note: the Hugging Face Hub cannot be reached ({endpoint}: {why}); using the cached copy of '{name}' "
+        go_offline()
+        print(f"note: the Hugging Face Hub cannot be reached ({out_of_reach}); using the cached copy of '{name}' "
               f"(HF_HUB_OFFLINE=1 skips this check)", file=sys.stderr)
         return
-    raise ModelError(f"'{name}' is a Hugging Face Hub id, but the Hub cannot be reached ({endpoint}: {why}) and the "
+    raise ModelError(f"'{name}' is a Hugging Face Hub id, but the Hub cannot be reached ({out_of_reach}) and the "
                      f"model is not in the cache. Without a network: pass a local model folder or .gguf file "
                      f"(--model path/to/model), set HF_HUB_OFFLINE=1 to use models downloaded before"
                      + (f" ({', '.join(cached_hub_models()[:5])})" if cached_hub_models() else "")
@@ -548,8 +560,8 @@ def base_model_of_adapter(adapter: str | Path) -> str:
     return read_json(adapter / "adapter_config.json")["base_model_name_or_path"]
 
 
-def apply_adapter(network, adapter: str | Path, base_name: str):
-    """`network` (the loaded base model) with the LoRA adapter attached.
+def apply_adapter(network, adapter: str | Path, base_name: str, trainable: bool = False):
+    """`network` (the loaded base model) with the LoRA adapter attached (`trainable`: to train it further).
 
     An adapter trained on another base does not fit its layers: peft raises a size-mismatch RuntimeError that
     lists every layer (or finds none of the adapter's target modules in another architecture). Either becomes
@@ -559,7 +571,7 @@ def apply_adapter(network, adapter: str | Path, base_name: str):
 
     try:
         with peft_wrapping():
-            return PeftModel.from_pretrained(network, str(adapter))
+            return PeftModel.from_pretrained(network, str(adapter), is_trainable=trainable)
     except (RuntimeError, ValueError) as e:
         if "size mismatch" not in str(e) and "not found in the base model" not in str(e):
             raise

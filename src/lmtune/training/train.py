@@ -332,36 +332,21 @@ def _estimate_run_time(method: TrainingMethod, model, prepared: PreparedData, to
 
 
 def _time_decoding(model, samples: list[dict], tokenizer, device: str, autocast, steps: int = 4) -> tuple[float, float]:
-    """(seconds of the prefill, seconds per new token) for a batch of these samples' prompts, left padded, over a
-    KV cache with the last position's logits, as inference.decode generates (which training cannot import)."""
-    from transformers import DynamicCache
+    """(seconds of the prefill, seconds per new token) for a batch of these samples' prompts, decoded greedily by the
+    loop every answer goes through (lmtune.decoding)."""
+    from ..decoding import decode, greedy
 
     prompts = [[i for i, label in zip(s["input_ids"], s["labels"]) if label == -100] or s["input_ids"][:1] for s in samples]
-    width = max(map(len, prompts))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    network = causal_lm_of(model)
-    cache = DynamicCache(config=network.config)
-    takes_positions = families.takes_position_ids(network.config)  # BLOOM (ALiBi) takes none
+    times = [time.perf_counter()]
 
-    def forward(tokens, pos):
-        kwargs = {"position_ids": pos} if takes_positions else {}
-        out = model(input_ids=tokens, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
-        return out.logits[:, -1].argmax(-1, keepdim=True)
+    def observe(tokens: list[int]) -> list[bool]:  # told each token once the prefill, then each step, has run
+        times.append(time.perf_counter())
+        return [False] * len(tokens)
 
     with autocast():
-        start = time.perf_counter()
-        token = forward(ids, positions)
-        prefill = time.perf_counter() - start
-        positions = positions[:, -1:]
-        start = time.perf_counter()
-        for _ in range(steps):
-            positions = positions + 1
-            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-            token = forward(token, positions)
-    return prefill, (time.perf_counter() - start) / steps
+        decode(model, prompts, pad, steps + 1, greedy, observe, device)
+    return times[1] - times[0], (times[-1] - times[1]) / steps
 
 
 def duration(seconds: float) -> str:
@@ -491,8 +476,7 @@ def _train_in(run: RunFolder, config: Config, method: TrainingMethod, model, tok
     resume_step = run.resume_step
     main = processes.is_main_process()
     loss_log = _LossLog(out / LOG_FILE, resume_step, write=main)
-    if main:
-        method.before_training(model, out)
+    method.before_training(model, tokenizer, prepared, out)
     with GracefulStop(log) as stop:
         callbacks = [loss_log.make_callback(), checkpoint_callback(stop, out, t.checkpoint_minutes, t.keep_checkpoints)]
         trainer = build_trainer(config, model, tokenizer, prepared.samples, precision, out, callbacks, prepared.val_samples,

@@ -11,10 +11,14 @@ from ...config import Config
 from .base import PreparedData, TrainingMethod
 from .full import FullFineTuning
 from .lora import LoraFineTuning
+from .preference import DirectPreferenceOptimization, KahnemanTverskyOptimization, OddsRatioPreferenceOptimization
 
 METHODS: dict[str, type[TrainingMethod]] = {
     "lora": LoraFineTuning,
     "full": FullFineTuning,
+    "dpo": DirectPreferenceOptimization,
+    "orpo": OddsRatioPreferenceOptimization,
+    "kto": KahnemanTverskyOptimization,
 }
 
 

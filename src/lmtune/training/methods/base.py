@@ -12,7 +12,8 @@ A method owns the rest, called in this order:
     collator(tokenizer)          samples -> a batch the trainer's loss reads
     loss(model, batch)           one micro-batch's loss, as the trainer computes it (for the dry-run estimate)
     trainer_class()              the transformers Trainer subclass whose compute_loss is this method's loss
-    before_training(model, out)  anything the run folder must hold from the first start (resumed runs reuse it)
+    before_training(...)         on every process, before the first step: what the run folder must hold from the
+                                 first start (resumed runs reuse it), and anything computed from the starting model
     save(model, ..., out)        the trained weights, tokenizer, template and config into the run folder
     manifest()                   this method's settings, for lmtune_manifest.json
 
@@ -75,8 +76,8 @@ class TrainingMethod:
     def trainer_class(self):
         raise NotImplementedError
 
-    def before_training(self, model, out: Path) -> None:
-        """Called on rank 0 at every start of the run, before the first step."""
+    def before_training(self, model, tokenizer, prepared: PreparedData, out: Path) -> None:
+        """Called on every process at every start of the run (resumed or not), before the first step."""
 
     def save(self, model, tokenizer, prepared, out: Path, state_dict: dict | None = None) -> None:
         raise NotImplementedError

@@ -10,9 +10,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ... import processes
 from ...model import (
     MUTATING_INITS,
     add_lora,
+    apply_adapter,
     frozen_weights_dtype,
     load_model,
     save_converted_adapter,
@@ -34,6 +36,11 @@ def load_lora_model(config, source, precision, log):
     else:
         model = load_model(source, m.trust_remote_code, dtype=frozen_weights_dtype(precision), allow_pickle=m.allow_pickle)
     l = config.lora
+    if config.train.init_adapter:
+        model = apply_adapter(model, config.train.init_adapter, m.name_or_path, trainable=True)
+        trainable, total = model.get_nb_trainable_parameters()
+        log(f"LoRA: continuing the adapter {config.train.init_adapter}: {trainable:,} trainable of {total:,} parameters")
+        return model
     model = add_lora(model, l.r, l.alpha, l.dropout, l.bias, l.target_modules, use_rslora=l.use_rslora,
                      use_dora=l.use_dora, init=l.init, modules_to_save=l.modules_to_save)
     trainable, total = model.get_nb_trainable_parameters()
@@ -62,6 +69,8 @@ def save_adapter(config, model, out: Path, state_dict: dict | None = None) -> No
 
 
 def keep_initial_adapter(config, model, out: Path) -> None:
+    if not processes.is_main_process():
+        return
     if config.lora.init in MUTATING_INITS and not (out / INITIAL_ADAPTER_DIR).is_dir():
         save_initial_adapter(model, out / INITIAL_ADAPTER_DIR)
 
@@ -82,7 +91,7 @@ class LoraFineTuning(SupervisedMethod):
     def compile_blocker(self) -> str | None:
         return "DoRA" if self.config.lora.use_dora else None
 
-    def before_training(self, model, out: Path) -> None:
+    def before_training(self, model, tokenizer, prepared, out: Path) -> None:
         keep_initial_adapter(self.config, model, out)
 
     def save(self, model, tokenizer, prepared, out: Path, state_dict: dict | None = None) -> None:

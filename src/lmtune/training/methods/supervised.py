@@ -13,6 +13,7 @@ from typing import Callable
 
 from ...data.collate import Collator, render_example
 from ...data.readers import load_examples
+from ...data.source import DataSource
 from ...data.split import leaked_questions, split_train_val
 from ...data.template import PromptTemplate
 from ...data.tokenize import tokenize_examples
@@ -45,12 +46,11 @@ class SupervisedMethod(TrainingMethod):
 def prepare_data(config, tokenizer, log: Callable[[str], None] = print) -> PreparedData:
     d = config.data
     template = PromptTemplate.for_tokenizer(tokenizer, d.template, d.system_prompt)
-    examples, load_report = load_examples(d.paths, d.question_field, d.answer_field, d.context_field, d.max_samples,
-                                          csv_delimiter=d.csv_delimiter, messages_field=d.messages_field)
+    source = DataSource.from_config(d)
+    examples, load_report = load_examples(source)
     examples, val_examples = split_train_val(examples, d.val_size, d.seed)
     if d.eval_paths:
-        val_examples += load_examples(d.eval_paths, d.question_field, d.answer_field, d.context_field,
-                                      csv_delimiter=d.csv_delimiter, messages_field=d.messages_field)[0]
+        val_examples += load_examples(source.other_files(d.eval_paths))[0]
     last_only = d.train_on_turns == "last"
     samples, token_report = tokenize_examples(examples, tokenizer, template, d.max_length, last_only)
     val_samples = tokenize_examples(val_examples, tokenizer, template, d.max_length, last_only)[0] if val_examples else []
@@ -63,7 +63,7 @@ def prepare_data(config, tokenizer, log: Callable[[str], None] = print) -> Prepa
         kinds.append(f"{pairs} {'pair' if pairs == 1 else 'pairs'} (columns question='{q}' answer='{a}'{context})")
     if load_report.conversations:
         kinds.append(f"{load_report.conversations} conversations ({'every' if not last_only else 'the last'} assistant turn trained)")
-    log(f"data: {load_report.rows_read} rows from {len(load_report.files)} file(s): {', '.join(kinds)};"
+    log(f"data: {load_report.summary()}: {', '.join(kinds)};"
         f" {len(samples)} samples, {token_report.tokens} tokens ({token_report.trained_tokens} trained)")
     if token_report.conversations_cut:
         log(f"data: {token_report.conversations_cut} conversations longer than data.max_length={d.max_length} lost their "
