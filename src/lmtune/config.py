@@ -220,6 +220,7 @@ class PreferenceConfig:
     # KTO: weights of the loss of answers marked good and of those marked bad (raise the smaller side's weight when
     # one kind is much rarer than the other).
     desirable_weight: float = 1.0
+    # KTO: the weight of the loss of answers marked bad (see desirable_weight).
     undesirable_weight: float = 1.0
 
 
