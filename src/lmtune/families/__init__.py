@@ -14,6 +14,7 @@ from .base import Family
 from .bloom import BLOOM
 from .llama import LLAMA
 from .qwen2 import QWEN2
+from .qwen3 import QWEN3
 
 # Hugging Face architecture (the class name in config.json's "architectures") -> its family.
 FAMILIES: dict[str, Family] = {
@@ -21,6 +22,7 @@ FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": LLAMA,
     "MistralForCausalLM": LLAMA,
     "Qwen2ForCausalLM": QWEN2,
+    "Qwen3ForCausalLM": QWEN3,
 }
 
 # A config built in memory has no "architectures" until it is saved; its model_type names the family then.
