@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .base import Family
 from .bloom import BLOOM
+from .gemma3 import GEMMA3
 from .llama import LLAMA
 from .qwen2 import QWEN2
 from .qwen3 import QWEN3
@@ -23,6 +24,7 @@ FAMILIES: dict[str, Family] = {
     "MistralForCausalLM": LLAMA,
     "Qwen2ForCausalLM": QWEN2,
     "Qwen3ForCausalLM": QWEN3,
+    "Gemma3ForCausalLM": GEMMA3,
 }
 
 # A config built in memory has no "architectures" until it is saved; its model_type names the family then.
