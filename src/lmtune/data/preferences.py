@@ -239,6 +239,12 @@ class PreferenceCollator:
         batch = {"input_ids": torch.cat([widen(b["input_ids"], pad) for b in batches]),
                  "attention_mask": torch.cat([widen(b["attention_mask"], 0) for b in batches]),
                  "labels": torch.cat([widen(b["labels"], IGNORE_INDEX) for b in batches])}
+        if "kl_input_ids" in samples[0]:  # KTO's mismatched answers, a batch of their own (no gradient)
+            kl = self._sft([{"input_ids": s["kl_input_ids"], "labels": s["kl_labels"], "prompt_length": s["kl_prompt_length"],
+                             "truncated": True} for s in samples])
+            batch.update(kl_input_ids=kl["input_ids"], kl_attention_mask=kl["attention_mask"], kl_labels=kl["labels"])
+            if "reference_kl_logp" in samples[0]:
+                batch["reference_kl_logp"] = torch.tensor([s["reference_kl_logp"] for s in samples], dtype=torch.float32)
         if "label" in samples[0]:
             batch["preference_label"] = torch.tensor([bool(s["label"]) for s in samples])
         if "reference_logp" in samples[0]:

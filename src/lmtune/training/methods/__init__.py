@@ -11,7 +11,9 @@ from ...config import Config
 from .base import PreparedData, TrainingMethod
 from .full import FullFineTuning
 from .lora import LoraFineTuning
-from .preference import DirectPreferenceOptimization, KahnemanTverskyOptimization, OddsRatioPreferenceOptimization
+from .dpo import DirectPreferenceOptimization
+from .kto import KahnemanTverskyOptimization
+from .orpo import OddsRatioPreferenceOptimization
 
 METHODS: dict[str, type[TrainingMethod]] = {
     "lora": LoraFineTuning,

@@ -1,11 +1,6 @@
-"""Preference tuning on LoRA: DPO (`train.method: dpo`), ORPO (`orpo`) and KTO (`kto`).
-
-DPO (Rafailov et al. 2023) raises the log-probability of the chosen answer against the rejected one, relative to a
-reference model; `preference.loss_type` picks the sigmoid loss of the paper (default), IPO's squared loss on
-length-normalised log-probabilities (Azar et al. 2023), or SimPO's length-normalised margin without a reference
-(Meng et al. 2024). ORPO (Hong et al. 2024) needs no reference: the SFT loss on the chosen answer plus
-`beta` x an odds-ratio term, from the base model in one stage. KTO (Ethayarajh et al. 2024) learns from answers
-marked good or bad one by one.
+"""What preference tuning methods share (DPO in dpo.py, ORPO in orpo.py, KTO in kto.py): LoRA on the base (or on an
+earlier run's adapter), preference data, answer log-probabilities, the reference, the trainer and its log figures.
+Each method module adds only its objective.
 
 The reference is the model as training starts: with the adapter switched off (the base, no second copy in memory),
 or, when `train.init_adapter` continues an earlier run's adapter (the usual path: SFT, then DPO), with that adapter as
@@ -40,7 +35,7 @@ from ..attention import attention_for_batch
 from ..compiled import eager
 from ..loss import causal_lm_of, supports_answer_only
 from .base import PreparedData, TrainingMethod
-from .lora import keep_initial_adapter, load_lora_model, lora_manifest, save_adapter
+from .lora import load_lora_model, lora_manifest, save_adapter
 
 REFERENCE_FILE = "reference_logps.json"
 
@@ -65,52 +60,6 @@ def answer_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, l
     return sums, trained.sum(1)
 
 
-# ---------------------------------------------------------------- the losses
-
-
-def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, beta: float, loss_type: str,
-             label_smoothing: float = 0.0, simpo_gamma: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-pair loss, chosen reward, rejected reward) from per-answer log-probability sums."""
-    if loss_type == "simpo":
-        chosen_reward, rejected_reward = beta * chosen / chosen_len, beta * rejected / rejected_len
-        logits = chosen_reward - rejected_reward - simpo_gamma
-        loss = -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
-        return loss, chosen_reward.detach(), rejected_reward.detach()
-    if loss_type == "ipo":  # on length-normalised log-probabilities, as TRL computes IPO
-        chosen_ratio = (chosen - ref_chosen) / chosen_len
-        rejected_ratio = (rejected - ref_rejected) / rejected_len
-        loss = (chosen_ratio - rejected_ratio - 1 / (2 * beta)) ** 2
-    else:
-        chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
-        logits = beta * (chosen_ratio - rejected_ratio)
-        loss = -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
-    return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
-
-
-def orpo_loss(chosen, rejected, chosen_len, rejected_len, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, chosen reward, rejected reward): the chosen answers' mean token NLL - beta x log sigmoid(log odds ratio)."""
-    chosen_avg, rejected_avg = chosen / chosen_len, rejected / rejected_len
-    # log(p / (1 - p)) with p the mean token probability; clamped below 1 so that a memorised answer stays finite
-    def log_odds(avg):
-        return avg - torch.log1p(-torch.exp(avg).clamp(max=1 - 1e-6))
-
-    ratio = F.logsigmoid(log_odds(chosen_avg) - log_odds(rejected_avg))
-    nll = -chosen.sum() / chosen_len.sum()
-    return nll - beta * ratio.mean(), beta * chosen_avg.detach(), beta * rejected_avg.detach()
-
-
-def kto_loss(logps, ref_logps, desirable: torch.Tensor, beta: float, desirable_weight: float,
-             undesirable_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-answer loss, reward). The reference point is the batch's mean log-ratio (clamped at 0, no gradient): an
-    estimate of KL(policy || reference) from the batch's own answers, where TRL's KTOTrainer spends one more forward
-    pass on answers paired with other prompts."""
-    log_ratio = logps - ref_logps
-    kl = log_ratio.detach().mean().clamp(min=0)
-    loss = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (log_ratio - kl))),
-                       undesirable_weight * (1 - torch.sigmoid(beta * (kl - log_ratio))))
-    return loss, beta * log_ratio.detach()
-
-
 # ---------------------------------------------------------------- the method
 
 
@@ -122,17 +71,11 @@ class PreferenceMethod(TrainingMethod):
         self.settings = config.preference
         self.precision = None
 
+    paired = True  # rows of (prompt, chosen, rejected); False: (prompt, completion, label)
+
     @property
     def uses_reference(self) -> bool:
-        return self.name == "kto" or (self.name == "dpo" and self.settings.loss_type != "simpo")
-
-    @property
-    def paired(self) -> bool:
-        return self.name != "kto"
-
-    def check(self) -> None:
-        if self.config.model.quantization != "none":  # the reference pass and LoRA on a k-bit base: not tested here
-            raise LmtuneError(f"train.method {self.name} runs on a full-precision base; set model.quantization none")
+        return True
 
     def prepare_data(self, tokenizer, log: Callable[[str], None] = print) -> PreparedData:
         d = self.config.data
@@ -196,33 +139,17 @@ class PreferenceMethod(TrainingMethod):
         return self.loss_and_metrics(model, batch)[0]
 
     def loss_and_metrics(self, model, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        s = self.settings
         logps, lengths = answer_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        lengths = lengths.clamp(min=1).float()
         reference = batch.get("reference_logp")
         if self.uses_reference and reference is None:
             raise LmtuneError("the batch has no reference log-probabilities (computed before training starts)")
-        if not self.paired:
-            loss, rewards = kto_loss(logps, reference.to(logps.device), batch["preference_label"].to(logps.device),
-                                     s.beta, s.desirable_weight, s.undesirable_weight)
-            good = batch["preference_label"].to(logps.device)
-            metrics = {"rewards/desirable": _mean(rewards[good]), "rewards/undesirable": _mean(rewards[~good])}
-            return loss.mean(), metrics
-        n = logps.shape[0] // 2
-        chosen, rejected, chosen_len, rejected_len = logps[:n], logps[n:], lengths[:n], lengths[n:]
-        if self.name == "orpo":
-            loss, chosen_reward, rejected_reward = orpo_loss(chosen, rejected, chosen_len, rejected_len, s.beta)
-        else:
-            ref = reference.to(logps.device) if reference is not None else torch.zeros_like(logps)
-            losses, chosen_reward, rejected_reward = dpo_loss(chosen, rejected, ref[:n], ref[n:], chosen_len,
-                                                              rejected_len, s.beta, s.loss_type, s.label_smoothing,
-                                                              s.simpo_gamma)
-            loss = losses.mean()
-        metrics = {"rewards/chosen": float(chosen_reward.mean()), "rewards/rejected": float(rejected_reward.mean()),
-                   "rewards/accuracy": float((chosen_reward > rejected_reward).float().mean()),
-                   "rewards/margin": float((chosen_reward - rejected_reward).mean()),
-                   "logps/chosen": float(chosen.detach().mean()), "logps/rejected": float(rejected.detach().mean())}
-        return loss, metrics
+        reference = reference.to(logps.device) if reference is not None else None
+        return self.objective(logps, lengths.clamp(min=1).float(), reference, batch)
+
+    def objective(self, logps, lengths, reference, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, figures to log) from the batch's answer log-probability sums and token counts (chosen rows first,
+        then rejected, for pairs) and the reference's log-probabilities of the same answers (None: no reference)."""
+        raise NotImplementedError
 
     def trainer_class(self):
         return make_preference_trainer_class(self)
@@ -247,9 +174,7 @@ class PreferenceMethod(TrainingMethod):
                 raise LmtuneError(f"{path}: holds reference log-probabilities of {len(kept[name])} {name} rows, the "
                                   f"data has {len(samples)}; the data changed since the run started, start it over")
             for sample, values in zip(samples, kept[name]):
-                sample["reference_logp"] = values[0]
-                if len(values) > 1:
-                    sample["reference_rejected_logp"] = values[1]
+                sample.update(values)
 
     def save(self, model, tokenizer, prepared, out: Path, state_dict: dict | None = None) -> None:
         save_adapter(self.config, model, out, state_dict)
@@ -257,28 +182,21 @@ class PreferenceMethod(TrainingMethod):
         prepared.template.save(out)
         (out / REFERENCE_FILE).unlink(missing_ok=True)  # a training aid, not part of the adapter
 
+    def settings_manifest(self) -> dict:
+        return {"beta": self.settings.beta}
+
     def manifest(self) -> dict:
-        s = self.settings
-        settings = {"beta": s.beta}
-        if self.name == "dpo":
-            settings.update(loss_type=s.loss_type, label_smoothing=s.label_smoothing)
-            if s.loss_type == "simpo":
-                settings["simpo_gamma"] = s.simpo_gamma
-        if self.name == "kto":
-            settings.update(desirable_weight=s.desirable_weight, undesirable_weight=s.undesirable_weight)
+        settings = self.settings_manifest()
         reference = ("none" if not self.uses_reference else
                      f"adapter {self.config.train.init_adapter}" if self.config.train.init_adapter else "base (adapter off)")
         return {"method": self.name, **settings, "reference": reference, **lora_manifest(self.config),
                 "init_adapter": self.config.train.init_adapter or None}
 
 
-def _mean(values: torch.Tensor) -> float:
-    return float(values.mean()) if values.numel() else float("nan")
-
-
 @torch.no_grad()
-def reference_logps(model, samples: list[dict], collate, batch_size: int, precision, adapter_off: bool) -> list[list[float]]:
-    """Per sample: [chosen (or only) answer's log-probability sum] + [rejected's] for a pair."""
+def reference_logps(model, samples: list[dict], collate, batch_size: int, precision, adapter_off: bool) -> list[dict]:
+    """Per sample, the reference's log-probability sums: {"reference_logp": the chosen (or only) answer's,
+    "reference_rejected_logp": a pair's rejected answer's, "reference_kl_logp": KTO's mismatched answer's}."""
     from contextlib import nullcontext
 
     was_training = model.training
@@ -289,10 +207,18 @@ def reference_logps(model, samples: list[dict], collate, batch_size: int, precis
     with off, eager(), torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
         for start in range(0, len(samples), batch_size):
             part = samples[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in collate(part).items() if k in ("input_ids", "attention_mask", "labels")}
+            batch = {k: v.to(device) for k, v in collate(part).items() if torch.is_tensor(v)}
             logps = answer_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0].tolist()
+            kl = (answer_logps(model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"])[0].tolist()
+                  if "kl_input_ids" in batch else None)
             n = len(part)
-            values += [[logps[i], logps[n + i]] if len(logps) > n else [logps[i]] for i in range(n)]
+            for i in range(n):
+                row = {"reference_logp": logps[i]}
+                if len(logps) > n:
+                    row["reference_rejected_logp"] = logps[n + i]
+                if kl is not None:
+                    row["reference_kl_logp"] = kl[i]
+                values.append(row)
     model.train(was_training)
     return values
 
@@ -334,13 +260,10 @@ def make_preference_trainer_class(method: PreferenceMethod):
     return PreferenceTrainer
 
 
-class DirectPreferenceOptimization(PreferenceMethod):
-    name = "dpo"
-
-
-class OddsRatioPreferenceOptimization(PreferenceMethod):
-    name = "orpo"
-
-
-class KahnemanTverskyOptimization(PreferenceMethod):
-    name = "kto"
+def pair_figures(chosen, rejected, chosen_reward, rejected_reward) -> dict[str, float]:
+    """What the log shows for a batch of pairs: the share whose chosen answer earns the higher reward, the rewards,
+    their margin, and the answers' log-probabilities."""
+    return {"rewards/chosen": float(chosen_reward.mean()), "rewards/rejected": float(rejected_reward.mean()),
+            "rewards/accuracy": float((chosen_reward > rejected_reward).float().mean()),
+            "rewards/margin": float((chosen_reward - rejected_reward).mean()),
+            "logps/chosen": float(chosen.detach().mean()), "logps/rejected": float(rejected.detach().mean())}
