@@ -182,5 +182,5 @@ def test_the_readme_is_a_front_door():
     text = "\n".join(lines)
     for command in ("./quickstart.sh", "./run-tests.sh"):
         assert command in text
-    for page in PAGES:  # ../shared/ is where the project's own notes live, not part of the repository
+    for page in PAGES:  # ../shared/ lies outside the repository: a reader of the package has no such folder
         assert "../shared" not in page.read_text(encoding="utf-8"), f"{page.relative_to(ROOT)} refers to ../shared"
