@@ -473,3 +473,81 @@ def test_a_row_gets_the_same_answer_alone_and_in_a_batch(tiny_llama_pad_eos_dir,
     together = _rows(prompts, **settings)
     run_batch(loaded, together)
     assert [r.ids for r in together] == alone
+
+
+# ---------------------------------------------------------------- who may use the server, and rows kept apart
+
+
+@pytest.mark.parametrize("host, allowed", [("evil.example", False), ("localhost.evil.example", False),
+                                           ("127.0.0.1", True), ("localhost", True)])
+def test_a_request_for_another_host_name_is_refused(base_url, host, allowed):
+    """A web page whose name is made to resolve to 127.0.0.1 (DNS rebinding) reaches the server with its own name
+    in Host: it must get nothing, neither the model list nor an answer."""
+    port = base_url.rsplit(":", 1)[1]
+    headers = {"Host": f"{host}:{port}", "Origin": f"http://{host}:{port}"}
+    for path, body in (("/v1/models", None), ("/health", None),
+                       ("/v1/chat/completions", json.dumps({**GOOD_CHAT, "max_tokens": 1}).encode())):
+        status, answer = _raw(base_url, path, body, headers=headers)
+        if allowed:
+            assert status == 200, answer
+        else:
+            assert status == 403 and answer["error"]["code"] == "host_not_allowed", answer
+            assert "tiny" not in json.dumps(answer)
+
+
+def test_the_wrong_port_in_host_is_refused_too(base_url):
+    port = int(base_url.rsplit(":", 1)[1])
+    status, _ = _raw(base_url, "/v1/models", headers={"Host": f"127.0.0.1:{port + 1}"})
+    assert status == 403
+
+
+@pytest.mark.parametrize("seed", [2**64, 99999999999999999999999, -(2**63) - 1])
+def test_a_seed_out_of_range_is_a_400_naming_seed_and_its_neighbours_get_answers(base_url, client, seed):
+    bad = json.dumps({**GOOD_CHAT, "seed": seed}).encode()
+    results: dict = {}
+
+    def normal(i):
+        results[i] = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[i]}],
+                                                    max_tokens=3, seed=i)
+
+    threads = [threading.Thread(target=normal, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    status, answer = _raw(base_url, "/v1/chat/completions", bad)
+    for t in threads:
+        t.join(60)
+    assert status == 400 and answer["error"]["param"] == "seed", answer
+    assert sorted(results) == [0, 1, 2, 3]
+    assert all(r.choices[0].finish_reason in ("stop", "length") for r in results.values())
+
+
+def test_a_row_that_fails_in_a_batch_does_not_fail_the_others(tiny_llama_dir):
+    """A row that cannot be generated (here a seed torch refuses, sent past the request checks) gets "error";
+    the rows batched beside it get the answers they get alone."""
+    from lmtune.inference.batching import Row, run_batch
+
+    loaded = load_for_inference(tiny_llama_dir)
+    prompts = [loaded.template.prompt_ids(loaded.tokenizer, q) for q in QUESTIONS[:3]]
+    finished: dict = {}
+
+    def row(i, prompt, seed=None):
+        return Row(prompt, 4, emit=lambda text, finish: finish and finished.__setitem__(i, finish), seed=seed)
+
+    alone = []
+    for prompt in prompts:
+        r = row(-1, prompt)
+        run_batch(loaded, [r])
+        alone.append(r.ids)
+    worker = BatchWorker(loaded, max_batch_size=8, gather_seconds=0.5)
+    rows = [row(0, prompts[0]), row(1, prompts[1], seed=2**70), row(2, prompts[2])]
+    for r in rows:
+        worker.submit(r)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while len(finished) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.stop()
+    assert worker.batch_sizes[0] == 3  # they really were one batch
+    assert finished[1] == "error"
+    assert finished[0] != "error" and finished[2] != "error"
+    assert [rows[0].ids, rows[2].ids] == [alone[0], alone[2]]

@@ -9,7 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lmtune.ui.app import create_app
-from lmtune.ui.server import access_token, is_loopback
+from lmtune.ui.server import access_token
+from lmtune.webguard import is_loopback
 from lmtune.ui.texts import TEXTS, choose_language
 
 from conftest import QA, run, write_jsonl
@@ -34,9 +35,17 @@ def test_language_is_vietnamese_when_the_browser_asks_for_it(header, chosen, exp
     assert choose_language(header, chosen) == expected
 
 
+ORIGIN = "http://127.0.0.1:7860"
+
+
+def page_client(app) -> TestClient:
+    """A client as the UI's own page is: addressed to 127.0.0.1, sending the page token it was served."""
+    return TestClient(app, base_url=ORIGIN, headers={"X-Lmtune-Token": app.state.page_token})
+
+
 @pytest.fixture
 def client(tmp_path):
-    return TestClient(create_app(tmp_path / "ui"))
+    return page_client(create_app(tmp_path / "ui"))
 
 
 def test_page_is_rendered_in_the_browsers_language(client):
@@ -58,13 +67,13 @@ def test_loopback_needs_no_token_and_other_hosts_get_one():
 
 
 def test_a_token_guards_every_page_and_a_link_with_it_opens_the_page(tmp_path):
-    client = TestClient(create_app(tmp_path / "ui", token="s3cret"))
+    client = page_client(create_app(tmp_path / "ui", token="s3cret"))
     assert client.get("/api/state").status_code == 401
     assert client.get("/", headers={"Accept-Language": "vi"}).status_code == 401
     opened = client.get("/?token=s3cret", follow_redirects=False)
     assert opened.status_code == 303 and "token" not in opened.headers["location"]
     assert client.get("/api/state").status_code == 200  # the cookie the link set
-    fresh = TestClient(create_app(tmp_path / "ui", token="s3cret"))
+    fresh = page_client(create_app(tmp_path / "ui", token="s3cret"))
     assert fresh.get("/api/state", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert fresh.get("/api/state", headers={"Authorization": "Bearer wrong"}).status_code == 401
 
@@ -91,8 +100,8 @@ def test_bad_data_gets_the_clis_one_line_message(client, tmp_path, capsys):
 
 def test_a_missing_model_gets_the_clis_message(client, tmp_path, capsys):
     path = _upload(client, "qa.jsonl", Path(write_jsonl(tmp_path / "qa.jsonl", QA)).read_bytes())
-    response = client.post("/api/train/start", json={"model": "./no-such-model", "paths": [path]})
-    code, _, err = run(capsys, "train", "--model", "./no-such-model", "--data", path, "--output-dir", tmp_path / "o")
+    response = client.post("/api/train/start", json={"model": "pypi:no_such_model_package", "paths": [path]})
+    code, _, err = run(capsys, "train", "--model", "pypi:no_such_model_package", "--data", path, "--output-dir", tmp_path / "o")
     assert response.status_code == 400 and code == 2
     assert response.json()["error"] == err.strip()
 

@@ -32,12 +32,13 @@ EPOCHS = 30  # 150 steps of the tiny model: long enough to stop in the middle, a
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_llama_dir):
     import uvicorn
 
     from lmtune.ui.app import create_app
 
-    app = create_app(tmp_path_factory.mktemp("ui-workdir"))
+    # The tiny model's folder is offered as `lmtune ui --model-dir` offers it: the page may name no other folder.
+    app = create_app(tmp_path_factory.mktemp("ui-workdir"), model_dirs=(tiny_llama_dir,))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -47,7 +48,7 @@ def server(tmp_path_factory):
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
     yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
-    app.state.trainer.shutdown()
+    app.state.ui.runs.shutdown()
     server.should_exit = True
     thread.join(10)
 

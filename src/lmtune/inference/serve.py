@@ -12,7 +12,6 @@ Every bad request gets OpenAI's error shape {"error": {"message", "type", "param
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import os
 import socket
@@ -31,6 +30,7 @@ from starlette.exceptions import HTTPException
 from ..config import GenerateConfig
 from ..data.normalize import nfc
 from ..errors import DataError
+from ..webguard import HostGuard, bind, is_loopback, key_matches  # noqa: F401 - bind: the command takes the port with it
 from .batching import BatchWorker, Row, context_length
 from .load import LoadedModel
 
@@ -81,7 +81,9 @@ class _Sampling(_Strict):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    # torch.Generator.manual_seed takes 64 bits; seed + k is the seed of choice k (Service.rows), so the top of the
+    # range leaves room for MAX_N choices: anything larger is a 400 naming `seed`, not an overflow in the batch.
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
 
@@ -332,7 +334,7 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         if self.expected and scope["path"].startswith("/v1"):
-            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            if not key_matches(headers.get(b"authorization"), self.expected):
                 return await _send_error(send, 401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'", "invalid_api_key")
         declared = headers.get(b"content-length", b"0")
         if not declared.isdigit():
@@ -430,8 +432,16 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     return f"{path}: {message}", str(raw[0])
 
 
+def _foreign_host(_scope, given: str) -> dict:
+    return error_body(403, "This server answers requests addressed to the names it listens on (127.0.0.1, localhost, "
+                           "[::1] or its --host), not to the Host this request names", code="host_not_allowed",
+                      type="permission_error")
+
+
 def create_app(loaded: LoadedModel, worker: BatchWorker, model_id: str, defaults: GenerateConfig | None = None,
-               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES):
+               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, host: str = "127.0.0.1"):
+    """The server's ASGI app. `host`: the address it listens on; requests naming another Host are refused
+    (webguard.HostGuard: a web page on a domain made to resolve to this machine must not reach the model)."""
     service = Service(loaded, worker, model_id, defaults or GenerateConfig())
     app = FastAPI(title="lmtune", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -495,7 +505,7 @@ def create_app(loaded: LoadedModel, worker: BatchWorker, model_id: str, defaults
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return await _generate(service, request, body, [prompt], max_tokens, strip=True, kind="chat")
 
-    return Guard(app, api_key, max_body_bytes)
+    return HostGuard(Guard(app, api_key, max_body_bytes), host, _foreign_host)
 
 
 # ---------------------------------------------------------------- running it
@@ -509,17 +519,6 @@ def model_id_for(model: str | None, adapter: str | None) -> str:
     if Path(name).exists():
         return Path(name).resolve().name
     return name  # a hub id such as bigscience/bloom-560m
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """Bind and listen before printing, so the printed URL is one that already accepts connections (port 0 = any
-    free one): a client that connects before the server loop runs waits in the backlog instead of being refused."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)  # uvicorn's default backlog
-    return sock
 
 
 API_KEY_VARIABLE = "LMTUNE_API_KEY"
@@ -536,7 +535,7 @@ def banner(host: str, port: int, model_id: str, api_key: str | None) -> str:
     body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Học máy là gì?"}]}, ensure_ascii=False)
     lines = [f"lmtune serve: model '{model_id}' at {url}/v1 (OpenAI-compatible; Ctrl-C stops)",
              f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"]
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if not is_loopback(host) and not api_key:
         lines.append("  warning: listening beyond this machine without --api-key; anyone who can reach it can use it")
     return "\n".join(lines)
 
@@ -549,7 +548,7 @@ def serve(loaded: LoadedModel, model_id: str, host: str = "127.0.0.1", port: int
 
     sock = sock or bind(host, port)
     worker = BatchWorker(loaded, max_batch_size).start()
-    app = create_app(loaded, worker, model_id, defaults, api_key)
+    app = create_app(loaded, worker, model_id, defaults, api_key, host=host)
     print(banner(host, sock.getsockname()[1], model_id, api_key), flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     try:

@@ -1,22 +1,13 @@
-"""Run the web UI: address checks, the access token off loopback, and a graceful stop of training at exit."""
+"""Run the web UI: the access token off loopback, the address taken before the banner, and a graceful stop of
+training at exit."""
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
-import socket
 
 from ..errors import LmtuneError
+from ..webguard import bind, is_loopback
 from .app import create_app
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def access_token(host: str, api_key: str | None) -> tuple[str | None, bool]:
@@ -30,15 +21,14 @@ def access_token(host: str, api_key: str | None) -> tuple[str | None, bool]:
     return secrets.token_urlsafe(18), True
 
 
-def run_ui(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None, workdir: str = "runs/ui") -> None:
+def run_ui(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None, workdir: str = "runs/ui",
+           model_dirs: tuple[str, ...] = ()) -> None:
     import uvicorn
 
     token, generated = access_token(host, api_key)
-    app = create_app(workdir, token)
+    app = create_app(workdir, token, host=host, model_dirs=model_dirs)
     try:
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        sock = bind(host, port)
     except OSError as e:  # the port is taken, or the host is not an address of this machine
         raise LmtuneError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -48,9 +38,9 @@ def run_ui(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None
     if generated:
         print(f"lmtune ui: {host} is reachable from other machines, so the page asks for this one-time token "
               f"(or start with --api-key KEY): {token}", flush=True)
-    print(f"lmtune ui: files go to {app.state.workdir}", flush=True)
+    print(f"lmtune ui: files go to {app.state.ui.workdir}", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     try:
         server.run(sockets=[sock])
     finally:
-        app.state.trainer.shutdown()
+        app.state.ui.runs.shutdown()

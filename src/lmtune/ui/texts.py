@@ -186,6 +186,33 @@ TEXTS: dict[str, tuple[str, str]] = {
     "download": ("Download", "Tải về"),
     "download_gguf": ("Download the GGUF file", "Tải tệp GGUF"),
     "download_modelfile": ("Download the Modelfile", "Tải Modelfile"),
+    # refusals: a bad field, a request from elsewhere, too much uploaded
+    "bad_field": ("{field}: {problem}", "{field}: {problem}"),
+    "p_int": ("must be a whole number", "phải là số nguyên"),
+    "p_number": ("must be a number", "phải là một số"),
+    "p_text": ("must be text", "phải là văn bản"),
+    "p_list": ("must be a list", "phải là một danh sách"),
+    "p_bool": ("must be true or false", "phải là true hoặc false"),
+    "p_missing": ("is missing", "bị thiếu"),
+    "p_min": ("must be at least {limit}", "phải ít nhất là {limit}"),
+    "p_max": ("must be at most {limit}", "phải nhiều nhất là {limit}"),
+    "p_choice": ("must be one of {choices}", "phải là một trong {choices}"),
+    "p_empty": ("must not be empty", "không được để trống"),
+    "p_object": ("must be an object", "phải là một đối tượng"),
+    "p_json": ("is not valid JSON", "không phải JSON hợp lệ"),
+    "bad_turns": ("{field}: turns must alternate user, assistant, ..., and end with the user's question",
+                  "{field}: các lượt phải xen kẽ người dùng, trợ lý, ... và kết thúc bằng câu hỏi của người dùng"),
+    "foreign_host": ("This lmtune UI answers only requests addressed to the names it listens on (127.0.0.1, "
+                     "localhost, [::1] or its --host).",
+                     "Giao diện lmtune này chỉ trả lời yêu cầu gửi tới đúng tên mà nó lắng nghe (127.0.0.1, "
+                     "localhost, [::1] hoặc --host của nó)."),
+    "foreign_request": ("Refused: this request did not come from the lmtune page itself (reload the page if it did).",
+                        "Bị từ chối: yêu cầu này không đến từ chính trang lmtune (hãy tải lại trang nếu đúng là từ đó)."),
+    "upload_too_large": ("{name}: larger than {size}", "{name}: lớn hơn {size}"),
+    "uploads_full": ("The uploads would take more than {size} in all: remove files you no longer need from the "
+                     "uploads folder of the UI's workdir.",
+                     "Các tệp tải lên sẽ vượt quá {size} tổng cộng: hãy xóa các tệp không còn cần khỏi thư mục "
+                     "uploads trong thư mục làm việc của giao diện."),
     # access
     "unauthorized": ("This lmtune UI needs its access token: open the address printed by `lmtune ui`.",
                      "Giao diện lmtune này cần mã truy cập: hãy mở địa chỉ mà `lmtune ui` đã in ra."),

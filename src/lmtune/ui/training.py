@@ -115,7 +115,7 @@ class Run:
             return []
 
 
-class Trainer:
+class TrainingRuns:
     """Starts, stops, resumes and reports the UI's training runs; at most one runs at a time."""
 
     def __init__(self, runs_dir: Path):

@@ -60,9 +60,15 @@ const num = (x, digits) => (x === null || x === undefined ? "–" : Number(x).to
 
 // ---------------------------------------------------------------- API and errors
 
+// Every request carries the page token the server wrote into this page (window.BOOT.token): the server accepts
+// no change (upload, train, stop, export, ...) without it, so that another site's page cannot make one.
+function headers(extra) {
+  return Object.assign({"X-Lmtune-Lang": S.lang, "X-Lmtune-Token": window.BOOT.token}, extra || {});
+}
+
 async function api(method, url, body) {
   const response = await fetch(url, {
-    method, headers: {"Content-Type": "application/json", "X-Lmtune-Lang": S.lang},
+    method, headers: headers({"Content-Type": "application/json"}),
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   let data = null;
@@ -142,7 +148,7 @@ async function upload(files) {
     const added = [];
     for (const file of files) {
       const response = await fetch("/api/upload?name=" + encodeURIComponent(file.name), {
-        method: "POST", headers: {"X-Lmtune-Lang": S.lang}, body: file});
+        method: "POST", headers: headers(), body: file});
       const data = await response.json();
       if (!response.ok) throw new Error(data.error);
       added.push(data.path);
@@ -510,7 +516,7 @@ async function streamAnswer(run, side) {
   bubble.classList.add("waiting");
   try {
     const response = await fetch("/api/chat", {method: "POST",
-      headers: {"Content-Type": "application/json", "X-Lmtune-Lang": S.lang},
+      headers: headers({"Content-Type": "application/json"}),
       body: JSON.stringify({run, side, messages: history, greedy: $("try-greedy").checked, max_new_tokens: Number($("try-max").value)})});
     if (!response.ok) throw new Error((await response.json()).error);
     const reader = response.body.getReader();
