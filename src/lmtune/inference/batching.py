@@ -257,14 +257,25 @@ class BatchWorker:
     def _run(self, batch: list[Row]) -> None:
         self.batch_sizes.append(len(batch))
         self.busy_rows = len(batch)
+        again: list[Row] = []
         try:
             run_batch(self.loaded, batch)
         except Exception:  # the server must keep serving; each waiting client gets an error, the log the traceback
             traceback.print_exc()
             for row in batch:
-                if not row.done:
-                    row.finish_reason = "error"
-                    row.emit("", "error")
+                if row.done:
+                    continue
+                if len(batch) > 1 and not row.ids:
+                    # One row's failure must not cost the others their answers: a row that has produced nothing yet
+                    # is generated again on its own, so that only a row that fails by itself gets the error.
+                    again.append(row)
+                    continue
+                row.finish_reason = "error"
+                row.emit("", "error")
         finally:
-            self.cancelled_rows += sum(r.finish_reason == "cancelled" for r in batch)
+            retried = {id(r) for r in again}
+            self.cancelled_rows += sum(r.finish_reason == "cancelled" for r in batch if id(r) not in retried)
             self.busy_rows = 0
+        for row in again:
+            row.generator = None  # seeded afresh by run_batch, as if it had never been in the failed batch
+            self._run([row])
