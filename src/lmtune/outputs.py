@@ -97,13 +97,14 @@ def move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
         tmp.rename(final)
 
 
-def disk_full_error(error: BaseException, final: Path) -> DiskFullError | None:
-    """A clear message for a full disk (or quota) while writing `final`; None for other errors."""
+def disk_full_error(error: BaseException, final: Path, flag: str = "--output-dir") -> DiskFullError | None:
+    """A clear message for a full disk (or quota) while writing `final` (named by the command's `flag`); None for
+    other errors."""
     if not _is_disk_full(error):
         return None
     kept = f"the previous {final} is untouched" if final.exists() else f"nothing was written to {final}"
     return DiskFullError(f"no space left on the disk while writing {final}; {kept}. "
-                         f"Free some space (or choose an --output-dir on another disk) and run again")
+                         f"Free some space (or choose an {flag} on another disk) and run again")
 
 
 def _is_disk_full(error: BaseException | None) -> bool:
@@ -120,11 +121,11 @@ def _is_disk_full(error: BaseException | None) -> bool:
 
 
 @contextmanager
-def atomic_files(paths: list[str | Path], overwrite: bool = False) -> Iterator[list[Path]]:
+def atomic_files(paths: list[str | Path], overwrite: bool = False, flag: str = "--output") -> Iterator[list[Path]]:
     """Yield one hidden temporary path per file; on success each replaces its file, on failure all are removed.
 
     The files are renamed in the order given, so put the one a reader looks for last: when it
-    exists, the others are complete too.
+    exists, the others are complete too. `flag`: the option that named the files, for the full-disk message.
     """
     finals = [Path(p) for p in paths]
     for final in reversed(finals):  # the main file (last) is the one to name if several exist
@@ -140,7 +141,7 @@ def atomic_files(paths: list[str | Path], overwrite: bool = False) -> Iterator[l
     except BaseException as error:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
-        raise disk_full_error(error, finals[-1]) or error
+        raise disk_full_error(error, finals[-1], flag) or error
     for tmp, final in zip(tmps, finals):
         give_normal_permissions(tmp)
         os.replace(tmp, final)

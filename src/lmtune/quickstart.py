@@ -14,6 +14,7 @@ from pathlib import Path
 from .bundled import HELDOUT_DATA, REWORDINGS_DATA, TRAIN_DATA, bundled_path
 from .config import Config, GenerateConfig
 from .data.readers import Example, load_examples
+from .data.source import DataSource
 from .evaluation.evaluate import (
     ModelEval,
     evaluate_model,
@@ -74,8 +75,7 @@ def run_quickstart(config: Config, explicit_output_dir: bool = False) -> dict:
     merge(str(adapter_dir), str(merged_dir), **safety)
 
     # The pairs as the data file states them (the first file: rewordings repeat its answers in other words).
-    examples, _ = load_examples(config.data.paths[:1], config.data.question_field, config.data.answer_field,
-                                config.data.context_field, config.data.max_samples)
+    examples, _ = load_examples(DataSource.from_config(config.data, paths=config.data.paths[:1]))
     asked = [examples[i * len(examples) // TRAINING_QUESTIONS_ASKED] for i in range(min(len(examples), TRAINING_QUESTIONS_ASKED))]
     sets = {"training questions": asked}
     heldout = [Example(r["question"], r["answer"]) for r in _heldout_for({e.question for e in examples})]

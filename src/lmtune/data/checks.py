@@ -6,7 +6,7 @@ import json
 import re
 import unicodedata
 
-from .normalize import CONTROL_RE, EXOTIC_SPACES, SURROGATE_RE, is_nfc
+from .normalize import CONTROL_RE, EXOTIC_SPACES, SURROGATE_RE, digest, is_nfc, near_key, tidy_text
 from .readers import Row
 
 
@@ -152,6 +152,18 @@ def row_problems(row: Row) -> list[tuple[str, str, list[str]]]:
     for name, text in _row_fields(row):
         problems += [(check, name, details) for check, details in field_problems(text)]
     return problems
+
+
+def duplicate_keys(row: Row) -> tuple[bytes, bytes]:
+    """(exact, near): what two rows share when they are duplicates, the one definition inspect counts and clean
+    drops by. Exact: equal after clean's fixes (tidy_text: NFC, whitespace, invisible characters), so an NFD copy
+    of a row is its duplicate; near: also ignoring case and punctuation. A conversation compares its turns, each
+    with its role."""
+    if row.messages is not None:
+        parts = [(m["role"] + ":", tidy_text(m["content"])) for m in row.messages]
+    else:
+        parts = [("", tidy_text(row.question)), ("", tidy_text(row.answer)), ("", tidy_text(row.context))]
+    return digest(*(role + text for role, text in parts)), digest(*(role + near_key(text) for role, text in parts))
 
 
 def snippet(text: str, width: int = 60) -> str:

@@ -13,9 +13,10 @@ from typing import Iterable
 
 from ..errors import DataError
 from ..outputs import atomic_files
-from .checks import broken_encoding, untidy_whitespace
-from .normalize import CONTROL_RE, digest, is_nfc, near_key, tidy_text
+from .checks import broken_encoding, duplicate_keys, untidy_whitespace
+from .normalize import CONTROL_RE, is_nfc, tidy_text
 from .readers import Example, Row, check_not_an_input, iter_rows, resolve_paths
+from .source import DataSource
 
 DEDUPE_CHOICES = ("exact", "near")
 
@@ -96,16 +97,23 @@ class Cleaner:
         too_long = self._too_long(Example(question, answer, context, row.where))
         if too_long:
             return None, "too_long", too_long
-        exact = digest(question, answer, context)
+        duplicate = self._duplicate(row, "")
+        if duplicate:
+            return None, *duplicate
+        return self._record(row, question, answer, context), "", ""
+
+    def _duplicate(self, row: Row, what: str) -> tuple[str, str] | None:
+        """(reason, detail) when the row repeats an earlier one (checks.duplicate_keys: the definition inspect
+        counts by too); else None, and the row is remembered."""
+        exact, near = duplicate_keys(row)
         if exact in self._exact:
-            return None, "duplicate", f"same as {self._exact[exact]}"
+            return "duplicate", f"same {what}as {self._exact[exact]}"
         if self.dedupe == "near":
-            near = digest(near_key(question), near_key(answer), near_key(context))
             if near in self._near:
-                return None, "near_duplicate", f"nearly the same as {self._near[near]}"
+                return "near_duplicate", f"nearly the same {what}as {self._near[near]}"
             self._near[near] = row.where
         self._exact[exact] = row.where
-        return self._record(row, question, answer, context), "", ""
+        return None
 
     def _decide_conversation(self, row: Row) -> tuple[dict | None, str, str]:
         """A conversation is kept or dropped whole; each turn's text is tidied in place, in the file's own format."""
@@ -123,19 +131,16 @@ class Cleaner:
         too_long = self._too_long(Example(messages[-2]["content"], messages[-1]["content"], "", row.where, messages))
         if too_long:
             return None, "too_long", too_long
-        exact = digest(*(f"{m['role']}:{c}" for m, c in zip(row.messages, contents)))
-        if exact in self._exact:
-            return None, "duplicate", f"same conversation as {self._exact[exact]}"
-        if self.dedupe == "near":
-            near = digest(*(f"{m['role']}:{near_key(c)}" for m, c in zip(row.messages, contents)))
-            if near in self._near:
-                return None, "near_duplicate", f"nearly the same conversation as {self._near[near]}"
-            self._near[near] = row.where
-        self._exact[exact] = row.where
+        duplicate = self._duplicate(row, "conversation ")
+        if duplicate:
+            return None, *duplicate
         record = dict(row.record)
         field_name = row.columns[0]
-        text_key = "content" if "content" in record[field_name][0] else "value"
-        record[field_name] = [{**turn, text_key: content} for turn, content in zip(record[field_name], contents)]
+        turns = record[field_name]
+        if isinstance(turns, str):  # a CSV cell's JSON text (the reader checked it); in JSONL the turns are a list
+            turns = json.loads(turns)
+        text_key = "content" if "content" in turns[0] else "value"
+        record[field_name] = [{**turn, text_key: content} for turn, content in zip(turns, contents)]
         return record, "", ""
 
     def _too_long(self, example: Example) -> str:
@@ -158,24 +163,22 @@ class Cleaner:
 
 
 def clean_data(
-    paths: Iterable[str],
+    source: DataSource | Iterable[str],
     output: str,
     dedupe: str = "exact",
     min_answer_chars: int = 0,
     overwrite: bool = False,
     skip_invalid: bool = False,
-    question_field: str = "",
-    answer_field: str = "",
-    context_field: str = "",
     model: str = "",
     max_length: int | None = None,
-    template: str = "auto",
 ) -> CleanReport:
-    """Write the kept rows (tidied) to `output` as JSONL and the dropped ones, each with its
-    reason, to `<output stem>.rejects.jsonl`. Both appear only when complete; inputs are never touched.
+    """Write the kept rows (tidied) of `source` (a DataSource, or paths read with every setting detected) to
+    `output` as JSONL and the dropped ones, each with its reason, to `<output stem>.rejects.jsonl`. Both appear
+    only when complete; inputs are never touched. Every row is cleaned, also those a max_samples would leave out.
 
-    With `max_length`, rows whose training sample is longer (in tokens of `model`'s tokenizer, with `template`, as
-    training builds it) are dropped as too_long."""
+    With `max_length`, rows whose training sample is longer (in tokens of `model`'s tokenizer, with the source's
+    template, as training builds it) are dropped as too_long."""
+    source = DataSource.of(source)
     out = Path(output)
     if out.suffix.lower() not in (".jsonl", ".json"):
         raise DataError(f"{output}: clean writes JSON Lines; give the output a .jsonl name")
@@ -186,11 +189,11 @@ def clean_data(
     if max_length is not None:
         from .inspect import TokenCounter
 
-        tokens = TokenCounter(model, max_length, template)
+        tokens = TokenCounter(model, max_length, source.template, source.system_prompt)
     cleaner = Cleaner(dedupe, min_answer_chars, tokens)
     report = CleanReport(str(out), str(rejects))
     unresolved: list[DataError] = []
-    files = resolve_paths(paths, unresolved.append if skip_invalid else None)
+    files = resolve_paths(source.paths, unresolved.append if skip_invalid else None)
     # Both checked before anything is read: a wrong --output should fail in a second, not after the data.
     check_not_an_input([out, rejects], files)
     with atomic_files([rejects, out], overwrite) as (tmp_rejects, tmp_out):
@@ -208,7 +211,7 @@ def clean_data(
 
             for error in unresolved:
                 on_invalid(error)
-            for row in iter_rows(files, question_field, answer_field, context_field, on_invalid if skip_invalid else None):
+            for row in iter_rows(files, source, on_invalid if skip_invalid else None):
                 report.rows_read += 1
                 record, reason, detail = cleaner.decide(row)
                 if record is None:

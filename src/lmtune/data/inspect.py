@@ -34,9 +34,19 @@ from typing import Any, Iterable
 
 from ..errors import DataError
 from ..outputs import atomic_files
-from .checks import CHECKS, row_problems, snippet
+from .checks import CHECKS, duplicate_keys, row_problems, snippet
 from .normalize import digest, near_key
-from .readers import Example, Row, check_not_an_input, iter_rows, resolve_paths
+from .readers import (
+    DELIMITED_SUFFIXES,
+    Example,
+    Row,
+    byte_order_mark,
+    check_not_an_input,
+    iter_rows,
+    resolve_paths,
+    wrapped_rows,
+)
+from .source import DataSource
 from .template import PromptTemplate
 from .tokenize import tokenize_conversation
 
@@ -134,18 +144,31 @@ def _file_info(path: str) -> FileInfo:
     if path.startswith("hub:"):
         return FileInfo(path, "Hugging Face dataset")
     suffix = Path(path).suffix.lower()
-    if suffix in (".parquet", ".csv"):
-        return FileInfo(path, suffix[1:].upper())
+    if suffix == ".parquet":
+        return FileInfo(path, "PARQUET")
     try:
         raw = Path(path).read_bytes()
     except OSError:
         return FileInfo(path, "unreadable")  # the reader reports why
+    bom = byte_order_mark(raw)
+    if suffix in DELIMITED_SUFFIXES:
+        info = FileInfo(path, {".csv": "CSV", ".tsv": "TSV (CSV with tabs)", ".txt": "text table (CSV)"}[suffix])
+        if bom and bom[1] != "utf-8":
+            info.notes.append(f"{bom[2]} with a byte-order mark (read fine; clean writes UTF-8)")
+        return info
     fmt = "JSON Lines"
     if suffix == ".json":
         fmt = "JSON array" if re.match(rb"(\xef\xbb\xbf)?\s*\[", raw) else "JSON Lines (in a .json file)"
+    if re.match(rb"(\xef\xbb\xbf)?\s*\{", raw) and (bom is None or bom[1] == "utf-8"):
+        try:
+            key = wrapped_rows(json.loads(raw.decode("utf-8-sig")))
+        except (ValueError, RecursionError):  # several lines of JSONL (or malformed: the reader says where)
+            key = None
+        fmt = f"JSON object with its rows under '{key}'" if key else fmt
     info = FileInfo(path, fmt)
-    if raw.startswith(b"\xef\xbb\xbf"):
-        info.notes.append("starts with a UTF-8 byte-order mark (read fine; clean writes none)")
+    if bom:
+        info.notes.append(f"starts with a {bom[2]} byte-order mark (read fine; clean writes "
+                          + ("none)" if bom[1] == "utf-8" else "UTF-8)"))
     if b"\r\n" in raw:
         info.notes.append("Windows CRLF line ends (read fine; clean writes LF)")
     return info
@@ -154,13 +177,13 @@ def _file_info(path: str) -> FileInfo:
 class TokenCounter:
     """Token lengths of samples exactly as training builds them (see data.tokenize_example)."""
 
-    def __init__(self, model: str, max_length: int, template: str = "auto"):
+    def __init__(self, model: str, max_length: int, template: str = "auto", system_prompt: str = ""):
         from ..model import load_tokenizer, resolve_source
 
         self.model, self.max_length = model, max_length
         source = resolve_source(model)
         self.tokenizer = load_tokenizer(source)
-        self.template = PromptTemplate.for_tokenizer(self.tokenizer, template)
+        self.template = PromptTemplate.for_tokenizer(self.tokenizer, template, system_prompt)
         self.context = model_context(source, self.tokenizer)
         self.lengths: list[int] = []
         self.truncated = self.prompt_too_long = 0
@@ -268,9 +291,8 @@ class Inspector:
 
     def _duplicates(self, row: Row) -> None:
         findings = self.report.findings
-        exact = digest(row.question, row.answer, row.context)
+        exact, near = duplicate_keys(row)
         near_q, near_a, near_c = near_key(row.question), near_key(row.answer), near_key(row.context)
-        near = digest(near_q, near_a, near_c)
         if exact in self._exact:
             findings["exact_duplicate"].add(f"{row.where} repeats {self._exact[exact]}")
         elif near in self._near:
@@ -299,23 +321,22 @@ class Inspector:
 
 
 def inspect_data(
-    paths: Iterable[str],
-    question_field: str = "",
-    answer_field: str = "",
-    context_field: str = "",
+    source: DataSource | Iterable[str],
     skip_invalid: bool = False,
     model: str = "",
     max_length: int = 512,
-    template: str = "auto",
 ) -> InspectReport:
-    """Read the data once and run every check; token statistics only when a model is given."""
+    """Read the data once, as `source` says (a DataSource, or paths read with every setting detected), and run every
+    check; token statistics, with the source's template, only when a model is given. Every row is inspected, also
+    those a max_samples would leave out of training."""
+    source = DataSource.of(source)
     invalid: list[DataError] = []
-    files = resolve_paths(paths, invalid.append if skip_invalid else None)
-    tokens = TokenCounter(model, max_length, template) if model else None
+    files = resolve_paths(source.paths, invalid.append if skip_invalid else None)
+    tokens = TokenCounter(model, max_length, source.template, source.system_prompt) if model else None
     inspector = Inspector(files, tokens)
     for error in invalid:
         inspector.invalid(error)
-    rows = iter_rows(files, question_field, answer_field, context_field, inspector.invalid if skip_invalid else None)
+    rows = iter_rows(files, source, inspector.invalid if skip_invalid else None)
     if tokens:  # tokenizing is the slow part: show progress on a terminal
         from tqdm import tqdm
 
@@ -431,7 +452,7 @@ def format_report(report: InspectReport) -> str:
 def write_json_report(report: InspectReport, path: str, inputs: list[str]) -> None:
     """Write the report as JSON (replacing an older report, never one of the inputs)."""
     check_not_an_input([Path(path)], inputs)
-    with atomic_files([path], overwrite=True) as (tmp,):
+    with atomic_files([path], overwrite=True, flag="--json") as (tmp,):
         tmp.write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 

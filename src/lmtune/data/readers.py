@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from ..errors import DataError
 from .normalize import nfc
+from .source import DataSource
 
 # Column layouts found without configuration, tried in this order: (question, answer, context).
 KNOWN_SCHEMAS: list[tuple[str, str, str]] = [
@@ -29,7 +30,10 @@ KNOWN_SCHEMAS: list[tuple[str, str, str]] = [
     ("query", "response", "context"),
 ]
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# .tsv is CSV with tabs; .txt is read as a table with a header line too, as Excel saves "Text (Tab delimited)" and
+# "Unicode Text" (UTF-16 with a byte-order mark), the two .txt formats a spreadsheet of pairs arrives in.
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
+DELIMITED_SUFFIXES = (".csv", ".tsv", ".txt")
 
 # No question/answer pair is a million characters long; a longer line is a file whose line breaks
 # were lost (or binary junk), and parsing it would only produce a confusing error later.
@@ -71,6 +75,18 @@ class LoadReport:
     # Rows whose question, answer or context was not in NFC (decomposed Unicode) and was normalised.
     normalized: int = 0
     conversations: int = 0  # rows that were conversations (the others are question/answer pairs)
+    # Rows after the first `max_samples` usable ones (data.max_samples): read to be counted, left out of training.
+    max_samples: int = 0
+    left_out: int = 0
+
+    def summary(self) -> str:
+        """'1,000 rows from 1 file(s)', or with data.max_samples '48 of 1,000 rows ... (data.max_samples 48 left out
+        952)': rows a setting leaves out are said, with the setting."""
+        files = f"from {len(self.files)} file(s)"
+        if not self.left_out:
+            return f"{self.rows_read:,} rows {files}"
+        return (f"{self.rows_read:,} of {self.rows_read + self.left_out:,} rows {files} (data.max_samples "
+                f"{self.max_samples:,} left out {self.left_out:,})")
 
 
 # ---------------------------------------------------------------- reading
@@ -90,7 +106,8 @@ def _resolve_one(pattern: str) -> list[str]:
         return data_files
     path = Path(expanded)
     if path.is_dir():
-        raise DataError(f"{pattern}: is a folder; give files or a glob such as '{pattern}/*.jsonl'")
+        folder = pattern.rstrip("/\\") or pattern
+        raise DataError(f"{pattern}: is a folder; give files or a glob such as '{folder}{os.sep}*.jsonl'")
     if not path.is_file():
         raise DataError(f"{pattern}: file not found")
     if not path.name.lower().endswith(SUPPORTED_SUFFIXES):
@@ -110,12 +127,64 @@ def resolve_paths(patterns: Iterable[str], on_invalid: OnInvalid = None) -> list
         except DataError as e:
             _invalid(e, on_invalid)
     if not resolved:
-        raise DataError("no data given: pass --data FILE (jsonl, json, csv or parquet)")
+        raise DataError("no data given: pass --data FILE (jsonl, json, csv, tsv or parquet)")
     return resolved
 
 
-def _not_utf8(path: str, line: int, byte: int) -> DataError:
-    return DataError(f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x}); save the file as UTF-8")
+# Byte-order marks, longest first (UTF-32 LE starts with UTF-16 LE's mark). A BOM names its encoding beyond doubt:
+# Excel's "Unicode Text" and Windows Notepad's "Unicode" write UTF-16 LE with one.
+BOMS = [(b"\xff\xfe\x00\x00", "utf-32-le", "UTF-32 LE"), (b"\x00\x00\xfe\xff", "utf-32-be", "UTF-32 BE"),
+        (b"\xef\xbb\xbf", "utf-8", "UTF-8"), (b"\xff\xfe", "utf-16-le", "UTF-16 LE"), (b"\xfe\xff", "utf-16-be", "UTF-16 BE")]
+
+
+def byte_order_mark(raw: bytes) -> tuple[int, str, str] | None:
+    """(length of the mark, Python codec, name) of the byte-order mark `raw` starts with, or None."""
+    return next(((len(mark), codec, name) for mark, codec, name in BOMS if raw.startswith(mark)), None)
+
+
+# What Windows-1258 Vietnamese decodes to and Western European text hardly ever holds: ă đ ơ ư (and capitals) and
+# the five tone marks, which CP1258 writes as combining characters after the vowel (where Windows-1252 has Ì ì Ò ò Þ).
+_CP1258_VIETNAMESE = re.compile("[\u0102\u0103\u0110\u0111\u01a0\u01a1\u01af\u01b0\u0300\u0301\u0303\u0309\u0323]")
+
+
+def guess_encoding(raw: bytes) -> tuple[str, str] | None:
+    """(codec, name) of the encoding a file that is not UTF-8 most likely has, or None when nothing fits well.
+
+    Old Windows tools (and Excel's plain "CSV" on a Vietnamese Windows) write Vietnamese in Windows-1258: decoded
+    as CP1258, a good share of its non-ASCII characters are those only Vietnamese uses. UTF-16 without a mark shows
+    as a NUL byte beside every ASCII letter. A UTF-8 file with a few broken bytes gets no guess: it is UTF-8."""
+    sample = raw[: 1 << 20]
+    if sample.count(0) > len(sample) // 4:
+        return ("utf-16-be", "UTF-16 BE") if sample[0::2].count(0) > sample[1::2].count(0) else ("utf-16-le", "UTF-16 LE")
+    high = sum(byte >= 0x80 for byte in sample)
+    if not high or sample.decode("utf-8", errors="replace").count("\ufffd") < high // 2:
+        return None
+    for codec, name, share in (("cp1258", "Windows-1258 (CP1258, Vietnamese)", 0.2),
+                               ("cp1252", "Windows-1252 (Western European)", 0.0)):
+        try:
+            text = sample.decode(codec)
+        except UnicodeDecodeError:
+            continue
+        non_ascii = sum(ord(char) >= 0x80 for char in text)
+        if len(_CP1258_VIETNAMESE.findall(text)) >= share * non_ascii:
+            return codec, name
+    return None
+
+
+def _conversion(path: str, codec: str) -> str:
+    """The one line that converts `path` to UTF-8 (iconv on Linux and macOS; Python where there is no iconv)."""
+    iconv = {"cp1258": "CP1258", "cp1252": "CP1252"}.get(codec, codec.upper())
+    out = str(Path(path).with_name(Path(path).stem + ".utf8" + Path(path).suffix))
+    return (f"iconv -f {iconv} -t UTF-8 '{path}' > '{out}' (or: python -c \"import sys; open(sys.argv[2], 'w', "
+            f"encoding='utf-8').write(open(sys.argv[1], encoding='{codec}').read())\" '{path}' '{out}')")
+
+
+def _not_utf8(path: str, line: int, byte: int, guess: tuple[str, str] | None) -> DataError:
+    if guess is None:
+        return DataError(f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x}); save the file as UTF-8")
+    codec, name = guess
+    return DataError(f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x}); it is most likely {name}: convert it to "
+                     f"UTF-8 with {_conversion(path, codec)}")
 
 
 def _read_text(path: str, on_invalid: OnInvalid = None) -> str:
@@ -123,19 +192,27 @@ def _read_text(path: str, on_invalid: OnInvalid = None) -> str:
         raw = Path(path).read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    bom = byte_order_mark(raw)
+    if bom and bom[1] != "utf-8":
+        length, codec, name = bom
+        try:
+            return raw[length:].decode(codec)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: starts with a {name} byte-order mark but is not {name} text (bytes "
+                            f"{e.start + length}-{e.end + length}); save the file again as UTF-8") from None
     try:
         return raw.decode("utf-8-sig")  # tolerate a UTF-8 byte-order mark
     except UnicodeDecodeError as e:
         if on_invalid is None:
-            raise _not_utf8(path, raw[: e.start].count(b"\n") + 1, raw[e.start]) from None
+            raise _not_utf8(path, raw[: e.start].count(b"\n") + 1, raw[e.start], guess_encoding(raw)) from None
     # Skipping invalid input: blank out only the lines that are not UTF-8, so the other lines
     # are still read and keep their line numbers.
-    lines = []
+    lines, guess = [], guess_encoding(raw)
     for number, line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
         try:
             lines.append(line.decode("utf-8"))
         except UnicodeDecodeError as e:
-            on_invalid(_not_utf8(path, number, line[e.start]))
+            on_invalid(_not_utf8(path, number, line[e.start], guess))
             lines.append("")
     return "\n".join(lines)
 
@@ -145,6 +222,11 @@ def _iter_jsonl(path: str, text: str, on_invalid: OnInvalid = None) -> Iterator[
         _invalid(DataError(f"{path}:1: holds a JSON array, not JSON Lines (one object per line); "
                            "rename the file to .json or write one object per line"), on_invalid)
         return
+    if re.match(r"\s*\{", text):  # one object wrapping the rows, in a file named .jsonl
+        wrapped = _iter_wrapped(path, text)
+        if wrapped is not None:
+            yield from wrapped
+            return
     # Split at "\n" only: str.splitlines() also splits at U+2028, U+0085 and other characters that
     # JSON allows raw inside strings. The "\r" of CRLF line ends is JSON whitespace and parses fine.
     lines = text.split("\n")
@@ -184,10 +266,40 @@ def _json_limit(error: Exception) -> str:
     return str(error).split(";")[0]
 
 
+# Keys under which exported datasets wrap their list of rows: {"data": [...]} (many APIs and tools), {"rows": [...]}
+# (the Hub's datasets-server), {"examples": [...]}, {"train": [...], "test": [...]} (splits; the training one is read).
+ROW_WRAPPERS = ("data", "rows", "examples", "train")
+
+
+def wrapped_rows(value: Any) -> str | None:
+    """The key of `value` (a parsed JSON document) that holds its rows as a list of objects, or None."""
+    if not isinstance(value, dict) or conversation_field(value) or any(q in value for q, _, _ in KNOWN_SCHEMAS):
+        return None  # a row of its own (a one-line JSONL file)
+    return next((key for key in ROW_WRAPPERS if isinstance(value.get(key), list) and value[key]
+                 and all(isinstance(row, dict) for row in value[key])), None)
+
+
+def _iter_wrapped(path: str, text: str) -> Iterator[tuple[str, Any]] | None:
+    """The rows of a file holding one JSON object that wraps them ({"data": [...]}); None for any other file."""
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError):  # not one JSON document: several lines of JSONL, or malformed
+        return None
+    key = wrapped_rows(document)
+    if key is None:
+        return None
+    return ((f"{path}[{key}][{index}]", row) for index, row in enumerate(document[key]))
+
+
 def _iter_json(path: str, text: str, on_invalid: OnInvalid = None) -> Iterator[tuple[str, Any]]:
     stripped = text.lstrip()
     if not stripped:
         return
+    if stripped[0] == "{":
+        wrapped = _iter_wrapped(path, text)
+        if wrapped is not None:
+            yield from wrapped
+            return
     if stripped[0] == "[":
         try:
             rows = json.loads(text)
@@ -296,14 +408,49 @@ def _iter_parquet(path: str, on_invalid: OnInvalid = None) -> Iterator[tuple[str
         yield f"{path}[row {index}]", row
 
 
+def cached_hub_datasets() -> list[str]:
+    """Ids of the datasets in the Hugging Face cache ('datasets--org--name' folders beside the models)."""
+    from ..safeload import hub_cache_dir
+
+    try:
+        entries = list(Path(hub_cache_dir()).iterdir())
+    except OSError:
+        return []
+    return sorted(p.name[len("datasets--"):].replace("--", "/") for p in entries if p.name.startswith("datasets--"))
+
+
+def check_hub_dataset_reachable(spec: str) -> None:
+    """Without a network, `datasets` retries with back-off for half a minute before failing; look once, quickly, as
+    the model loader does (model.check_hub_reachable): a cached dataset is read offline, any other refused at once."""
+    from ..model import go_offline, hub_out_of_reach
+
+    out_of_reach = hub_out_of_reach()
+    if out_of_reach is None:
+        return
+    name, cached = spec[len("hub:"):], cached_hub_datasets()
+    if name in cached:
+        go_offline()
+        import datasets
+
+        datasets.config.HF_HUB_OFFLINE = True  # read when `datasets` was imported
+        return
+    raise DataError(f"{spec}: '{name}' is a Hugging Face Hub dataset, but the Hub cannot be reached ({out_of_reach}) "
+                    f"and the dataset is not in the cache. Without a network: download it where there is one and "
+                    f"pass its files (--data train.jsonl, csv or parquet), or set HF_HUB_OFFLINE=1 to use datasets "
+                    f"downloaded before" + (f" ({', '.join(cached[:5])})" if cached else ""))
+
+
 def _iter_hub(spec: str) -> Iterator[tuple[str, Any]]:
+    check_hub_dataset_reachable(spec)
     import datasets
 
     name = spec[len("hub:") :]
     try:
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:  # network, missing dataset, bad config: all mean "cannot get it"
-        raise DataError(f"{spec}: cannot load the dataset from the Hugging Face Hub ({type(e).__name__}: {e})") from None
+        offline = " (HF_HUB_OFFLINE is set: only datasets downloaded before can be read)" if datasets.config.HF_HUB_OFFLINE else ""
+        raise DataError(f"{spec}: cannot load the dataset from the Hugging Face Hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}){offline}") from None
     for index, row in enumerate(ds):
         yield f"{spec}[row {index}]", row
 
@@ -331,6 +478,15 @@ def iter_records(path: str, on_invalid: OnInvalid = None, csv_delimiter: str = "
     elif suffix == ".json":
         yield from _iter_json(path, text, on_invalid)
     else:
+        if suffix == ".tsv":
+            csv_delimiter = csv_delimiter or "tab"
+        header = text.lstrip("\ufeff").split("\n", 1)[0]
+        if suffix == ".txt" and not csv_delimiter and not any(d in header for d in CSV_DELIMITERS):
+            _invalid(DataError(f"{path}: a .txt file is read as a table whose first line names the columns, separated "
+                               "by tabs (as Excel's 'Text (Tab delimited)' and 'Unicode Text' save it), commas or "
+                               "semicolons; its first line has none of them. Save the pairs as .csv, .tsv or .jsonl"),
+                     on_invalid)
+            return
         yield from _iter_csv(path, text, on_invalid, csv_delimiter)
 
 
@@ -401,10 +557,23 @@ ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": 
 
 
 def conversation_field(record: dict, explicit: str = "") -> str | None:
-    """The record's conversation column: the one named, else `messages` or `conversations` if it holds a list."""
+    """The record's conversation column: the one named, else `messages` or `conversations` if it holds a list (or,
+    in a CSV cell, the text of a JSON list)."""
     if explicit:
         return explicit if explicit in record else None
-    return next((name for name in CONVERSATION_FIELDS if isinstance(record.get(name), list)), None)
+    return next((name for name in CONVERSATION_FIELDS if isinstance(record.get(name), list)
+                 or (isinstance(record.get(name), str) and record[name].lstrip().startswith("["))), None)
+
+
+def _turns_of(value: Any, where: str, field_name: str) -> Any:
+    """A conversation as stored: a list (JSON, parquet), or in a CSV cell the text of a JSON list."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):
+        raise DataError(f"{where}: field '{field_name}' holds text that is not a JSON list of turns "
+                        "(a CSV cell with a conversation holds it as JSON: [{\"role\": \"user\", \"content\": ...}, ...])") from None
 
 
 def read_messages(value: Any, where: str, field_name: str) -> list[dict]:
@@ -451,7 +620,7 @@ def read_messages(value: Any, where: str, field_name: str) -> list[dict]:
 def _conversation_row(path: str, where: str, record: dict, name: str) -> Row:
     if name not in record:
         raise DataError(f"{where}: missing field '{name}'")
-    messages = read_messages(record[name], where, name)
+    messages = read_messages(_turns_of(record[name], where, name), where, name)
     joined = {role: "\n\n".join(m["content"] for m in messages if m["role"] == role) for role in ("user", "assistant", "system")}
     return Row(path, where, record, (name, "", ""), joined["user"], joined["assistant"], joined["system"], messages)
 
@@ -463,36 +632,41 @@ def _choose_columns(record: dict, where: str, question_field: str, answer_field:
         # A name given in another case than the file's header (`--question-field question` for `Question`) is that column.
         q, a, c = (name if name in record else folded.get(name.strip().casefold(), name) for name in names)
         return q, a, c
+    nested = [key for key, value in record.items() if isinstance(value, list) and value and isinstance(value[0], dict)]
+    turns = [key for key in nested if any(role in record[key][0] for role, _ in _ROLE_KEYS)]
+    if turns:
+        raise DataError(f"{where}: the field '{turns[0]}' looks like a conversation (a list of turns with roles); "
+                        f"read it as one with --messages-field {turns[0]} (data.messages_field)")
+    if nested and not (set(record) & {q for q, _, _ in KNOWN_SCHEMAS}):
+        # {"items": [{...}, ...]}: a wrapper under a key that is not one of ROW_WRAPPERS
+        raise DataError(f"{where}: the rows seem to be inside the field '{nested[0]}' (a list of objects); lmtune "
+                        f"reads rows wrapped under {', '.join(ROW_WRAPPERS)}: rename it, or write the rows one object "
+                        "per line (JSONL) or as a JSON array")
     detected = detect_columns(record.keys(), where)
     return (detected[0], detected[1], context_field or detected[2])
 
 
-def iter_rows(
-    files: Iterable[str],
-    question_field: str = "",
-    answer_field: str = "",
-    context_field: str = "",
-    on_invalid: OnInvalid = None,
-    csv_delimiter: str = "",
-    messages_field: str = "",
-) -> Iterator[Row]:
-    """Yield every row of already resolved files; columns are detected on each file's first row.
+def iter_rows(files: Iterable[str], source: DataSource | None = None, on_invalid: OnInvalid = None) -> Iterator[Row]:
+    """Yield every row of already resolved files, read as `source` says (its columns, separator, messages field;
+    detected where it names none); columns are detected on each file's first row.
 
     A record that is not an object, or lacks a text question or answer, raises DataError naming
     file, line and field; with `on_invalid` it is handed over and skipped instead.
     """
+    s = source or DataSource()
+    named_columns = bool(s.question_field or s.answer_field)
     for path in files:
         columns: tuple[str, str, str] | None = None
-        for where, record in iter_records(path, on_invalid, csv_delimiter):
+        for where, record in iter_records(path, on_invalid, s.csv_delimiter):
             try:
                 if not isinstance(record, dict):
                     raise DataError(f"{where}: expected a JSON object with question and answer fields, got {type(record).__name__}")
                 # Conversations and question/answer pairs may be mixed, even in one file: each record says which it is.
-                conversation = conversation_field(record, messages_field) if not (question_field or answer_field) else None
-                if conversation or messages_field:
-                    yield _conversation_row(path, where, record, conversation or messages_field)
+                conversation = conversation_field(record, s.messages_field) if not named_columns else None
+                if conversation or s.messages_field:
+                    yield _conversation_row(path, where, record, conversation or s.messages_field)
                     continue
-                columns = columns or _choose_columns(record, where, question_field, answer_field, context_field)
+                columns = columns or _choose_columns(record, where, s.question_field, s.answer_field, s.context_field)
                 q_name, a_name, c_name = columns
                 row = Row(path, where, record, columns,
                           _text_field(record, q_name, where, required=True),
@@ -506,47 +680,48 @@ def iter_rows(
             yield row
 
 
-def load_examples(
-    paths: Iterable[str],
-    question_field: str = "",
-    answer_field: str = "",
-    context_field: str = "",
-    max_samples: int = 0,
-    on_invalid: OnInvalid = None,
-    csv_delimiter: str = "",
-    messages_field: str = "",
-) -> tuple[list[Example], LoadReport]:
-    """Read every file, detect (or use the given) columns, and return the usable examples.
+def load_examples(source: DataSource | Iterable[str], on_invalid: OnInvalid = None) -> tuple[list[Example], LoadReport]:
+    """Read every file of `source` (a DataSource, or paths read with every setting detected), detect (or use the
+    given) columns, and return the usable examples.
 
     Raises DataError naming file, line and field for malformed input (or, with `on_invalid`,
     hands it over and skips that row or file). Rows whose question or answer is empty after
     stripping are skipped and counted (they would teach nothing). Text is normalised to NFC,
-    as prompts are at inference, and the rows that changed are counted.
+    as prompts are at inference, and the rows that changed are counted. With max_samples, the rows after the
+    first max_samples usable ones are still read, to count them (report.left_out), but neither checked nor kept.
     """
-    report = LoadReport(files=resolve_paths(paths, on_invalid))
+    source = DataSource.of(source)
+    report = LoadReport(files=resolve_paths(source.paths, on_invalid), max_samples=source.max_samples)
     examples: list[Example] = []
-    for row in iter_rows(report.files, question_field, answer_field, context_field, on_invalid, csv_delimiter,
-                         messages_field):
+    full = False
+
+    def invalid(error: DataError) -> None:
+        if full:  # a bad row among those left out: counted with them, it would not be trained on anyway
+            report.left_out += 1
+        else:
+            _invalid(error, on_invalid)
+
+    for row in iter_rows(report.files, source, invalid):
+        if full:
+            report.left_out += 1
+            continue
         report.rows_read += 1
         if row.messages is not None:
             messages = [{"role": m["role"], "content": nfc(m["content"]).strip()} for m in row.messages]
             report.normalized += any(nfc(m["content"]) != m["content"] for m in row.messages)
             report.conversations += 1
             examples.append(Example(messages[-2]["content"], messages[-1]["content"], "", row.where, messages))
-            if max_samples and len(examples) >= max_samples:
-                return examples, report
-            continue
-        report.columns = report.columns or row.columns
-        report.has_context = report.has_context or row.columns[2] in row.record
-        texts = (row.question, row.answer, row.context)
-        question, answer, context = (nfc(text).strip() for text in texts)
-        report.normalized += any(nfc(text) != text for text in texts)
-        if not question or not answer:
-            report.skipped_empty += 1
-            continue
-        examples.append(Example(question, answer, context, row.where))
-        if max_samples and len(examples) >= max_samples:
-            return examples, report
+        else:
+            report.columns = report.columns or row.columns
+            report.has_context = report.has_context or row.columns[2] in row.record
+            texts = (row.question, row.answer, row.context)
+            question, answer, context = (nfc(text).strip() for text in texts)
+            report.normalized += any(nfc(text) != text for text in texts)
+            if not question or not answer:
+                report.skipped_empty += 1
+                continue
+            examples.append(Example(question, answer, context, row.where))
+        full = bool(source.max_samples) and len(examples) >= source.max_samples
     if report.rows_read == 0:
         raise DataError(f"{', '.join(report.files)}: no rows found (empty file?)")
     if not examples:

