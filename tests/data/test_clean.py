@@ -170,3 +170,36 @@ def test_clean_drops_rows_longer_than_max_length_in_tokens(capsys, tmp_path, tin
     assert read_jsonl(tmp_path / "o.jsonl") == QA
     (reject,) = read_jsonl(rejects_path(tmp_path / "o.jsonl"))
     assert reject["reason"] == "too_long" and reject["detail"] == f"{lengths[-1]:,} tokens, more than --max-length {limit:,}"
+
+
+def test_inspect_promises_the_duplicates_clean_drops(tmp_path):
+    """One definition: row 16, the NFD form of row 6, and row 18, row 2 with its blanks untidied, are duplicates to
+    inspect (which says clean drops them) exactly as to clean (which does)."""
+    rows = [{"question": f"Câu hỏi số {i} về học máy?", "answer": f"Trả lời số {i}."} for i in range(20)]
+    rows[15] = {key: unicodedata.normalize("NFD", text) for key, text in rows[5].items()}
+    rows[17] = {"question": "  " + rows[1]["question"], "answer": rows[1]["answer"].replace(" ", "  ") + "\t"}
+    rows[19] = dict(rows[3])
+    conversations = [{"messages": [{"role": "user", "content": "Chào bạn."}, {"role": "assistant", "content": "Chào!"}]}]
+    conversations.append({"messages": [{**turn, "content": unicodedata.normalize("NFD", turn["content"])}
+                                       for turn in conversations[0]["messages"]]})
+    data = write_jsonl(tmp_path / "d.jsonl", rows + conversations)
+    report = inspect_data([data])
+    cleaned = clean_data([data], str(tmp_path / "c.jsonl"))
+    assert report.findings["exact_duplicate"].count == cleaned.dropped["duplicate"] == 4
+    assert "drops 4 exact duplicates" in report.verdict[0]
+    assert [e.split(" repeats ")[0].rsplit(":", 1)[1] for e in report.findings["exact_duplicate"].examples] == \
+           ["16", "18", "20", "22"]
+
+
+def test_clean_on_a_full_disk_names_its_own_flag(capsys, tmp_path, monkeypatch):
+    import errno
+
+    from lmtune.data import clean
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(clean, "_json_line", full)
+    code, _, err = run(capsys, "data", "clean", write_jsonl(tmp_path / "d.jsonl", QA), "--output", tmp_path / "c.jsonl")
+    assert code == 2 and "no space left on the disk while writing" in err
+    assert "choose an --output on another disk" in err and "--output-dir" not in err

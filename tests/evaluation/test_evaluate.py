@@ -37,3 +37,16 @@ def test_eval_refuses_an_existing_report_folder(capsys, tiny_bloom_dir, qa_file,
     (tmp_path / "r").mkdir()
     assert main(["eval", "--model", tiny_bloom_dir, "--data", qa_file, "--output-dir", str(tmp_path / "r")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_eval_checks_the_baseline_before_the_first_answer(capsys, tiny_bloom_dir, qa_file, tmp_path, monkeypatch):
+    """A baseline that cannot be loaded is said before the tuned model answers a single question."""
+    from lmtune.evaluation import evaluate
+
+    answered = []
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *args, **kwargs: answered.append(args) or 1 / 0)
+    code = main(["eval", "--model", tiny_bloom_dir, "--data", qa_file, "--baseline", str(tmp_path / "no-such-model"),
+                 "--output-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"model folder not found: {tmp_path / 'no-such-model'}" in err
+    assert answered == [] and not (tmp_path / "r").exists()
