@@ -280,3 +280,18 @@ def test_validation_logs_the_reward_accuracy(tiny_llama_dir, pairs_file, tmp_pat
                                    "data.eval_paths": [held_out]}), **QUIET)
     evals = [e for e in result.log if "eval_loss" in e]
     assert evals and all("eval_rewards/accuracy" in e and "eval_rewards/margin" in e for e in evals)
+
+
+def test_eval_on_preference_data_reports_base_vs_tuned(tiny_llama_dir, pairs_file, tmp_path, capsys):
+    train(train_config(tiny_llama_dir, pairs_file, tmp_path / "a", **FP32, **{"train.method": "dpo", "train.epochs": 6,
+                                                                             "train.learning_rate": 5e-3}), **QUIET)
+    code, out, err = run(capsys, "eval", "--adapter", tmp_path / "a", "--data", pairs_file, "--baseline", tiny_llama_dir,
+                         "--output-dir", tmp_path / "e", "--max-new-tokens", "8")
+    assert code == 0, err
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["kind"] == "preference" and report["n"] == len(PAIRS)
+    assert report["tuned"]["mean_margin"] > report["base"]["mean_margin"]
+    assert report["rewards_vs_base"]["reward_accuracy"] == 100.0  # every chosen answer gained against its rejected one
+    assert "chosen preferred %" in out and "reward accuracy % (vs base)" in out
+    rows = [json.loads(line) for line in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == len(PAIRS) and {"tuned", "base", "chosen", "rejected"} <= rows[0].keys()

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..config import GenerateConfig
 from ..data.collate import Collator
+from ..data.preferences import load_preferences
 from ..data.readers import Example, load_examples
 from ..data.source import DataSource
 from ..data.template import PromptTemplate
@@ -39,6 +40,7 @@ from ..outputs import (
 from ..training.loss import answer_only_loss, causal_lm_of, supports_answer_only
 from ..training.train import TrainResult
 from .metrics import Scores, exact_match, rouge_l, score_texts, sentence_chrf
+from .preference import is_preference_data, run_preference_eval
 
 REPORT_FILE, PREDICTIONS_FILE, MARKDOWN_FILE = "report.json", "predictions.jsonl", "report.md"
 
@@ -191,10 +193,15 @@ def run_eval(data: DataSource | list[str], output_dir: str, model: str | None = 
     detected), compare with `baseline`, write the report folder. The prompts are the tuned model's own template."""
     source = DataSource.of(data)
     check_output_free(output_dir, overwrite)
+    safety = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    if is_preference_data(list(source.paths)):  # prompt, chosen, rejected: evaluation/preference.py
+        pairs, _ = load_preferences(source.paths, source.max_samples, source.csv_delimiter)
+        check_models(model, adapter, baseline, allow_pickle)
+        return run_preference_eval(pairs, list(source.paths), output_dir, model, adapter, baseline, max_new_tokens,
+                                   batch_size, overwrite, log, **safety)
     examples, _ = load_examples(source)
     check_models(model, adapter, baseline, allow_pickle)
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, greedy=True, repetition_penalty=1.0)
-    safety = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     tuned = load_and_evaluate(model, adapter, examples, cfg, "tuned", batch_size=batch_size, **safety)
     base = (load_and_evaluate(baseline, None, examples, cfg, "base", template=tuned.template, batch_size=batch_size, **safety)
             if baseline else None)
