@@ -14,6 +14,11 @@ HELDOUT_DATA = "data/vi_ai_qa_heldout.jsonl"
 # held-out question (tests/data/test_bundled_data.py checks it).
 REWORDINGS_DATA = "data/vi_ai_qa_rewordings.jsonl"
 QUICKSTART_CONFIG = "configs/quickstart.yaml"
+# Team-written preference pairs on the same topics (a good answer, and a small model's typical failure: a wrong fact,
+# English, rambling, a vague non-answer), none of their prompts an SFT held-out question; and KTO rows made from them.
+PREFERENCE_DATA = "data/vi_ai_preferences.jsonl"
+PREFERENCE_HELDOUT_DATA = "data/vi_ai_preferences_heldout.jsonl"
+KTO_DATA = "data/vi_ai_kto.jsonl"
 
 
 def bundled_path(relative: str) -> Path:

@@ -295,3 +295,19 @@ def test_eval_on_preference_data_reports_base_vs_tuned(tiny_llama_dir, pairs_fil
     assert "chosen preferred %" in out and "reward accuracy % (vs base)" in out
     rows = [json.loads(line) for line in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == len(PAIRS) and {"tuned", "base", "chosen", "rejected"} <= rows[0].keys()
+
+
+def test_quickstart_with_a_preference_method_runs_sft_then_dpo_and_compares_them(tiny_llama_dir, pairs_file, tmp_path,
+                                                                                   capsys):
+    """`lmtune quickstart --method dpo`: SFT on the bundled pairs, DPO from that adapter on the bundled preference
+    pairs, both merged, the held-out preference pairs compared (a tiny model and a short run: the path, not the result)."""
+    code, out, err = run(capsys, "quickstart", "--config", "configs/quickstart.yaml", "--model", tiny_llama_dir,
+                         "--method", "dpo", "--output-dir", tmp_path / "q", "--epochs", "1", "--max-new-tokens", "4",
+                         "--data", pairs_file,
+                         "--max-samples", "8", "--lora.target_modules", "auto", "--dtype", "float32")
+    assert code == 0, err
+    report = json.loads((tmp_path / "q" / "quickstart_report.json").read_text())
+    assert report["method"] == "dpo" and report["heldout"]["kind"] == "preference" and report["heldout"]["n"] >= 50
+    manifest = json.loads((tmp_path / "q" / "adapter" / "lmtune_manifest.json").read_text())
+    assert manifest["method"]["init_adapter"] == str(tmp_path / "q" / "sft-adapter")
+    assert (tmp_path / "q" / "merged" / "config.json").is_file() and "reward accuracy % (vs base)" in out
