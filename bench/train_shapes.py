@@ -159,7 +159,7 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, c
     trainer = build_trainer(config, model, tok, samples, precision, Path(scratch), [timer])
     trainer.args.disable_tqdm = True
     if compile_layers is None:
-        compile_layers, _ = decide("auto", device="cpu", processes=1, method="lora", use_dora=False, quantized=False,
+        compile_layers, _ = decide("auto", device="cpu", processes=1, method_blocker=None, quantized=False,
                                    checkpointing=False, causal_lm=model.get_base_model(), tokens=float("inf"))
     with compiled_layers(model.get_base_model(), compile_layers, strict=True):
         run_trainer(trainer, timer)
