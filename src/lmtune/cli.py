@@ -376,7 +376,10 @@ def cmd_data_clean(args, extra) -> int:
         raise ConfigError(problems)
     _check_max_length(args)
     source, _ = _data_source(args, args.paths)
-    report = clean_data(source, args.output, dedupe=args.dedupe, min_answer_chars=args.min_answer_chars,
+    if source.max_samples:  # from --config: a setting of training, not of what clean keeps
+        print(f"note: data.max_samples {source.max_samples:,} (from --config) limits what train reads; clean cleans "
+              "every row", file=sys.stderr)
+    report = clean_data(source.replace(max_samples=0), args.output, dedupe=args.dedupe, min_answer_chars=args.min_answer_chars,
                         overwrite=args.overwrite, skip_invalid=args.skip_invalid, model=args.model or "",
                         max_length=args.max_length)
     print(report.summary())
@@ -395,12 +398,13 @@ SOURCE_FLAGS = {
 }
 
 
-def _add_source_flags(p: argparse.ArgumentParser, template: bool) -> None:
+def _add_source_flags(p: argparse.ArgumentParser, template: bool, max_samples: bool = True) -> None:
     """The data.* settings as flags, for the commands whose other flags argparse checks (data inspect/clean, eval)."""
     for name, text in SOURCE_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), help=f"{text}; as train's data.{name}")
-    p.add_argument("--max-samples", type=int, help="read the first N usable rows only; as train's data.max_samples "
-                                                   "(default 0: all)")
+    if max_samples:
+        p.add_argument("--max-samples", type=int, help="read the first N usable rows only and count the others; as "
+                                                       "train's data.max_samples (default 0: all)")
     if template:
         p.add_argument("--template", choices=["auto", "plain", "chat"],
                        help="prompt template the tokens are counted with, as train's data.template (default auto)")
@@ -421,14 +425,14 @@ def _data_source(args: argparse.Namespace, paths: list[str] | None):
     return DataSource.from_config(config.data, paths=paths or None), config
 
 
-def _add_data_flags(p: argparse.ArgumentParser) -> None:
+def _add_data_flags(p: argparse.ArgumentParser, max_samples: bool = True) -> None:
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="data files (jsonl, json, csv, tsv, parquet), globs, or hub:<id> (default: --config's data.paths)")
     p.add_argument("--config", help="YAML config whose data section says how to read the data, as for train; "
                                     "the flags below override it")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip and count bad lines and files (not UTF-8, malformed JSON, non-text fields, ...) instead of stopping")
-    _add_source_flags(p, template=True)
+    _add_source_flags(p, template=True, max_samples=max_samples)
 
 
 def _version() -> str:
@@ -556,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "broken encoding, too short, too long with --max-length) with their reason "
                                         "to <OUTPUT stem>.rejects.jsonl. "
                                         "The input is never changed.")
-    _add_data_flags(q)
+    _add_data_flags(q, max_samples=False)
     q.add_argument("--output", required=True, help="JSONL file for the kept rows (must not exist unless --overwrite)")
     q.add_argument("--dedupe", default="exact", choices=["exact", "near"],
                    help="exact: identical after clean's fixes; near: also ignoring case and punctuation (default exact)")

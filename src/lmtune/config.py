@@ -77,7 +77,7 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    # Files (jsonl, json, csv, parquet), globs, or "hub:<dataset id>" entries.
+    # Files (jsonl, json, csv, tsv, txt, parquet), globs, or "hub:<dataset id>" entries.
     paths: list[str] = field(default_factory=list)
     # Explicit column names; empty means detect (question/answer, input/output[/context],
     # prompt/response, instruction/input/output).
@@ -93,7 +93,7 @@ class DataConfig:
     # the earlier turns are context).
     train_on_turns: Literal["all", "last"] = "all"
     # CSV separator; empty = read it off the header line (Excel writes ";" under Vietnamese and other regional
-    # settings where the comma is the decimal separator). One character, or "tab".
+    # settings where the comma is the decimal separator; a .tsv file's is the tab). One character, or "tab".
     csv_delimiter: str = ""
     # "auto" = the tokenizer's chat template when it has one, else "plain";
     # "plain" = "Human: {question}\nAssistant:" + " " + answer; "chat" = require a chat template.
@@ -102,7 +102,7 @@ class DataConfig:
     system_prompt: str = ""
     # Samples longer than this are truncated on the answer side (the prompt is never cut silently).
     max_length: int = 512
-    # Train on the first N rows only (0 = all). Useful for quick runs.
+    # Train on the first N rows only (0 = all); how many rows it leaves out is said. Useful for quick runs.
     max_samples: int = 0
     # Validation: a share (< 1) or number (>= 1) of rows held out from `paths`, whole question groups
     # at a time (see split.py), and/or separate files.

@@ -119,3 +119,20 @@ def test_rows_left_out_are_not_checked(tmp_path):
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in QA) + "{not json\n", encoding="utf-8")
     examples, report = load_examples(DataSource([str(data)], max_samples=2))
     assert len(examples) == 2 and report.left_out == len(QA) - 2 + 1
+
+
+def test_inspect_reads_the_rows_training_reads_and_says_what_max_samples_left_out(capsys, tmp_path):
+    rows = [{"question": f"Câu hỏi {i}?", "answer": f"Trả lời {i}."} for i in range(1000)]
+    rows[500]["answer"] = ""  # beyond the limit: neither inspected nor reported
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    code, out, err = run(capsys, "data", "inspect", data, "--max-samples", "48")
+    assert code == 0, err
+    assert out.splitlines()[0] == ("48 of 1,000 rows read from 1 file(s) (data.max_samples 48 left out 952, as "
+                                   "training would)")
+    assert "empty or blank answer              0" in out
+    # clean is no reader for training: a config's max_samples does not shorten what it writes, and it says so.
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  max_samples: 48\n", encoding="utf-8")
+    code, out, err = run(capsys, "data", "clean", data, "--config", config, "--output", tmp_path / "c.jsonl")
+    assert code == 0 and "clean cleans every row" in err
+    assert len(read_jsonl(tmp_path / "c.jsonl")) == 999

@@ -40,10 +40,11 @@ from .readers import (
     DELIMITED_SUFFIXES,
     Example,
     Row,
+    RowsUpToMaxSamples,
     byte_order_mark,
     check_not_an_input,
-    iter_rows,
     resolve_paths,
+    usable,
     wrapped_rows,
 )
 from .source import DataSource
@@ -122,6 +123,9 @@ class TokenStats:
 class InspectReport:
     files: list[FileInfo]
     rows_read: int = 0
+    # With max_samples (data.max_samples): the rows after the first max_samples usable ones, counted, not inspected.
+    max_samples: int = 0
+    left_out: int = 0
     invalid: Finding = field(default_factory=Finding)
     findings: dict[str, Finding] = field(default_factory=lambda: {name: Finding() for name in CHECKS})
     conflicting_questions: int = 0
@@ -327,8 +331,8 @@ def inspect_data(
     max_length: int = 512,
 ) -> InspectReport:
     """Read the data once, as `source` says (a DataSource, or paths read with every setting detected), and run every
-    check; token statistics, with the source's template, only when a model is given. Every row is inspected, also
-    those a max_samples would leave out of training."""
+    check; token statistics, with the source's template, only when a model is given. With max_samples, the rows
+    training would read: the rows after them are counted (report.left_out), as training counts them."""
     source = DataSource.of(source)
     invalid: list[DataError] = []
     files = resolve_paths(source.paths, invalid.append if skip_invalid else None)
@@ -336,15 +340,18 @@ def inspect_data(
     inspector = Inspector(files, tokens)
     for error in invalid:
         inspector.invalid(error)
-    rows = iter_rows(files, source, inspector.invalid if skip_invalid else None)
+    limited = RowsUpToMaxSamples(files, source, inspector.invalid if skip_invalid else None)
+    rows = iter(limited)
     if tokens:  # tokenizing is the slow part: show progress on a terminal
         from tqdm import tqdm
 
         rows = tqdm(rows, desc="tokenizing", unit=" rows", disable=None)
     for row in rows:
+        limited.used += usable(row)
         inspector.add(row)
     if inspector.report.rows_read == 0:
         raise DataError(f"{', '.join(files)}: no rows found")
+    inspector.report.max_samples, inspector.report.left_out = source.max_samples, limited.left_out
     return inspector.finish()
 
 
@@ -413,7 +420,9 @@ def _length_advice(tokens: TokenStats) -> str:
 
 
 def format_report(report: InspectReport) -> str:
-    out = [f"{_n(report.rows_read, 'row')} read from {len(report.files)} file(s)"]
+    out = [f"{_n(report.rows_read, 'row')} read from {len(report.files)} file(s)" if not report.left_out else
+           f"{report.rows_read:,} of {report.rows_read + report.left_out:,} rows read from {len(report.files)} file(s) "
+           f"(data.max_samples {report.max_samples:,} left out {report.left_out:,}, as training would)"]
     for info in report.files:
         columns = ", ".join(f"{role}={name}" for role, name in info.columns.items()) or "none detected"
         out.append(f"  {info.path}: {info.format}, {_n(info.rows, 'row')}, columns {columns}")

@@ -680,6 +680,39 @@ def iter_rows(files: Iterable[str], source: DataSource | None = None, on_invalid
             yield row
 
 
+class RowsUpToMaxSamples:
+    """The rows of `files` read as `source` says, until the caller has `used` max_samples of them (the rows with a
+    question and an answer: what training trains on); the rows after those are only counted (`left_out`), bad ones
+    included, since nothing reads them. Training and `data inspect` both stop here, so both see the same rows."""
+
+    def __init__(self, files: list[str], source: DataSource, on_invalid: OnInvalid = None):
+        self.files, self.source, self.on_invalid = files, source, on_invalid
+        self.used = self.left_out = 0
+
+    @property
+    def full(self) -> bool:
+        return bool(self.source.max_samples) and self.used >= self.source.max_samples
+
+    def _invalid(self, error: DataError) -> None:
+        if self.full:
+            self.left_out += 1
+        else:
+            _invalid(error, self.on_invalid)
+
+    def __iter__(self) -> Iterator[Row]:
+        for row in iter_rows(self.files, self.source, self._invalid):
+            if self.full:
+                self.left_out += 1
+                continue
+            yield row
+
+
+def usable(row: Row) -> bool:
+    """Whether training gets an example from the row: a conversation (read checked it), or a pair whose question
+    and answer are not empty after normalising."""
+    return row.messages is not None or bool(nfc(row.question).strip() and nfc(row.answer).strip())
+
+
 def load_examples(source: DataSource | Iterable[str], on_invalid: OnInvalid = None) -> tuple[list[Example], LoadReport]:
     """Read every file of `source` (a DataSource, or paths read with every setting detected), detect (or use the
     given) columns, and return the usable examples.
@@ -693,18 +726,9 @@ def load_examples(source: DataSource | Iterable[str], on_invalid: OnInvalid = No
     source = DataSource.of(source)
     report = LoadReport(files=resolve_paths(source.paths, on_invalid), max_samples=source.max_samples)
     examples: list[Example] = []
-    full = False
-
-    def invalid(error: DataError) -> None:
-        if full:  # a bad row among those left out: counted with them, it would not be trained on anyway
-            report.left_out += 1
-        else:
-            _invalid(error, on_invalid)
-
-    for row in iter_rows(report.files, source, invalid):
-        if full:
-            report.left_out += 1
-            continue
+    rows = RowsUpToMaxSamples(report.files, source, on_invalid)
+    for row in rows:
+        rows.used += usable(row)
         report.rows_read += 1
         if row.messages is not None:
             messages = [{"role": m["role"], "content": nfc(m["content"]).strip()} for m in row.messages]
@@ -721,7 +745,7 @@ def load_examples(source: DataSource | Iterable[str], on_invalid: OnInvalid = No
                 report.skipped_empty += 1
                 continue
             examples.append(Example(question, answer, context, row.where))
-        full = bool(source.max_samples) and len(examples) >= source.max_samples
+    report.left_out = rows.left_out
     if report.rows_read == 0:
         raise DataError(f"{', '.join(report.files)}: no rows found (empty file?)")
     if not examples:
