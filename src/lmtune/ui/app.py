@@ -36,7 +36,7 @@ from ..webguard import HostCheck, HostGuard, key_matches, person_message, server
 from .requests import QUANTS
 from .routes import chat, data, export, files, runs
 from .texts import TEXTS, text
-from .workspace import LANG_COOKIE, MAX_UPLOADS_BYTES, UserError, Workspace, language
+from .workspace import LANG_COOKIE, MAX_UPLOADS_BYTES, UserError, Workspace, language, error_body
 
 STATIC = Path(__file__).parent / "static"
 TOKEN_COOKIE = "lmtune_ui_token"
@@ -47,7 +47,8 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 FIELD_LABELS = {"max_length": "max_length", "max_new_tokens": "max_new_tokens", "epochs": "epochs",
                 "learning_rate": "learning_rate", "r": "rank", "val_size": "val_size", "max_samples": "max_samples",
                 "model": "model", "name": "run_name", "preset": "preset", "quant": "quant", "dedupe": "dedupe",
-                "messages": "question", "run": "run", "paths": "datasets"}
+                "messages": "question", "run": "run", "paths": "datasets", "question_field": "question_field",
+                "answer_field": "answer_field", "messages_field": "messages_field", "csv_delimiter": "csv_delimiter"}
 # pydantic's error types -> (texts.py key of what the value must be, the context value it names).
 PROBLEMS = {"int_parsing": "p_int", "int_type": "p_int", "int_from_float": "p_int", "float_parsing": "p_number",
             "float_type": "p_number", "string_type": "p_text", "list_type": "p_list", "bool_parsing": "p_bool",
@@ -137,11 +138,11 @@ def create_app(workdir: str | Path, token: str | None = None, host: str = "127.0
 
     @app.exception_handler(LmtuneError)
     async def lmtune_error(request: Request, e: LmtuneError):
-        return JSONResponse({"error": person_message(e)}, 400)
+        return JSONResponse(error_body(language(request), e), 400)
 
     @app.exception_handler(ConfigError)
     async def config_error(request: Request, e: ConfigError):
-        return JSONResponse({"error": person_message(e)}, 400)
+        return JSONResponse(error_body(language(request), e), 400)
 
     @app.exception_handler(Exception)
     async def other_error(request: Request, e: Exception):

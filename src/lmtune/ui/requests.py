@@ -13,6 +13,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_NEW_TOKENS = 4096  # more than any model of the UI's size answers in one go; a bound against a typo's hour-long wait
+SOURCE_FIELDS = ("question_field", "answer_field", "messages_field", "csv_delimiter")
 QUANTS = ("q8_0", "f16", "f32", "bf16", "q4_k_m", "q5_k_m", "q6_k")
 
 
@@ -22,6 +23,16 @@ class _Body(BaseModel):
 
 class DataRequest(_Body):
     paths: list[str] = Field(default_factory=list)
+    # Columns and separator picked on the page, as train's data.question_field, data.answer_field,
+    # data.messages_field and data.csv_delimiter (empty: detected).
+    question_field: str = ""
+    answer_field: str = ""
+    messages_field: str = ""
+    csv_delimiter: str = ""
+
+    def source_settings(self) -> dict[str, str]:
+        """The settings given, as config keys: what `lmtune train` gets as flags and the readers as a DataSource."""
+        return {f"data.{name}": getattr(self, name).strip() for name in SOURCE_FIELDS if getattr(self, name).strip()}
 
 
 class InspectRequest(DataRequest):
@@ -72,3 +83,7 @@ class EvaluateRequest(RunRequest):
 
 class ExportRequest(RunRequest):
     quant: Literal[QUANTS] = "q8_0"
+
+
+class FileRequest(_Body):
+    path: str

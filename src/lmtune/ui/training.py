@@ -30,6 +30,7 @@ from ..training.checkpoints import complete_checkpoints, partial_dir
 EXIT_INTERRUPTED = 130  # what `lmtune train` returns after a graceful stop (cli.EXIT_INTERRUPTED)
 _TOKENS = re.compile(r"^data: .*?(\d+) samples, (\d+) tokens")
 _STEPS = re.compile(r"^training: (\d+) optimizer steps")
+_CONSOLE_SPEED = re.compile(r"^step \d+/\d+: .*\btok/s ([\d,]+)")  # training.console's plain progress line
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _BAR = re.compile(r"^.{0,60}?\s*\d+%\|")  # a tqdm progress bar: "tokenizing:  40%|████      | 4/10 [...]"
 
@@ -219,7 +220,7 @@ class TrainingRuns:
                   "console": console[-14:], "resumable": False, "error": None}
         if alive:
             status["elapsed"] = time.time() - self._started
-            status.update(self._speed(losses, tokens, total))
+            status.update(self._speed(losses, tokens, total, console))
             if self._stop_requested:
                 status["state"] = "stopping"
             elif any(line.startswith(("saved adapter to", "saved model to")) for line in console):
@@ -227,6 +228,12 @@ class TrainingRuns:
             else:
                 status["state"] = "running" if losses or total else "starting"
             return status
+        if current and self._process is not None:
+            # how long it ran: until its last line (its console log's last write), as "Elapsed" showed while it ran
+            try:
+                status["elapsed"] = max(0.0, run.console_log.stat().st_mtime - self._started)
+            except OSError:
+                pass
         code = self._process.returncode if current and self._process is not None else None
         if run.finished and code in (None, 0):
             status["state"] = "finished"
@@ -238,7 +245,7 @@ class TrainingRuns:
             status["error"] = "\n".join(errors) if errors else (console[-1] if console else f"lmtune train exited with {code}")
         return status
 
-    def _speed(self, losses: list[dict], tokens: int | None, total: int | None) -> dict:
+    def _speed(self, losses: list[dict], tokens: int | None, total: int | None, console: list[str] = ()) -> dict:
         """Steps and tokens per second over the entries this process logged, and the time left at that pace."""
         since = [e for e in losses if _seconds(e["time"]) >= int(self._started)]
         if len(since) < 2:
@@ -251,6 +258,11 @@ class TrainingRuns:
         last = since[-1]
         if tokens and last.get("epoch"):  # tokens of one epoch x epochs done per step
             speed["tokens_per_s"] = per_second * tokens * last["epoch"] / last["step"]
+        # The figure the console prints (tokens seen per second of training, training.console) wins when there is
+        # one, so that the page and the terminal never show two speeds for one run.
+        shown = [m.group(1) for line in console if (m := _CONSOLE_SPEED.match(line))]
+        if shown:
+            speed["tokens_per_s"] = float(shown[-1].replace(",", ""))
         if total and per_second > 0:
             speed["eta_s"] = (total - last["step"]) / per_second
         return speed

@@ -19,6 +19,7 @@ from fastapi import Request
 
 from ..bundled import HELDOUT_DATA, TRAIN_DATA, bundled_path, config_files
 from ..config import ConfigError, load_config
+from ..data.source import DataSource
 from ..errors import LmtuneError, ModelError
 from ..model import PACKAGE_PREFIX, resolve_source
 from ..processes import unregister_cpu_user
@@ -48,6 +49,15 @@ def language(request: Request) -> str:
                            request.headers.get("x-lmtune-lang") or request.cookies.get(LANG_COOKIE))
 
 
+def error_body(lang: str, error: BaseException) -> dict:
+    """{"error": the CLI's line for an error}, and a "hint" in the page's language when that line advises a flag
+    the page has a field for (--question-field, ...): where the field is on the page."""
+    body = {"error": person_message(error)}
+    if any(f"--{flag}" in body["error"] for flag in ("question-field", "answer-field", "messages-field", "csv-delimiter")):
+        body["hint"] = text(lang, "columns_hint")
+    return body
+
+
 class Tasks:
     """Slow actions (estimate, evaluate, merge, export) run in a thread each; the page polls their state, so a
     reload or another tab finds them. One task of each kind at a time."""
@@ -73,7 +83,7 @@ class Tasks:
             except Exception as e:  # noqa: BLE001 - shown in the page as one line; the traceback goes to the console
                 if not isinstance(e, (LmtuneError, ConfigError)):
                     traceback.print_exc()
-                task["error"], task["state"] = person_message(e), "failed"
+                task.update(error_body(language, e), state="failed")
             finally:  # idle again: a training started next gets every core (processes.configure_cpu_threads)
                 unregister_cpu_user()
 
@@ -169,6 +179,11 @@ class Workspace:
         if not found:
             raise UserError("no_data_selected")
         return found
+
+    def source(self, body) -> DataSource:
+        """The DataSource a data request names: the files it may name, read with the columns picked on the page."""
+        settings = {key.removeprefix("data."): value for key, value in body.source_settings().items()}
+        return DataSource(paths=tuple(self.data_paths(body.paths)), **settings)
 
     def uploads_size(self) -> int:
         return sum(p.stat().st_size for p in self.folders["uploads"].iterdir() if p.is_file())

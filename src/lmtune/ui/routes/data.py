@@ -47,8 +47,7 @@ async def upload(request: Request, name: str, ws: Ws):
 def inspect(body: InspectRequest, ws: Ws):
     from ...data.inspect import inspect_data
 
-    paths = ws.data_paths(body.paths)
-    report = inspect_data(paths, model=ws.model(body.model), max_length=body.max_length)
+    report = inspect_data(ws.source(body), model=ws.model(body.model), max_length=body.max_length)
     return report.to_dict()
 
 
@@ -56,10 +55,10 @@ def inspect(body: InspectRequest, ws: Ws):
 def clean(body: CleanRequest, ws: Ws):
     from ...data.clean import clean_data
 
-    paths = ws.data_paths(body.paths)
-    stem = "+".join(Path(p).stem for p in paths)[:80]
+    source = ws.source(body)
+    stem = "+".join(Path(p).stem for p in source.paths)[:80]
     output = ws.folders["clean"] / f"{safe_name(stem)}.clean.jsonl"
-    report = clean_data(paths, str(output), dedupe=body.dedupe, overwrite=True)
+    report = clean_data(source, str(output), dedupe=body.dedupe, overwrite=True)
     rejects = []
     with open(report.rejects, encoding="utf-8") as f:
         for line in f:

@@ -18,7 +18,9 @@ router = APIRouter()
 Ws = Annotated[Workspace, Depends(workspace)]
 # The form's settings and the `lmtune train` flags that set them.
 FLAGS = {"model.name_or_path": "--model", "train.epochs": "--epochs", "train.learning_rate": "--learning-rate",
-         "lora.r": "--lora.r", "data.val_size": "--val-size", "data.max_samples": "--max-samples"}
+         "lora.r": "--lora.r", "data.val_size": "--val-size", "data.max_samples": "--max-samples",
+         "data.question_field": "--data.question_field", "data.answer_field": "--data.answer_field",
+         "data.messages_field": "--data.messages_field", "data.csv_delimiter": "--data.csv_delimiter"}
 
 
 def training_settings(form: TrainForm, ws: Workspace) -> tuple[str, list[str], object]:
@@ -29,7 +31,7 @@ def training_settings(form: TrainForm, ws: Workspace) -> tuple[str, list[str], o
     paths = ws.data_paths(form.paths)
     settings = {"model.name_or_path": ws.model(form.model), "train.epochs": form.epochs,
                 "train.learning_rate": form.learning_rate, "lora.r": form.r, "data.val_size": form.val_size,
-                "data.max_samples": form.max_samples}
+                "data.max_samples": form.max_samples, **form.source_settings()}
     # Whole numbers stay whole (--epochs 30, not 30.0), as the page's inputs hold them and the command line reads them.
     settings = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in settings.items()
                 if v not in (None, "")}

@@ -73,12 +73,19 @@ async function api(method, url, body) {
   });
   let data = null;
   try { data = await response.json(); } catch (e) { data = {error: "HTTP " + response.status}; }
-  if (!response.ok) throw new Error((data && data.error) || "HTTP " + response.status);
+  if (!response.ok) throw new Error(withHint(data) || "HTTP " + response.status);
   return data;
+}
+
+// The CLI's line, and where the page has the field it advises (the server's hint, in the page's language).
+function withHint(data) {
+  return data && data.error ? data.error + (data.hint ? "\n" + data.hint : "") : "";
 }
 
 function showError(message) {
   $("error-text").textContent = message;
+  // which refusal it is, when it is the "a training is already running" one: it goes when that training ends
+  $("error-text").dataset.key = message.startsWith(t("train_running").split("(")[0]) ? "train_running" : "";
   $("error").classList.remove("hidden");
 }
 
@@ -102,7 +109,7 @@ async function pollTask(kind, where, task) {
     task = await api("GET", "/api/task/" + kind);
   }
   if (where) where.textContent = "";
-  if (task.state === "failed") throw new Error(task.error);
+  if (task.state === "failed") throw new Error(withHint(task));
   return task.result;
 }
 
@@ -119,6 +126,14 @@ function showTab(name) {
 
 function saveSelection() { localStorage.setItem("lmtune.selected", JSON.stringify([...S.selected])); }
 
+// The columns and separator picked on the Data page (empty: detected), as train's data.* settings.
+const SOURCE_FIELDS = {question_field: "field-question", answer_field: "field-answer",
+                       messages_field: "field-messages", csv_delimiter: "field-delimiter"};
+
+function sourceFields() {
+  return Object.fromEntries(Object.entries(SOURCE_FIELDS).map(([key, id]) => [key, $(id).value.trim()]));
+}
+
 function renderDatasets() {
   const known = new Set(S.datasets.map((d) => d.path));
   for (const p of [...S.selected]) if (!known.has(p)) S.selected.delete(p);
@@ -133,7 +148,9 @@ function renderDatasets() {
       saveSelection(); renderTrainData();
     });
     const label = d.bundled ? t("use_bundled") : d.name;
-    return el("label", {class: "dataset"}, input, " ", label);
+    const remove = d.bundled ? "" : el("button", {type: "button", class: "remove-file", title: t("remove_file"),
+      "aria-label": t("remove_file") + ": " + d.name, onclick: () => removeFile(d.path)}, "×");
+    return el("div", {class: "dataset"}, el("label", {}, input, " ", label), " ", remove);
   }));
   renderTrainData();
 }
@@ -150,7 +167,7 @@ async function upload(files) {
       const response = await fetch("/api/upload?name=" + encodeURIComponent(file.name), {
         method: "POST", headers: headers(), body: file});
       const data = await response.json();
-      if (!response.ok) throw new Error(data.error);
+      if (!response.ok) throw new Error(withHint(data));
       added.push(data.path);
     }
     await refreshState();
@@ -161,13 +178,23 @@ async function upload(files) {
   $("upload").value = "";
 }
 
+async function removeFile(path) {
+  await guarded(async () => {
+    await api("POST", "/api/files/remove", {path});
+    S.selected.delete(path);
+    await refreshState();
+    renderDatasets(); renderEvalData();
+  });
+}
+
 async function inspect() {
   S.inspect = null;
   renderInspect();
   $("inspect-report").textContent = t("working");
   await guarded(async () => {
-    S.inspect = await api("POST", "/api/inspect", {
-      paths: [...S.selected], model: $("inspect-model").value, max_length: Number($("inspect-max-length").value)});
+    S.inspect = await api("POST", "/api/inspect", Object.assign({
+      paths: [...S.selected], model: $("inspect-model").value, max_length: Number($("inspect-max-length").value)},
+      sourceFields()));
   });
   renderInspect();
 }
@@ -258,7 +285,8 @@ function renderInspect() {
 
 async function clean() {
   await guarded(async () => {
-    S.clean = await api("POST", "/api/clean", {paths: [...S.selected], dedupe: $("dedupe").value});
+    S.clean = await api("POST", "/api/clean", Object.assign({paths: [...S.selected], dedupe: $("dedupe").value},
+                                                            sourceFields()));
     await refreshState();
     S.selected = new Set([S.clean.output]);
     renderDatasets();
@@ -272,9 +300,12 @@ function renderClean() {
   const dropped = Object.values(c.dropped).reduce((a, b) => a + b, 0);
   const parts = [el("p", {id: "clean-summary"}, t("clean_done", {kept: c.kept, rows: c.rows_read, output: c.output.split("/").pop(), dropped}))];
   if (c.rejects.length) {
-    const table = el("table", {class: "list", id: "rejects"}, el("tr", {}, el("th", {}, t("reason")), el("th", {}, t("where")), el("th", {}, "")));
+    const table = el("table", {class: "list", id: "rejects"},
+      el("tr", {}, el("th", {}, t("reason")), el("th", {}, t("where")), el("th", {}, t("row_col"))));
     for (const r of c.rejects) {
-      table.append(el("tr", {}, el("td", {}, r.reason), el("td", {}, r.where || ""),
+      const word = t("rsn_" + r.reason);
+      table.append(el("tr", {}, el("td", {"data-reason": r.reason}, word === "rsn_" + r.reason ? r.reason : word),
+        el("td", {}, r.where || ""),
         el("td", {}, r.detail || r.error || JSON.stringify(r.row || {}).slice(0, 160))));
     }
     parts.push(el("h4", {}, t("rejects")), table);
@@ -329,7 +360,8 @@ function restoreForm() {
 function trainForm() {
   return {preset: $("train-preset").value, model: $("train-model").value, epochs: $("train-epochs").value,
           learning_rate: $("train-lr").value, r: $("train-r").value, val_size: $("train-val").value,
-          max_samples: $("train-max-samples").value, name: $("train-name").value, paths: [...S.selected]};
+          max_samples: $("train-max-samples").value, name: $("train-name").value, paths: [...S.selected],
+          ...sourceFields()};
 }
 
 async function estimate() {
@@ -380,7 +412,10 @@ async function pollStatus() {
     while (true) {
       try { S.status = await api("GET", "/api/train/status"); } catch (e) { /* the server restarts: try again */ }
       renderStatus();
-      if (!S.status || !ACTIVE.has(S.status.state)) break;
+      if (!S.status || !ACTIVE.has(S.status.state)) {
+        if ($("error-text").dataset.key === "train_running") clearError();  // that training has ended
+        break;
+      }
       await new Promise((r) => setTimeout(r, 1000));
     }
   } finally {
