@@ -393,7 +393,8 @@ def test_a_non_streaming_client_that_gave_up_frees_its_row(tiny_llama_dir):
                            "max_tokens": 480, "temperature": 0}).encode()
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as connection:
-            connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + f"{host}:{port}".encode()
+                               + b"\r\nContent-Type: application/json\r\n"
                                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             deadline = time.monotonic() + 30
             while not worker.busy_rows:

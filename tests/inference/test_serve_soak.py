@@ -62,7 +62,8 @@ def _chat(question: str, max_tokens: int, stream: bool) -> bytes:
 def _abandon(host: str, port: int, body: bytes, after_bytes: int) -> None:
     """Send a request, read a little of the answer (or nothing), and close the connection: a client that left."""
     with socket.create_connection((host, port), timeout=60) as connection:
-        connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + f"{host}:{port}".encode()
+                           + b"\r\nContent-Type: application/json\r\n"
                            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         received = b""
         while len(received) < after_bytes:

@@ -61,13 +61,15 @@ PROBLEMS = {"int_parsing": "p_int", "int_type": "p_int", "int_from_float": "p_in
 def field_label(lang: str, path: list[str]) -> str:
     """A field as the page labels it, with its name in the request: 'Max length (tokens) (max_length)'."""
     field = ".".join(path) or "body"
-    named = next((p for p in path if p in FIELD_LABELS), None)
+    named = None if path[:1] == ["query"] else next((p for p in path if p in FIELD_LABELS), None)  # body fields only
     return f"{text(lang, FIELD_LABELS[named])} ({field})" if named else field
 
 
 def field_problem(lang: str, error: dict) -> str:
     """One pydantic error as the page says it: '<label> (<field>): <what it must be>'."""
-    label = field_label(lang, [str(part) for part in error.get("loc", ()) if part != "body"])
+    # a body that is not JSON at all is located at a character offset, not at a field: name the body
+    path = [] if error.get("type") == "json_invalid" else [str(part) for part in error.get("loc", ()) if part != "body"]
+    label = field_label(lang, path)
     key = PROBLEMS.get(error.get("type", ""))
     if key is None:
         return f"{label}: {error.get('msg', 'invalid value')}"
