@@ -136,3 +136,50 @@ def test_smollm2_trained_on_conversations_answers_the_follow_up_through_serve(sm
     # Each follow-up answered about its own topic: the three references differ, so ignoring the history fails.
     for text, (_, _, expected) in zip(answers, CONVERSATIONS):
         assert chrf([text], [expected]) >= 70, answers
+
+
+def _preference_pairs(n: int) -> list[dict]:
+    """The first bundled preference pairs whose rejected answer is English: the failure a base model trained mostly on
+    English is most drawn to."""
+    from lmtune.bundled import PREFERENCE_DATA, bundled_path
+
+    rows = [json.loads(line) for line in bundled_path(PREFERENCE_DATA).read_text(encoding="utf-8").splitlines()]
+    english = [r for r in rows if sum(ch.isascii() for ch in r["rejected"]) > 0.97 * len(r["rejected"])]
+    return english[:n]
+
+
+def _margins(model_dir: str, pairs: list[dict]):
+    """Per pair, log p(chosen) - log p(rejected) per answer token, as the merged model at model_dir sees them."""
+    import torch
+
+    from lmtune.data.preferences import PreferenceCollator, read_preference, tokenize_preferences
+    from lmtune.training.methods.preference import answer_logps
+
+    loaded = load_for_inference(model_dir, dtype="float32")
+    samples, _ = tokenize_preferences([read_preference(p, "pair") for p in pairs], loaded.tokenizer, loaded.template, 512)
+    batch = PreferenceCollator(loaded.tokenizer)(samples)
+    with torch.no_grad():
+        sums, counts = answer_logps(loaded.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    per_token = (sums / counts).view(2, -1)
+    return per_token[0] - per_token[1]
+
+
+def test_smollm2_dpo_after_sft_prefers_the_chosen_answers(smollm2, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in PAIRS), encoding="utf-8")
+    _train_until_learned(smollm2, data, tmp_path / "sft", epochs=12, batch_size=4)
+    pairs = _preference_pairs(8)
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    config = build_config(overrides={
+        "model.name_or_path": smollm2, "data.paths": [str(prefs)], "train.output_dir": str(tmp_path / "dpo"),
+        "train.method": "dpo", "train.init_adapter": str(tmp_path / "sft"), "train.epochs": 3, "train.batch_size": 4,
+        "train.grad_accum": 1, "train.learning_rate": 2e-4, "train.warmup_steps": 0})
+    result = train(config, log=lambda _: None)
+    assert [e for e in result.log if "rewards/accuracy" in e][-1]["rewards/accuracy"] > 0.5
+    merge(str(tmp_path / "sft"), str(tmp_path / "sft-merged"), log=lambda _: None)
+    merge(str(tmp_path / "dpo"), str(tmp_path / "dpo-merged"), log=lambda _: None)
+    before, after = _margins(str(tmp_path / "sft-merged"), pairs), _margins(str(tmp_path / "dpo-merged"), pairs)
+    # DPO's reward accuracy against the SFT model: every chosen answer gained on its rejected one
+    assert bool((after > before).all()), (before, after)
+    assert float(after.mean()) > float(before.mean()) + 0.05, (before, after)  # by more than a rounding difference

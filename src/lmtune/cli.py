@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
+import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .config import (
@@ -344,6 +347,8 @@ def cmd_data_inspect(args, extra) -> int:
 
     _check_max_length(args)
     source, config = _data_source(args, args.paths)
+    if _is_preference_data(source):
+        return _inspect_preferences(args, source)
     report = inspect_data(source, skip_invalid=args.skip_invalid, model=args.model or "",
                           max_length=config.data.max_length if args.max_length is None else args.max_length)
     if args.json == "-":
@@ -352,6 +357,39 @@ def cmd_data_inspect(args, extra) -> int:
     print(format_report(report))
     if args.json:
         write_json_report(report, args.json, [info.path for info in report.files])
+        print(f"report written to {args.json}")
+    return 0
+
+
+def _is_preference_data(source) -> bool:
+    from .data.preferences import preference_layout
+    from .data.readers import iter_records, resolve_paths
+
+    for _, record in iter_records(resolve_paths(list(source.paths))[0], csv_delimiter=source.csv_delimiter):
+        return isinstance(record, dict) and preference_layout(record) is not None
+    return False
+
+
+def _inspect_preferences(args, source) -> int:
+    """data inspect on preference data (data/preference_checks.py)."""
+    from .data.preference_checks import PROBLEMS, format_preference_report, inspect_preferences
+
+    tokenizer = None
+    if args.model:
+        from .model import load_tokenizer, resolve_source
+
+        tokenizer = load_tokenizer(resolve_source(args.model))
+    report = inspect_preferences(list(source.paths), tokenizer, source.csv_delimiter)
+    figures = {"files": report.files, "rows": len(report.rows), "unit": report.unit,
+               "lengths": {k: {"median": statistics.median(v), "max": max(v)} for k, v in report.lengths.items()},
+               "problems": [{"where": r.where, "problem": r.problem, "reason": PROBLEMS[r.problem], "detail": r.detail}
+                            for r in report.problems]}
+    if args.json == "-":
+        print(json.dumps(figures, ensure_ascii=False, indent=2))
+        return 0
+    print(format_preference_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, ensure_ascii=False, indent=2), encoding="utf-8")
         print(f"report written to {args.json}")
     return 0
 
@@ -376,6 +414,11 @@ def cmd_data_clean(args, extra) -> int:
         raise ConfigError(problems)
     _check_max_length(args)
     source, _ = _data_source(args, args.paths)
+    if _is_preference_data(source):
+        from .data.preference_checks import clean_preferences
+
+        print(clean_preferences(list(source.paths), args.output, args.overwrite, source.csv_delimiter))
+        return 0
     if source.max_samples:  # from --config: a setting of training, not of what clean keeps
         print(f"note: data.max_samples {source.max_samples:,} (from --config) limits what train reads; clean cleans "
               "every row", file=sys.stderr)

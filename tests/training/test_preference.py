@@ -311,3 +311,27 @@ def test_quickstart_with_a_preference_method_runs_sft_then_dpo_and_compares_them
     manifest = json.loads((tmp_path / "q" / "adapter" / "lmtune_manifest.json").read_text())
     assert manifest["method"]["init_adapter"] == str(tmp_path / "q" / "sft-adapter")
     assert (tmp_path / "q" / "merged" / "config.json").is_file() and "reward accuracy % (vs base)" in out
+
+
+def test_data_inspect_and_clean_name_each_problem_of_a_preference_file(tmp_path, capsys):
+    rows = [PAIRS[0],
+            {"prompt": "Q1?", "chosen": "Giống nhau.", "rejected": "Giống nhau."},
+            {"prompt": "Q2?", "chosen": "Câu  trả lời.", "rejected": "Câu trả lời.\n"},
+            {"prompt": "Học máy là gì?", "chosen": "Machine learning is a kind of thing.", "rejected": "Sai."},
+            {"prompt": "Q3?", "chosen": "", "rejected": "Sai."},
+            PAIRS[0]]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    code, out, err = run(capsys, "data", "inspect", path)
+    assert code == 0, err
+    assert "p.jsonl:2: chosen and rejected are the same" in out
+    assert "p.jsonl:3: chosen and rejected differ only in spaces or line breaks" in out
+    assert "p.jsonl:1: the rejected answer is another row's chosen answer (chosen at " in out and "p.jsonl:4)" in out
+    assert "p.jsonl:5: row cannot be read (field 'chosen' is empty)" in out
+    assert "p.jsonl:6: the same row again (as " in out
+    assert "chosen length (characters): median" in out
+    code, out, err = run(capsys, "data", "clean", path, "--output", tmp_path / "clean.jsonl")
+    assert code == 0, err
+    kept = [json.loads(line) for line in (tmp_path / "clean.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in (tmp_path / "clean.rejects.jsonl").read_text().splitlines()]
+    assert len(kept) + len(rejects) == len(rows) and len(rejects) == 5
+    assert load_preferences([str(tmp_path / "clean.jsonl")])[0]  # what clean keeps trains
