@@ -24,7 +24,7 @@ from pathlib import Path
 from lmtune.config import GenerateConfig
 from lmtune.inference.batching import run_batch
 from lmtune.inference.chat import answer_row
-from lmtune.inference.decode import decode, greedy
+from lmtune.decoding import decode, greedy
 from lmtune.inference.load import inference_autocast, load_for_inference, padding_id
 from lmtune.model import apply_adapter, base_model_of_adapter, configure_cpu_threads
 

@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from lmtune.inference.decode import decode, greedy
+from lmtune.decoding import decode, greedy
 from lmtune.inference.load import inference_autocast, load_for_inference, padding_id
 from lmtune.model import configure_cpu_threads
 

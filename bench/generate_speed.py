@@ -7,7 +7,7 @@ Prints, in this order:
   * the bound for single-stream decoding: every weight is read once per token, so
     bound = bandwidth / bytes of weights, in the precision lmtune loads by default on this machine (bf16, 2 bytes
     per parameter, on a CPU with native bf16; fp32, 4 bytes, on one without; a tied embedding counted once);
-  * how long the compiled one-token step took to compile (inference/compiled_decode.py; Inductor's disk cache
+  * how long the compiled one-token step took to compile (lmtune/decoding.py; Inductor's disk cache
     makes a second run's compile short);
   * single-stream greedy tokens/s, alternating and repeated (median): transformers' `generate()` on the default
     weights, lmtune's eager decode loop on the default weights and on the other precision, and the compiled step
@@ -34,8 +34,8 @@ import torch
 
 from lmtune.config import GenerateConfig
 from lmtune.inference.batching import context_length
-from lmtune.inference.compiled_decode import CompiledDecoder, weight_bytes
-from lmtune.inference.decode import decode, greedy
+from lmtune.compiling import weight_bytes
+from lmtune.decoding import CompiledDecoder, decode, greedy
 from lmtune.inference.generate import generate_batch
 from lmtune.inference.load import (
     LoadedModel,

@@ -131,14 +131,15 @@ def tokenizer_for(shape: Shape, shared_bpe):
 
 
 def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, compile_layers: bool | None = None):
-    """compile_layers None: what train.compile "auto" decides for a long run of this model (compiled.decide)."""
+    """compile_layers None: what train.compile "auto" decides for a long run of this model (compiling.decide_training)."""
     from lmtune.bundled import bundled_path
     from lmtune.config import load_config
     from lmtune.data.readers import Example
     from lmtune.data.template import PromptTemplate
     from lmtune.data.tokenize import tokenize_examples
     from lmtune.model import add_lora, choose_precision, configure_cpu_threads, frozen_weights_dtype, use_fused_gelu
-    from lmtune.training.compiled import compiled_layers, decide
+    from lmtune.compiling import decide_training
+    from lmtune.training.compiled import compiled_layers
     from lmtune.training.train import build_trainer
 
     overrides = {"train.max_steps": steps, "model.dtype": dtype, "train.logging_steps": 1,
@@ -159,8 +160,9 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, c
     trainer = build_trainer(config, model, tok, samples, precision, Path(scratch), [timer])
     trainer.args.disable_tqdm = True
     if compile_layers is None:
-        compile_layers, _ = decide("auto", device="cpu", processes=1, method_blocker=None, quantized=False,
-                                   checkpointing=False, causal_lm=model.get_base_model(), tokens=float("inf"))
+        compile_layers, _ = decide_training("auto", device="cpu", processes=1, method_blocker=None, quantized=False,
+                                            checkpointing=False, causal_lm=model.get_base_model(),
+                                            tokens=float("inf"))
     with compiled_layers(model.get_base_model(), compile_layers, strict=True):
         run_trainer(trainer, timer)
     return timer, samples, report, model.get_base_model().config

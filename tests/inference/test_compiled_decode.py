@@ -4,19 +4,19 @@ matmuls really decomposed (the lever), used for single answers only, and chosen 
 import pytest
 import torch
 
-from lmtune import cli
+from lmtune import cli, compiling
 from lmtune.errors import ModelError
+from lmtune.decoding import CompiledDecoder, decode
 from lmtune.inference import compiled_decode
 from lmtune.inference.batching import context_length
-from lmtune.inference.decode import decode
 from lmtune.inference.generate import generate_batch
 from lmtune.inference.load import inference_autocast, load_for_inference, padding_id
 from lmtune.config import GenerateConfig
-from lmtune.training.compiled import cpp_compiler
 
 from conftest import run
 
-needs_compiler = pytest.mark.skipif(cpp_compiler() is None, reason="torch.compile needs a C++ compiler on a CPU")
+needs_compiler = pytest.mark.skipif(compiling.cpp_compiler() is None,
+                                    reason="torch.compile needs a C++ compiler on a CPU")
 FORCED = [7, 19, 3, 44, 12, 30, 5, 61, 9, 27]  # the tokens both ways are fed, whatever their logits say
 
 
@@ -42,7 +42,7 @@ def compiled_tiny(tiny_llama_dir):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     loaded = load_for_inference(tiny_llama_dir, dtype="bfloat16")
-    decoder = compiled_decode.CompiledDecoder(loaded.model, context_length(loaded), strict=True)
+    decoder = CompiledDecoder(loaded.model, context_length(loaded), strict=True)
     return loaded, decoder
 
 
@@ -93,7 +93,7 @@ def test_single_answers_use_the_compiled_step_and_batches_do_not(compiled_tiny, 
 
 
 def test_buckets_grow_by_four_and_stop_at_the_context():
-    decoder = compiled_decode.CompiledDecoder.__new__(compiled_decode.CompiledDecoder)
+    decoder = CompiledDecoder.__new__(CompiledDecoder)
     decoder.context_length = 8192
     assert [decoder.bucket(n) for n in (1, 512, 513, 2048, 2049, 8192)] == [512, 512, 2048, 2048, 8192, 8192]
     assert decoder.bucket(8193) is None
@@ -107,7 +107,7 @@ def test_auto_compiles_only_where_it_pays_and_can_work(tiny_llama_dir, tiny_bloo
     bloom = load_for_inference(tiny_bloom_dir, dtype="bfloat16")
 
     def decide(loaded, setting="auto", one_answer=False):
-        return compiled_decode.decide(setting, loaded.model, loaded.device, loaded.compute_dtype, one_answer)
+        return compiling.decide_decoding(setting, loaded.model, loaded.device, loaded.compute_dtype, one_answer)
 
     assert decide(bf16, False) == (False, "off (generate.compile false)")
     assert "small enough" in decide(bf16)[1]  # the tiny model's tokens are fast anyway
@@ -121,13 +121,13 @@ def test_auto_compiles_only_where_it_pays_and_can_work(tiny_llama_dir, tiny_bloo
 
     adapted = lora_llama(tiny_llama_dir, torch.bfloat16)
     assert {p.dtype for p in adapted.parameters()} == {torch.bfloat16, torch.float32}
-    assert compiled_decode.decide(True, adapted, "cpu", torch.bfloat16, False) == (True, "on (generate.compile true)")
-    monkeypatch.setattr(compiled_decode, "COMPILE_WORTH_BYTES", 0)
+    assert compiling.decide_decoding(True, adapted, "cpu", torch.bfloat16, False) == (True, "on (generate.compile true)")
+    monkeypatch.setattr(compiling, "COMPILE_WORTH_BYTES", 0)
     assert decide(fp32)[0] and decide(fp32)[1].startswith("on:")  # a CPU without native bf16 decodes in fp32
     assert decide(bf16) == (True, decide(bf16)[1]) and decide(bf16)[1].startswith("on:")
     assert "one answer" in decide(bf16, one_answer=True)[1] and not decide(bf16, one_answer=True)[0]
     assert "bloom" in decide(bloom)[1] and not decide(bloom)[0]
-    monkeypatch.setattr(compiled_decode, "cpp_compiler", lambda: None)
+    monkeypatch.setattr(compiling, "cpp_compiler", lambda: None)
     assert "no C++ compiler" in decide(bf16)[1] and not decide(bf16)[0]
     assert not decide(bf16, True)[0]  # forced: refused with the reason, not a compiler traceback later
 
@@ -146,7 +146,7 @@ def test_compiled_step_on_fp32_weights_gives_the_eager_fp32_logits(tiny_llama_di
     """A CPU without native bf16 decodes in fp32: there the compiled step must give the eager loop's logits to fp32
     rounding (only the summation order of the decomposed matmuls differs)."""
     loaded = load_for_inference(tiny_llama_dir, dtype="float32")
-    decoder = compiled_decode.CompiledDecoder(loaded.model, context_length(loaded), strict=True)
+    decoder = CompiledDecoder(loaded.model, context_length(loaded), strict=True)
     prompt = [1, 40, 41, 42, 43, 44]
     compiled = _logits_of(lambda choose: decoder.decode(prompt, len(FORCED), choose, lambda t: [False]))
     eager = _logits_of(lambda choose: decode(loaded.model, [prompt], padding_id(loaded.tokenizer), len(FORCED), choose,
@@ -169,7 +169,7 @@ def test_the_web_uis_try_page_answers_through_the_compiled_step(tiny_llama_dir, 
           log=lambda _: None)
     models = LoadedModels()
     tuned = models.get(run_dir, "tuned", True)  # the run's generate.compile, forced here for the tiny model
-    assert isinstance(tuned.compiled_decoder, compiled_decode.CompiledDecoder)
+    assert isinstance(tuned.compiled_decoder, CompiledDecoder)
     calls = []
     real = tuned.compiled_decoder.decode
     monkeypatch.setattr(tuned.compiled_decoder, "decode", lambda *a: (calls.append(a[0]), real(*a))[1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmtune.inference.decode import decode, greedy
+from lmtune.decoding import decode, greedy
 from lmtune.model import load_model, resolve_source
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from lmtune import compiling
 from lmtune.model import add_lora, load_model, resolve_source
 from lmtune.training import compiled
 from lmtune.training.loss import answer_only_loss, causal_lm_of
@@ -39,11 +40,16 @@ def _losses_and_grads(model, batches, dtype=torch.bfloat16):
     return out
 
 
+def _compiled(layer) -> bool:
+    """Whether the layer runs through torch.compile: its forward is no longer its class's own."""
+    return getattr(layer.forward, "__func__", None) is not type(layer).forward
+
+
 def _distance(a, b) -> float:
     return float(1 - torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
 
 
-@pytest.mark.skipif(compiled.cpp_compiler() is None, reason="torch.compile needs a C++ compiler on a CPU")
+@pytest.mark.skipif(compiling.cpp_compiler() is None, reason="torch.compile needs a C++ compiler on a CPU")
 def test_compiled_layers_give_the_same_loss_and_gradients_and_are_undone_after(tiny_llama_dir, tmp_path, monkeypatch):
     import torch._dynamo
 
@@ -55,11 +61,11 @@ def test_compiled_layers_give_the_same_loss_and_gradients_and_are_undone_after(t
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     with compiled.compiled_layers(lm, True, strict=True):
-        assert all(layer._compiled_call_impl is not None for layer in lm.model.layers)
+        assert all(_compiled(layer) for layer in lm.model.layers)
         fused = _losses_and_grads(model, batches)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # really compiled, not silently eager
     assert any((tmp_path / "inductor").iterdir())  # kernels cached where asked
-    assert all(layer._compiled_call_impl is None for layer in lm.model.layers)
+    assert not any(_compiled(layer) for layer in lm.model.layers)
     exact = _losses_and_grads(model.float(), batches, torch.float32)  # the reference: fp32 weights, no autocast
     for (eager_loss, eager_grads), (fused_loss, fused_grads), (exact_loss, exact_grads) in zip(eager, fused, exact):
         # Fused kernels round bf16 intermediates differently from eager: as close to fp32 as eager bf16 is.
@@ -75,7 +81,7 @@ def _decide(**overrides):
     args = dict(device="cpu", processes=1, method_blocker=None, quantized=False, checkpointing=False,
                 causal_lm=None, tokens=0.0)
     args.update(overrides)
-    return compiled.decide(args.pop("setting", "auto"), **args)
+    return compiling.decide_training(args.pop("setting", "auto"), **args)
 
 
 def _blocker(overrides: dict) -> str | None:
@@ -89,8 +95,8 @@ def _blocker(overrides: dict) -> str | None:
 def test_auto_compiles_only_long_single_process_cpu_lora_runs_with_a_compiler(tiny_llama_dir, monkeypatch):
     lm = causal_lm_of(lora_llama(tiny_llama_dir, dtype=torch.bfloat16))
     weights = sum(p.numel() for p in lm.model.layers.parameters() if p.dim() == 2)
-    long_run = compiled.COMPILE_WORTH_FLOPS / (4 * weights) * 1.01
-    monkeypatch.setattr(compiled, "cpp_compiler", lambda: "/usr/bin/g++")
+    long_run = compiling.COMPILE_WORTH_FLOPS / (4 * weights) * 1.01
+    monkeypatch.setattr(compiling, "cpp_compiler", lambda: "/usr/bin/g++")
     assert _decide(causal_lm=lm, tokens=long_run)[0] is True
     use, why = _decide(causal_lm=lm, tokens=long_run * 0.98)
     assert not use and "too short" in why
@@ -102,15 +108,15 @@ def test_auto_compiles_only_long_single_process_cpu_lora_runs_with_a_compiler(ti
         assert not use and reason in why, (overrides, why)
     assert _decide(setting=True, causal_lm=lm, tokens=0.0)[0] is True
     assert _decide(setting=False, causal_lm=lm, tokens=long_run)[0] is False
-    monkeypatch.setattr(compiled, "cpp_compiler", lambda: None)
+    monkeypatch.setattr(compiling, "cpp_compiler", lambda: None)
     use, why = _decide(causal_lm=lm, tokens=long_run)
     assert not use and "no C++ compiler" in why
 
 
 def test_auto_leaves_bloom_eager_where_compiling_measured_no_gain(tiny_bloom_dir, monkeypatch):
     lm = causal_lm_of(add_lora(load_model(resolve_source(tiny_bloom_dir)), 4, 8, 0.0, "none", "all-linear"))
-    assert compiled.decoder_layers(lm) is lm.transformer.h
-    monkeypatch.setattr(compiled, "cpp_compiler", lambda: "/usr/bin/g++")
+    assert compiling.decoder_layers(lm) is lm.transformer.h
+    monkeypatch.setattr(compiling, "cpp_compiler", lambda: "/usr/bin/g++")
     use, why = _decide(causal_lm=lm, tokens=1e15)
     assert not use and "bloom layers (no measured gain)" in why
     assert _decide(setting=True, causal_lm=lm, tokens=0.0)[0] is True
@@ -119,14 +125,14 @@ def test_auto_leaves_bloom_eager_where_compiling_measured_no_gain(tiny_bloom_dir
 def test_no_compiler_is_found_when_none_is_on_the_path(monkeypatch, tmp_path):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert compiled.cpp_compiler() is None
+    assert compiling.cpp_compiler() is None
     fake = tmp_path / "g++"
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
-    assert compiled.cpp_compiler() == str(fake)
+    assert compiling.cpp_compiler() == str(fake)
 
 
-@pytest.mark.skipif(compiled.cpp_compiler() is None, reason="torch.compile needs a C++ compiler on a CPU")
+@pytest.mark.skipif(compiling.cpp_compiler() is None, reason="torch.compile needs a C++ compiler on a CPU")
 def test_a_training_run_with_compile_on_learns_what_the_eager_run_learns(tiny_llama_dir, qa_file, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -142,7 +148,7 @@ def test_a_training_run_with_compile_on_learns_what_the_eager_run_learns(tiny_ll
         weights = load_file(str(out / "adapter_model.safetensors"))
         adapters[name] = torch.cat([weights[k].flatten().float() for k in sorted(weights)])
         logs[name] = lines
-        assert all(layer._compiled_call_impl is None for layer in causal_lm_of(result.model).model.layers)
+        assert not any(_compiled(layer) for layer in causal_lm_of(result.model).model.layers)
         entries = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         assert any("eval_loss" in e for e in entries)
     assert "compile: on (train.compile true)" in logs["compiled"]
@@ -158,8 +164,8 @@ def test_kernels_are_cached_under_the_users_cache_unless_a_folder_is_chosen(monk
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     # What importing transformers leaves in the environment: Inductor's own default under /tmp, not a choice.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
-    assert compiled.inductor_cache_dir() == tmp_path / "xdg" / "lmtune" / "torchinductor"
+    assert compiling.inductor_cache_dir() == tmp_path / "xdg" / "lmtune" / "torchinductor"
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
-    assert compiled.inductor_cache_dir() == tmp_path / "xdg" / "lmtune" / "torchinductor"
+    assert compiling.inductor_cache_dir() == tmp_path / "xdg" / "lmtune" / "torchinductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    assert compiled.inductor_cache_dir() == tmp_path / "mine"
+    assert compiling.inductor_cache_dir() == tmp_path / "mine"

@@ -1,4 +1,4 @@
-"""Generate many sequences together: one decode loop (decode.py) per batch, each row with its own settings.
+"""Generate many sequences together: one decode loop (lmtune/decoding.py) per batch, each row with its own settings.
 
 `generate` and `generate_batch` run `run_batch` directly, `chat` with one row; `serve` feeds rows from many
 HTTP requests to a `BatchWorker` thread, which takes whatever rows are waiting (up to a batch size) and runs
@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .decode import decode
+from ..decoding import decode
 from .load import LoadedModel, inference_autocast, padding_id, stop_token_ids
 
 # (text to append, finish reason or None). Finish reasons follow OpenAI: "stop" (EOS or a stop
