@@ -23,13 +23,15 @@ async def upload(request: Request, name: str, ws: Ws):
     target = ws.folders["uploads"] / safe_name(name)
     partial = target.with_name(f".{target.name}.{os.getpid()}.{id(request)}.partial")
     written = 0
+    # what the folder holds already, uploads still arriving included (their partial files count as they grow)
+    held = ws.uploads_size()
     try:
         with open(partial, "wb") as out:
             async for chunk in request.stream():
                 written += len(chunk)
                 if written > ws.max_upload_bytes:
                     raise UserError("upload_too_large", 413, name=target.name, size=size_text(ws.max_upload_bytes))
-                if ws.uploads_size() + written > ws.max_uploads_bytes:
+                if held + written > ws.max_uploads_bytes:
                     raise UserError("uploads_full", 413, size=size_text(ws.max_uploads_bytes))
                 out.write(chunk)
         with ws.upload_lock:  # two uploads of one name get two files, as before (x, x-2)
