@@ -273,11 +273,13 @@ def test_a_preference_adapter_exports_to_gguf(tiny_llama_dir, pairs_file, tmp_pa
     assert (tmp_path / "m.gguf").stat().st_size > 0
 
 
-def test_validation_logs_the_reward_accuracy(tiny_llama_dir, pairs_file, tmp_path):
+@pytest.mark.parametrize("split", ["eval_paths", "val_size"])
+def test_validation_logs_the_reward_accuracy(tiny_llama_dir, pairs_file, tmp_path, split):
     held_out = write_jsonl(tmp_path / "held.jsonl", PAIRS[:2])
+    settings = {"data.eval_paths": [held_out]} if split == "eval_paths" else {"data.val_size": 1}
     result = train(train_config(tiny_llama_dir, pairs_file, tmp_path / "a", **FP32,
-                                **{"train.method": "dpo", "train.max_steps": 4, "train.eval_steps": 2,
-                                   "data.eval_paths": [held_out]}), **QUIET)
+                                **{"train.method": "dpo", "train.max_steps": 4, "train.eval_steps": 2, **settings}),
+                   **QUIET)
     evals = [e for e in result.log if "eval_loss" in e]
     assert evals and all("eval_rewards/accuracy" in e and "eval_rewards/margin" in e for e in evals)
 

@@ -42,6 +42,11 @@ class PreferenceExample:
     def paired(self) -> bool:
         return self.rejected is not None
 
+    @property
+    def question(self) -> str:
+        """The last user turn: what `data.split` groups rows by, so that a prompt's rows stay on one side."""
+        return self.prompt[-1]["content"]
+
 
 def preference_layout(record: dict) -> str | None:
     """'paired', 'unpaired' or None (not preference data) from a record's keys."""
