@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from lmtune.ui.server import access_token
 from lmtune.webguard import is_loopback
 from lmtune.ui.texts import TEXTS, choose_language
 
-from conftest import QA, run, write_jsonl
+from conftest import QA, TRAIN_DATA, run, write_jsonl
 
 
 def test_every_text_exists_in_both_languages_with_the_same_placeholders():
@@ -197,3 +198,130 @@ def test_the_page_shows_the_speed_the_console_prints():
               for s in (1, 2, 3)]
     console = ["step 2/30: loss 1, lr 2.00e-04, tok/s 1,234, ETA 1 min", "step 3/30: loss 1, lr 2.00e-04, tok/s 987, ETA 1 min"]
     assert runs._speed(losses, 5000, 30, console)["tokens_per_s"] == 987
+
+
+# ---------------------------------------------------------------- preference tuning from the page
+
+PREFERENCES = TRAIN_DATA.parent / "vi_ai_preferences.jsonl"
+ACTIVE = ("starting", "running", "stopping", "evaluating")
+
+
+def _pairs(n: int) -> list[dict]:
+    return [json.loads(line) for line in PREFERENCES.read_text(encoding="utf-8").splitlines()[:n]]
+
+
+def _wait_for_the_end(client, timeout: float = 600) -> dict:
+    deadline = time.time() + timeout
+    status = client.get("/api/train/status").json()
+    while status["state"] in ACTIVE and time.time() < deadline:
+        time.sleep(0.5)
+        status = client.get("/api/train/status").json()
+    return status
+
+
+def test_dpo_from_the_page_trains_and_shows_the_reward_accuracy(tmp_path, tiny_llama_dir):
+    from lmtune.cli import _train_config, build_parser
+    from lmtune.outputs import MANIFEST_FILE, read_json
+
+    app = create_app(tmp_path / "ui", model_dirs=(tiny_llama_dir,))
+    client = page_client(app)
+    path = _upload(client, "cap.jsonl", Path(write_jsonl(tmp_path / "cap.jsonl", _pairs(8))).read_bytes())
+    form = {"paths": [path], "model": tiny_llama_dir, "preset": "quickstart", "method": "dpo", "beta": "0.2",
+            "loss_type": "ipo", "epochs": "2", "max_samples": "0", "val_size": "0.25", "name": "dpo-1"}
+    started = client.post("/api/train/start", json=form)
+    assert started.status_code == 200, started.text
+    status = _wait_for_the_end(client)
+    assert status["state"] == "finished", status
+
+    manifest = read_json(Path(status["output_dir"]) / MANIFEST_FILE)["method"]
+    assert (manifest["method"], manifest["beta"], manifest["loss_type"]) == ("dpo", 0.2, "ipo")
+    # the page's figures are the log's: the newest entry's reward accuracy and margin, and one point per logged step
+    log = [json.loads(line) for line in (Path(status["output_dir"]) / "train_log.jsonl").read_text().splitlines()]
+    trained = [e for e in log if "loss" in e]
+    rewards = status["rewards"]
+    assert rewards["accuracy"] == trained[-1]["rewards/accuracy"] and rewards["margin"] == trained[-1]["rewards/margin"]
+    assert [p[0] for p in rewards["accuracy_points"]] == [p[0] for p in status["train"]] == [e["step"] for e in trained]
+    assert rewards["eval_accuracy"] == [e for e in log if "eval_loss" in e][-1]["eval_rewards/accuracy"]
+    assert 0 <= rewards["accuracy"] <= 1
+
+    # the finished run is offered to continue, and a run that continues it starts from its adapter
+    assert next(r for r in client.get("/api/runs").json() if r["name"] == "dpo-1")["adapter"] is True
+    from lmtune.ui.requests import TrainForm
+    from lmtune.ui.routes.runs import training_settings
+
+    _, flags, config = training_settings(TrainForm(**{**form, "method": "kto", "name": "kto-1", "init_adapter": "dpo-1"}),
+                                         app.state.ui)
+    assert config.train.init_adapter == status["output_dir"] and config.train.method == "kto"
+    assert "--preference.loss_type" not in flags  # DPO's loss means nothing to KTO
+    args, extra = build_parser().parse_known_args(["train", *flags, "--output-dir", str(tmp_path / "o")])
+    args.command_flags = []
+    cli = _train_config(args, extra)  # the flags the run starts with mean the same to `lmtune train`
+    assert (cli.train.method, cli.preference.beta, cli.train.init_adapter) == ("kto", 0.2, status["output_dir"])
+
+
+@pytest.mark.parametrize("field, value, english, vietnamese", [
+    ("method", "sft", "Training method (method): must be one of 'lora', 'dpo', 'orpo' or 'kto'",
+     "Phương pháp huấn luyện (method): phải là một trong 'lora', 'dpo', 'orpo' or 'kto'"),
+    ("beta", "0", "(beta): must be more than 0", "(beta): phải lớn hơn 0"),
+    ("beta", "-1", "(beta): must be more than 0", "(beta): phải lớn hơn 0"),
+    ("beta", "nhiều", "(beta): must be a number", "(beta): phải là một số"),
+    ("loss_type", "hinge", "DPO loss (loss_type): must be one of", "Hàm loss của DPO (loss_type): phải là một trong"),
+    ("init_adapter", "no-such-run", "Continue the adapter of run (init_adapter): no-such-run is not a finished run",
+     "Tiếp tục adapter của lần chạy (init_adapter): no-such-run không phải"),
+], ids=["unknown method", "beta 0", "negative beta", "beta as text", "unknown loss", "unknown run to continue"])
+def test_a_bad_method_or_preference_setting_is_refused_naming_the_field(client, field, value, english, vietnamese):
+    form = {"paths": [client.get("/api/state").json()["bundled"]], "method": "dpo", field: value}
+    for language, expected in (("en", english), ("vi", vietnamese)):
+        for url in ("/api/train/start", "/api/estimate"):
+            response = client.post(url, json=form, headers={"Accept-Language": language})
+            assert response.status_code == 400 and expected in response.json()["error"], response.text
+    assert client.get("/api/runs").json() == []  # refused before anything started
+
+
+def test_inspect_and_clean_answer_the_preference_report(client, tmp_path, capsys):
+    rows = _pairs(5)
+    rows += [dict(rows[0]), {**rows[1], "rejected": rows[1]["chosen"]}, {"prompt": "Hỏi?", "chosen": "", "rejected": "x"}]
+    path = _upload(client, "pairs.jsonl", Path(write_jsonl(tmp_path / "pairs.jsonl", rows)).read_bytes())
+    report = client.post("/api/inspect", json={"paths": [path]}).json()
+    code, out, _ = run(capsys, "data", "inspect", path)
+    assert code == 0 and report["kind"] == "preference" and report["text"] == out.strip()  # the CLI's report
+    assert (report["rows"], report["pairs"], report["unpaired"], report["unit"]) == (8, 7, 0, "characters")
+    assert {k: n for k, n in report["counts"].items() if n} == {"duplicate": 1, "same_answers": 1, "unreadable": 1}
+    assert [p["where"].rsplit(":", 1)[1] for p in report["problems"]] == ["6", "7", "8"]  # file and line
+    assert set(report["lengths"]) == {"prompt", "chosen", "rejected"} and report["lengths"]["chosen"]["max"] > 0
+    for kind in report["counts"]:
+        assert f"pp_{kind}" in TEXTS
+
+    cleaned = client.post("/api/clean", json={"paths": [path]}).json()
+    assert (cleaned["rows_read"], cleaned["kept"]) == (8, 5)
+    assert cleaned["dropped"] == {"duplicate": 1, "same_answers": 1, "unreadable": 1}
+    for reject in cleaned["rejects"]:
+        assert f"rsn_{reject['reason']}" in TEXTS and reject["where"]
+    kto = _upload(client, "kto.jsonl", (TRAIN_DATA.parent / "vi_ai_kto.jsonl").read_bytes())
+    unpaired = client.post("/api/inspect", json={"paths": [kto]}).json()
+    assert (unpaired["kind"], unpaired["pairs"], unpaired["unpaired"]) == ("preference", 0, 104)
+
+
+def test_the_bundled_preference_data_is_offered(client):
+    datasets = {d["label"]: d["path"] for d in client.get("/api/state").json()["datasets"] if d.get("bundled")}
+    assert set(datasets) == {"use_bundled", "use_bundled_preferences", "use_bundled_kto"}
+    report = client.post("/api/inspect", json={"paths": [datasets["use_bundled_preferences"]]}).json()
+    assert (report["kind"], report["pairs"]) == ("preference", 312)
+    assert client.post("/api/inspect", json={"paths": [datasets["use_bundled"]]}).json()["kind"] == "qa"
+
+
+def test_the_page_reads_the_rewards_each_method_logs(tmp_path):
+    from lmtune.outputs import write_json
+    from lmtune.ui.training import TrainingRuns
+
+    runs = TrainingRuns(tmp_path / "runs")
+    when = "2026-01-01T00:00:00+0000"
+    logs = {"kto": [{"step": 1, "loss": 0.7, "rewards/desirable": 0.1, "rewards/undesirable": -0.2, "kl": 0.0, "time": when},
+                    {"step": 1, "eval_loss": 0.6, "eval_rewards/desirable": 0.05, "time": when}],
+            "lora": [{"step": 1, "loss": 2.5, "time": when}]}
+    for name, entries in logs.items():
+        write_json(runs.runs_dir / f"{name}.ui.json", {"name": name, "flags": []})
+        (runs.runs_dir / name).mkdir()
+        (runs.runs_dir / name / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    assert runs.status("kto")["rewards"] == {"desirable": 0.1, "undesirable": -0.2, "kl": 0.0, "eval_desirable": 0.05}
+    assert runs.status("lora")["rewards"] == {}

@@ -48,12 +48,13 @@ FIELD_LABELS = {"max_length": "max_length", "max_new_tokens": "max_new_tokens", 
                 "learning_rate": "learning_rate", "r": "rank", "val_size": "val_size", "max_samples": "max_samples",
                 "model": "model", "name": "run_name", "preset": "preset", "quant": "quant", "dedupe": "dedupe",
                 "messages": "question", "run": "run", "paths": "datasets", "question_field": "question_field",
-                "answer_field": "answer_field", "messages_field": "messages_field", "csv_delimiter": "csv_delimiter"}
+                "answer_field": "answer_field", "messages_field": "messages_field", "csv_delimiter": "csv_delimiter",
+                "method": "method", "beta": "beta", "loss_type": "loss_type", "init_adapter": "init_adapter"}
 # pydantic's error types -> (texts.py key of what the value must be, the context value it names).
 PROBLEMS = {"int_parsing": "p_int", "int_type": "p_int", "int_from_float": "p_int", "float_parsing": "p_number",
             "float_type": "p_number", "string_type": "p_text", "list_type": "p_list", "bool_parsing": "p_bool",
-            "bool_type": "p_bool", "missing": "p_missing", "greater_than_equal": "p_min", "greater_than": "p_min",
-            "less_than_equal": "p_max", "less_than": "p_max", "literal_error": "p_choice", "too_short": "p_empty",
+            "bool_type": "p_bool", "missing": "p_missing", "greater_than_equal": "p_min", "greater_than": "p_above",
+            "less_than_equal": "p_max", "less_than": "p_below", "literal_error": "p_choice", "too_short": "p_empty",
             "model_type": "p_object", "dict_type": "p_object", "model_attributes_type": "p_object",
             "json_invalid": "p_json"}
 

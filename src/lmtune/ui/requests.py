@@ -15,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_NEW_TOKENS = 4096  # more than any model of the UI's size answers in one go; a bound against a typo's hour-long wait
 SOURCE_FIELDS = ("question_field", "answer_field", "messages_field", "csv_delimiter")
 QUANTS = ("q8_0", "f16", "f32", "bf16", "q4_k_m", "q5_k_m", "q6_k")
+# The training methods the page offers (train.method): each writes an adapter, which the Try and Export pages take.
+# "full" writes a whole model instead, which they do not, so it stays a command-line method.
+METHODS = ("lora", "dpo", "orpo", "kto")
+PREFERENCE_METHODS = ("dpo", "orpo", "kto")
+LOSS_TYPES = ("sigmoid", "ipo", "simpo")  # preference.loss_type, DPO's only
 
 
 class _Body(BaseModel):
@@ -53,8 +58,14 @@ class TrainForm(DataRequest):
     r: Optional[int] = None
     val_size: Optional[Union[int, float]] = None  # a share (0.1) or a number of rows (50), as data.val_size
     max_samples: Optional[int] = None
+    method: Literal[METHODS] = "lora"
+    # preference.beta (DPO, ORPO, KTO) and preference.loss_type (DPO); unset: the preset's.
+    beta: Optional[float] = Field(None, gt=0)
+    loss_type: Optional[Literal[LOSS_TYPES]] = None
+    # The name of a finished run of this page whose adapter training continues (train.init_adapter); "": a new one.
+    init_adapter: str = ""
 
-    @field_validator("epochs", "learning_rate", "r", "val_size", "max_samples", mode="before")
+    @field_validator("epochs", "learning_rate", "r", "val_size", "max_samples", "beta", "loss_type", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value

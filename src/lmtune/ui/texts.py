@@ -22,11 +22,19 @@ TEXTS: dict[str, tuple[str, str]] = {
     "copy_hint": ("Commands to use it:", "Lệnh để dùng:"),
     # data
     "data_intro": ("Upload question/answer files (JSONL, JSON, CSV, parquet) or use the bundled Vietnamese dataset. "
+                   "For preference tuning (DPO, ORPO, KTO on the Train page) upload pairs of a better and a worse answer "
+                   "(prompt, chosen, rejected) or answers marked good or bad (prompt, completion, label). "
                    "The report below is what `lmtune data inspect` finds.",
                    "Tải lên tệp hỏi–đáp (JSONL, JSON, CSV, parquet) hoặc dùng bộ dữ liệu tiếng Việt có sẵn. "
-                   "Báo cáo bên dưới là kết quả của `lmtune data inspect`."),
+                   "Để tinh chỉnh theo ưu tiên (DPO, ORPO, KTO ở trang Huấn luyện), hãy tải lên các cặp câu trả lời tốt "
+                   "hơn và kém hơn (prompt, chosen, rejected) hoặc câu trả lời được đánh dấu tốt/xấu (prompt, completion, "
+                   "label). Báo cáo bên dưới là kết quả của `lmtune data inspect`."),
     "upload": ("Upload files", "Tải tệp lên"),
     "use_bundled": ("Use the bundled dataset (434 Vietnamese Q/A pairs on AI)", "Dùng bộ dữ liệu có sẵn (434 cặp hỏi–đáp tiếng Việt về AI)"),
+    "use_bundled_preferences": ("Use the bundled preference pairs (312 Vietnamese pairs: a good and a bad answer; for DPO and ORPO)",
+                                "Dùng bộ cặp ưu tiên có sẵn (312 cặp tiếng Việt: một câu trả lời tốt và một câu kém; cho DPO và ORPO)"),
+    "use_bundled_kto": ("Use the bundled answers marked good or bad (104 Vietnamese rows, for KTO)",
+                        "Dùng bộ câu trả lời được đánh dấu tốt/xấu có sẵn (104 dòng tiếng Việt, cho KTO)"),
     "datasets": ("Data files", "Tệp dữ liệu"),
     "selected_data": ("Selected for training", "Đã chọn để huấn luyện"),
     "inspect": ("Inspect", "Kiểm tra"),
@@ -75,6 +83,26 @@ TEXTS: dict[str, tuple[str, str]] = {
                          "nên chỉ tăng độ dài tối đa lên {context} là cùng và bỏ các dòng vẫn dài hơn "
                          "(lmtune data clean --max-length {context})."),
     "v_ok": ("No problems found: ready to train.", "Không thấy vấn đề gì: sẵn sàng huấn luyện."),
+    # preference data (data inspect on prompt/chosen/rejected or prompt/completion/label rows)
+    "pref_summary": ("Preference data: {rows} rows in {files} file(s): {pairs} pairs (prompt, chosen, rejected), "
+                     "{unpaired} unpaired answers (prompt, completion, label)",
+                     "Dữ liệu ưu tiên: {rows} dòng trong {files} tệp: {pairs} cặp (prompt, chosen, rejected), "
+                     "{unpaired} câu trả lời đơn (prompt, completion, label)"),
+    "pref_lengths_tokens": ("Length in tokens", "Độ dài theo token"),
+    "pref_lengths_characters": ("Length in characters (choose a model above to count tokens)",
+                                "Độ dài theo ký tự (chọn mô hình ở trên để đếm token)"),
+    "side_prompt": ("prompt", "câu hỏi (prompt)"),
+    "side_chosen": ("chosen answer", "câu trả lời được chọn (chosen)"),
+    "side_rejected": ("rejected answer", "câu trả lời bị loại (rejected)"),
+    "pp_unreadable": ("rows that cannot be read", "dòng không đọc được"),
+    "pp_same_answers": ("chosen and rejected are the same", "chosen và rejected giống hệt nhau"),
+    "pp_whitespace_only": ("chosen and rejected differ only in spaces or line breaks",
+                           "chosen và rejected chỉ khác nhau ở khoảng trắng hoặc xuống dòng"),
+    "pp_rejected_is_chosen_elsewhere": ("the rejected answer is another row's chosen answer",
+                                        "câu trả lời bị loại lại là câu được chọn ở một dòng khác"),
+    "pp_duplicate": ("the same row again", "dòng lặp lại"),
+    "v_pref_clean": ("Press Clean: it keeps the rows without these problems and drops the {n} others.",
+                     "Bấm Làm sạch: nó giữ các dòng không có những vấn đề này và bỏ {n} dòng còn lại."),
     "unit_s": ("s", "giây"),
     "unit_min": ("min", "phút"),
     "unit_h": ("h", "giờ"),
@@ -96,6 +124,10 @@ TEXTS: dict[str, tuple[str, str]] = {
     "rsn_short_answer": ("answer too short", "câu trả lời quá ngắn"),
     "rsn_too_long": ("longer than the max length", "dài hơn độ dài tối đa"),
     "rsn_invalid": ("unreadable line", "dòng không đọc được"),
+    "rsn_unreadable": ("row cannot be read", "dòng không đọc được"),
+    "rsn_same_answers": ("chosen and rejected are the same", "chosen và rejected giống hệt nhau"),
+    "rsn_whitespace_only": ("chosen and rejected differ only in spaces", "chosen và rejected chỉ khác khoảng trắng"),
+    "rsn_rejected_is_chosen_elsewhere": ("rejected is another row's chosen", "rejected là chosen của dòng khác"),
     "columns": ("Columns (leave empty to detect them)", "Cột dữ liệu (để trống để tự nhận)"),
     "question_field": ("Question column", "Cột câu hỏi"),
     "answer_field": ("Answer column", "Cột câu trả lời"),
@@ -122,6 +154,26 @@ TEXTS: dict[str, tuple[str, str]] = {
     "rank": ("LoRA rank", "Hạng LoRA"),
     "val_size": ("Validation share (0 to 0.5)", "Tỷ lệ kiểm định (0 đến 0,5)"),
     "max_samples": ("Rows used (0 = all)", "Số dòng dùng (0 = tất cả)"),
+    "method": ("Training method", "Phương pháp huấn luyện"),
+    "method_lora": ("LoRA: learn the answers (question/answer data)", "LoRA: học câu trả lời (dữ liệu hỏi–đáp)"),
+    "method_dpo": ("DPO: prefer the chosen answer to the rejected one", "DPO: ưu tiên câu trả lời chosen hơn rejected"),
+    "method_orpo": ("ORPO: learn the chosen answer and prefer it, in one stage", "ORPO: học câu trả lời chosen và ưu tiên nó, trong một bước"),
+    "method_kto": ("KTO: from answers marked good or bad", "KTO: từ các câu trả lời được đánh dấu tốt/xấu"),
+    "method_hint": ("DPO and ORPO need pairs (prompt, chosen, rejected), KTO answers marked good or bad (prompt, completion, "
+                    "label); the usual path is LoRA on questions and answers first, then DPO continuing that run's adapter. "
+                    "A learning rate of 5e-5 to 2e-4 and one or two epochs suit preference tuning.",
+                    "DPO và ORPO cần các cặp (prompt, chosen, rejected), KTO cần câu trả lời được đánh dấu tốt/xấu (prompt, "
+                    "completion, label); cách thường làm là LoRA trên hỏi–đáp trước, rồi DPO tiếp tục adapter của lần chạy đó. "
+                    "Tốc độ học 5e-5 đến 2e-4 và một hoặc hai epoch hợp với tinh chỉnh theo ưu tiên."),
+    "beta": ("Beta (higher stays closer to the start)", "Beta (càng cao càng giữ gần mô hình ban đầu)"),
+    "loss_type": ("DPO loss", "Hàm loss của DPO"),
+    "loss_sigmoid": ("sigmoid (the DPO paper)", "sigmoid (theo bài báo DPO)"),
+    "loss_ipo": ("IPO", "IPO"),
+    "loss_simpo": ("SimPO (length-normalised, no reference)", "SimPO (chuẩn hóa theo độ dài, không cần mô hình tham chiếu)"),
+    "init_adapter": ("Continue the adapter of run", "Tiếp tục adapter của lần chạy"),
+    "init_adapter_none": ("none: start a new adapter", "không: tạo adapter mới"),
+    "bad_init_adapter": ("{field}: {run} is not a finished run of this page with an adapter",
+                         "{field}: {run} không phải là lần chạy đã xong của trang này có adapter"),
     "run_name": ("Run name", "Tên lần chạy"),
     "estimate": ("Estimate time (dry run)", "Ước tính thời gian (chạy thử)"),
     "estimate_result": ("{samples} samples, {tokens} tokens, {steps} optimizer steps: about {step_s} s per step, {epoch} per epoch, {total} in all",
@@ -147,6 +199,13 @@ TEXTS: dict[str, tuple[str, str]] = {
     "step": ("Step", "Bước"),
     "loss": ("Loss", "Loss"),
     "lr": ("Learning rate", "Tốc độ học"),
+    "reward_accuracy": ("Reward accuracy", "Độ chính xác phần thưởng"),
+    "reward_margin": ("Reward margin", "Chênh lệch phần thưởng"),
+    "reward_desirable": ("Reward of good answers", "Phần thưởng của câu trả lời tốt"),
+    "reward_undesirable": ("Reward of bad answers", "Phần thưởng của câu trả lời xấu"),
+    "rewards_line": ("{what}: {value} (validation {val})", "{what}: {value} (kiểm định {val})"),
+    "rewards_hint": ("the share of pairs whose chosen answer gained more than the rejected one",
+                     "tỷ lệ cặp mà câu trả lời chosen được tăng nhiều hơn câu rejected"),
     "tokens_per_s": ("Tokens/s", "Token/giây"),
     "eta": ("Time left", "Thời gian còn lại"),
     "elapsed": ("Elapsed", "Đã chạy"),
@@ -214,6 +273,8 @@ TEXTS: dict[str, tuple[str, str]] = {
     "p_missing": ("is missing", "bị thiếu"),
     "p_min": ("must be at least {limit}", "phải ít nhất là {limit}"),
     "p_max": ("must be at most {limit}", "phải nhiều nhất là {limit}"),
+    "p_above": ("must be more than {limit}", "phải lớn hơn {limit}"),
+    "p_below": ("must be less than {limit}", "phải nhỏ hơn {limit}"),
     "p_choice": ("must be one of {choices}", "phải là một trong {choices}"),
     "p_empty": ("must not be empty", "không được để trống"),
     "p_object": ("must be an object", "phải là một đối tượng"),

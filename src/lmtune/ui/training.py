@@ -28,11 +28,17 @@ from ..outputs import LOG_FILE, MANIFEST_FILE, read_json, write_json
 from ..training.checkpoints import complete_checkpoints, partial_dir
 
 EXIT_INTERRUPTED = 130  # what `lmtune train` returns after a graceful stop (cli.EXIT_INTERRUPTED)
-_TOKENS = re.compile(r"^data: .*?(\d+) samples, (\d+) tokens")
+# "data: ... 434 samples, 20000 tokens" (SFT) and "data: 8 rows ...: 8 pairs (...); 1980 tokens" (preference)
+_TOKENS = re.compile(r"^data: .*?\b(\d+) tokens")
 _STEPS = re.compile(r"^training: (\d+) optimizer steps")
 _CONSOLE_SPEED = re.compile(r"^step \d+/\d+: .*\btok/s ([\d,]+)")  # training.console's plain progress line
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _BAR = re.compile(r"^.{0,60}?\s*\d+%\|")  # a tqdm progress bar: "tokenizing:  40%|████      | 4/10 [...]"
+ADAPTER_CONFIG = "adapter_config.json"  # what peft writes into an adapter folder (a full fine-tune writes none)
+# The preference figures of a log entry (training/methods/preference.py, kto.py) the page shows beside the loss;
+# with validation the same names with "eval_" in front.
+REWARDS = ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "rewards/desirable",
+           "rewards/undesirable", "kl")
 
 
 class TrainingBusy(LmtuneError):
@@ -59,6 +65,21 @@ def console_lines(text: str) -> list[str]:
             bar_at = len(lines)
         lines.append(line)
     return lines
+
+
+def _rewards(losses: list[dict], evals: list[dict]) -> dict:
+    """The newest preference figures of the log ({"accuracy": 0.75, "margin": 0.3, "eval_accuracy": ...}), and the
+    reward accuracy of every logged step ("accuracy_points"); empty for a method that logs none (LoRA)."""
+    found = {}
+    for entries, prefix in ((losses, ""), (evals, "eval_")):
+        for name in REWARDS:
+            value = next((e[prefix + name] for e in reversed(entries) if prefix + name in e), None)
+            if value is not None:
+                found[prefix + name.removeprefix("rewards/")] = value
+    points = [[e["step"], e["rewards/accuracy"]] for e in losses if "rewards/accuracy" in e]
+    if points:
+        found["accuracy_points"] = points
+    return found
 
 
 def _seconds(iso: str) -> float:
@@ -88,6 +109,11 @@ class Run:
     @property
     def finished(self) -> bool:
         return (self.output_dir / MANIFEST_FILE).is_file()
+
+    @property
+    def adapter(self) -> bool:
+        """Finished with an adapter: what a later run may continue (train.init_adapter)."""
+        return self.finished and (self.output_dir / ADAPTER_CONFIG).is_file()
 
     @property
     def resumable(self) -> bool:
@@ -185,7 +211,7 @@ class TrainingRuns:
             run = Run(meta.name.removesuffix(".ui.json"), self.runs_dir)
             active = self.run is not None and self.run.name == run.name and self.running()
             found.append({"name": run.name, "finished": run.finished, "resumable": run.resumable and not active,
-                          "running": active, "output_dir": str(run.output_dir)})
+                          "running": active, "adapter": run.adapter, "output_dir": str(run.output_dir)})
         return found
 
     # ------------------------------------------------------------ progress
@@ -207,7 +233,7 @@ class TrainingRuns:
         total = tokens = None
         for line in console:
             if m := _TOKENS.match(line):
-                tokens = int(m.group(2))
+                tokens = int(m.group(1))
             elif m := _STEPS.match(line):
                 total = int(m.group(1))
         status = {"run": run.name, "output_dir": str(run.output_dir), "total_steps": total,
@@ -217,7 +243,8 @@ class TrainingRuns:
                   "epoch": losses[-1].get("epoch") if losses else 0,
                   "loss": losses[-1]["loss"] if losses else None,
                   "lr": losses[-1].get("learning_rate") if losses else None,
-                  "console": console[-14:], "resumable": False, "error": None}
+                  "console": console[-14:], "resumable": False, "error": None,
+                  "rewards": _rewards(losses, evals)}
         if alive:
             status["elapsed"] = time.time() - self._started
             status.update(self._speed(losses, tokens, total, console))

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from fastapi import Request
 
-from ..bundled import HELDOUT_DATA, TRAIN_DATA, bundled_path, config_files
+from ..bundled import HELDOUT_DATA, KTO_DATA, PREFERENCE_DATA, TRAIN_DATA, bundled_path, config_files
 from ..config import ConfigError, load_config
 from ..data.source import DataSource
 from ..errors import LmtuneError, ModelError
@@ -154,12 +154,17 @@ class Workspace:
         self.upload_lock = threading.Lock()
         self.runs, self.tasks, self.models = TrainingRuns(self.folders["runs"]), Tasks(), LoadedModels()
         self.bundled_data = bundled_path(TRAIN_DATA)
+        # The bundled files the page offers, with the texts.py key it names each by: the question/answer pairs, and for
+        # preference tuning the chosen/rejected pairs (DPO, ORPO) and the answers marked good or bad (KTO).
+        self.bundled_files = [(self.bundled_data, "use_bundled"), (bundled_path(PREFERENCE_DATA), "use_bundled_preferences"),
+                              (bundled_path(KTO_DATA), "use_bundled_kto")]
 
     # ------------------------------------------------------------ data
 
     def datasets(self) -> list[dict]:
-        """The data files the page offers: the bundled data, uploads, cleaned files (not their rejects)."""
-        files = [{"path": str(self.bundled_data), "name": f"{self.bundled_data.name} (bundled)", "bundled": True}]
+        """The data files the page offers: the bundled data sets, uploads, cleaned files (not their rejects)."""
+        files = [{"path": str(path), "name": f"{path.name} (bundled)", "bundled": True, "label": label}
+                 for path, label in self.bundled_files]
         for folder in (self.folders["uploads"], self.folders["clean"]):
             for path in sorted(folder.iterdir()):
                 if path.is_file() and not path.name.startswith(".") and not path.name.endswith(REJECTS_SUFFIX):

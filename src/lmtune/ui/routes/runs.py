@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from ...bundled import config_files
 from ...config import load_config
 from ...errors import LmtuneError
-from ..requests import RunRequest, TrainForm
+from ..requests import PREFERENCE_METHODS, RunRequest, TrainForm
 from ..training import TrainingBusy
 from ..workspace import UserError, Workspace, language, safe_name, workspace
 
@@ -20,7 +20,9 @@ Ws = Annotated[Workspace, Depends(workspace)]
 FLAGS = {"model.name_or_path": "--model", "train.epochs": "--epochs", "train.learning_rate": "--learning-rate",
          "lora.r": "--lora.r", "data.val_size": "--val-size", "data.max_samples": "--max-samples",
          "data.question_field": "--data.question_field", "data.answer_field": "--data.answer_field",
-         "data.messages_field": "--data.messages_field", "data.csv_delimiter": "--data.csv_delimiter"}
+         "data.messages_field": "--data.messages_field", "data.csv_delimiter": "--data.csv_delimiter",
+         "train.method": "--train.method", "preference.beta": "--preference.beta",
+         "preference.loss_type": "--preference.loss_type", "train.init_adapter": "--train.init_adapter"}
 
 
 def training_settings(form: TrainForm, ws: Workspace) -> tuple[str, list[str], object]:
@@ -29,9 +31,16 @@ def training_settings(form: TrainForm, ws: Workspace) -> tuple[str, list[str], o
     if form.preset not in files:
         raise LmtuneError(f"unknown preset {form.preset!r}; choose one of {', '.join(files)}")
     paths = ws.data_paths(form.paths)
+    preference = form.method in PREFERENCE_METHODS
     settings = {"model.name_or_path": ws.model(form.model), "train.epochs": form.epochs,
                 "train.learning_rate": form.learning_rate, "lora.r": form.r, "data.val_size": form.val_size,
-                "data.max_samples": form.max_samples, **form.source_settings()}
+                "data.max_samples": form.max_samples, **form.source_settings(),
+                # lora is the presets' method: said only when another is chosen, as a person would type it
+                "train.method": form.method if form.method != "lora" else None,
+                # beta and loss_type mean nothing to LoRA, and loss_type nothing to ORPO and KTO: not passed on
+                "preference.beta": form.beta if preference else None,
+                "preference.loss_type": form.loss_type if form.method == "dpo" else None,
+                "train.init_adapter": init_adapter(form.init_adapter, ws)}
     # Whole numbers stay whole (--epochs 30, not 30.0), as the page's inputs hold them and the command line reads them.
     settings = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in settings.items()
                 if v not in (None, "")}
@@ -43,6 +52,20 @@ def training_settings(form: TrainForm, ws: Workspace) -> tuple[str, list[str], o
         overrides["train.max_steps"] = -1  # as --epochs on the command line (cli._train_config)
     name = safe_name(form.name.strip() or f"run-{uuid.uuid4().hex[:6]}")
     return name, flags, load_config(files[form.preset], overrides)
+
+
+def init_adapter(name: str, ws: Workspace) -> str | None:
+    """The adapter folder of the run named to continue: a finished run of this page that wrote an adapter."""
+    name = name.strip()
+    if not name:
+        return None
+    try:
+        run = ws.runs.find(name)
+    except LmtuneError:
+        raise UserError("bad_init_adapter", field="init_adapter", run=name) from None
+    if not run.adapter:
+        raise UserError("bad_init_adapter", field="init_adapter", run=name)
+    return str(run.output_dir)
 
 
 def busy(ws: Workspace) -> UserError:

@@ -147,7 +147,7 @@ function renderDatasets() {
       if (input.checked) S.selected.add(d.path); else S.selected.delete(d.path);
       saveSelection(); renderTrainData();
     });
-    const label = d.bundled ? t("use_bundled") : d.name;
+    const label = d.bundled ? t(d.label || "use_bundled") : d.name;
     const remove = d.bundled ? "" : el("button", {type: "button", class: "remove-file", title: t("remove_file"),
       "aria-label": t("remove_file") + ": " + d.name, onclick: () => removeFile(d.path)}, "×");
     return el("div", {class: "dataset"}, el("label", {}, input, " ", label), " ", remove);
@@ -250,6 +250,7 @@ function renderInspect() {
   const box = $("inspect-report");
   const r = S.inspect;
   if (!r) { box.replaceChildren(); return; }
+  if (r.kind === "preference") { box.replaceChildren(...preferenceReport(r)); return; }
   const parts = [el("h3", {}, t("report")),
     el("p", {id: "inspect-summary"}, t("rows_read", {n: r.rows_read, files: r.files.length}))];
   const files = el("ul", {});
@@ -281,6 +282,27 @@ function renderInspect() {
   parts.push(el("h4", {}, t("checks")), table, el("h4", {}, t("verdict")),
              el("ul", {id: "verdict"}, verdictLines(r).map((line) => el("li", {}, line))));
   box.replaceChildren(...parts);
+}
+
+// data inspect on preference data: rows and pairs, the length of each side, each problem with its file and line.
+function preferenceReport(r) {
+  const parts = [el("h3", {}, t("report")),
+    el("p", {id: "inspect-summary"}, t("pref_summary", {rows: r.rows, files: r.files.length, pairs: r.pairs, unpaired: r.unpaired})),
+    el("ul", {}, r.files.map((f) => el("li", {}, f.split("/").pop()))),
+    el("h4", {}, t("pref_lengths_" + r.unit))];
+  for (const [side, lengths] of Object.entries(r.lengths)) parts.push(el("p", {}, t("side_" + side) + ": " + stats(lengths)));
+  const table = el("table", {class: "list", id: "checks"},
+    el("tr", {}, el("th", {}, t("check_name")), el("th", {}, t("count")), el("th", {}, t("examples"))));
+  for (const [kind, count] of Object.entries(r.counts)) {
+    const examples = r.problems.filter((p) => p.problem === kind).slice(0, 3)
+      .map((p) => el("li", {}, p.where.split("/").pop() + (p.detail ? ": " + p.detail : "")));
+    table.append(el("tr", {class: count ? "problem" : "", "data-problem": kind},
+      el("td", {}, t("pp_" + kind)), el("td", {class: "num"}, count), el("td", {}, el("ul", {}, examples))));
+  }
+  parts.push(el("h4", {}, t("checks")), table, el("h4", {}, t("verdict")),
+    el("ul", {id: "verdict"}, el("li", {}, r.problems_total ? t("v_pref_clean", {n: r.problems_total}) : t("v_ok"))),
+    el("details", {}, el("summary", {}, "lmtune data inspect"), el("pre", {class: "commands"}, r.text)));
+  return parts;
 }
 
 async function clean() {
@@ -345,7 +367,9 @@ function setModel(value) {
 
 // The form as it was left (a reload or a later visit), else the preset's values.
 const FORM_FIELDS = {model: "train-model", epochs: "train-epochs", learning_rate: "train-lr", r: "train-r",
-                     val_size: "train-val", max_samples: "train-max-samples"};
+                     val_size: "train-val", max_samples: "train-max-samples", method: "train-method", beta: "train-beta",
+                     loss_type: "train-loss-type"};
+const PREFERENCE_METHODS = new Set(["dpo", "orpo", "kto"]);
 
 function saveForm() { localStorage.setItem("lmtune.form", JSON.stringify(trainForm())); }
 
@@ -353,15 +377,27 @@ function restoreForm() {
   const saved = JSON.parse(localStorage.getItem("lmtune.form") || "null");
   if (!saved || !S.presets[saved.preset]) { fillPreset(false); return; }
   $("train-preset").value = saved.preset;
-  for (const [key, id] of Object.entries(FORM_FIELDS)) $(id).value = saved[key];
+  for (const [key, id] of Object.entries(FORM_FIELDS)) if (saved[key] !== undefined) $(id).value = saved[key];
+  $("train-init-adapter").dataset.want = saved.init_adapter || "";  // its runs are listed later (renderRuns)
   setModel(saved.model);
+  showMethodFields();
+}
+
+// beta for the preference methods, the loss for DPO only: the fields of the other methods are hidden (and not sent).
+function showMethodFields() {
+  const method = $("train-method").value;
+  document.querySelectorAll(".preference-field").forEach((f) => f.classList.toggle("hidden", !PREFERENCE_METHODS.has(method)));
+  document.querySelectorAll(".dpo-field").forEach((f) => f.classList.toggle("hidden", method !== "dpo"));
 }
 
 function trainForm() {
+  const method = $("train-method").value;
   return {preset: $("train-preset").value, model: $("train-model").value, epochs: $("train-epochs").value,
           learning_rate: $("train-lr").value, r: $("train-r").value, val_size: $("train-val").value,
           max_samples: $("train-max-samples").value, name: $("train-name").value, paths: [...S.selected],
-          ...sourceFields()};
+          method, beta: PREFERENCE_METHODS.has(method) ? $("train-beta").value : "",
+          loss_type: method === "dpo" ? $("train-loss-type").value : "",
+          init_adapter: $("train-init-adapter").value, ...sourceFields()};
 }
 
 async function estimate() {
@@ -438,11 +474,29 @@ function renderStatus() {
   $("fig-tps").textContent = s.tokens_per_s ? Math.round(s.tokens_per_s).toLocaleString() : "–";
   $("fig-eta").textContent = s.state === "running" ? duration(s.eta_s) : "–";
   $("fig-elapsed").textContent = s.elapsed ? duration(s.elapsed) : "–";
+  renderRewards(s.rewards || {});
   $("train-error").textContent = s.error || "";
   $("console").textContent = (s.console || []).join("\n");
   $("stop-btn").disabled = !(s.state === "running" || s.state === "starting");
   $("resume-btn").disabled = !s.resumable;
   plotLoss(s.train || [], s.val || [], total);
+}
+
+// The preference figures of the newest log entry (DPO, ORPO: reward accuracy and margin; KTO: the rewards of good
+// and bad answers), with the validation ones beside them; nothing for a method that logs none.
+function renderRewards(r) {
+  const box = $("rewards");
+  const pct = (x) => Math.round(100 * x) + "%";
+  const figures = [["reward_accuracy", "accuracy", pct], ["reward_margin", "margin", (x) => num(x, 3)],
+                   ["reward_desirable", "desirable", (x) => num(x, 3)], ["reward_undesirable", "undesirable", (x) => num(x, 3)]];
+  const shown = figures.filter(([, name]) => r[name] !== undefined && r[name] !== null).map(([key, name, format]) => {
+    const value = format(r[name]);
+    const words = r["eval_" + name] !== undefined ? t("rewards_line", {what: t(key), value, val: format(r["eval_" + name])})
+                                                 : t(key) + ": " + value;
+    return el("span", {class: "reward", "data-figure": name, title: name === "accuracy" ? t("rewards_hint") : ""}, words);
+  });
+  box.replaceChildren(...shown);
+  box.classList.toggle("hidden", !shown.length);
 }
 
 function plotLoss(train, val, total) {
@@ -503,6 +557,7 @@ function renderRuns() {
       onclick: () => resumeTraining(r.name)}, t("resume")) : "";
     table.append(el("tr", {}, el("td", {}, r.name), el("td", {}, state), el("td", {}, action)));
   }
+  renderInitAdapter();
   for (const select of document.querySelectorAll(".run-select")) {
     const current = select.value;
     const finished = S.runs.filter((r) => r.finished);
@@ -510,6 +565,16 @@ function renderRuns() {
                                                : [el("option", {value: ""}, t("no_runs"))]));
     if (finished.some((r) => r.name === current)) select.value = current;
   }
+}
+
+// The finished runs with an adapter, which a new run may continue (train.init_adapter); first "none".
+function renderInitAdapter() {
+  const select = $("train-init-adapter");
+  const want = select.dataset.want !== undefined ? select.dataset.want : select.value;
+  const adapters = S.runs.filter((r) => r.adapter);
+  select.replaceChildren(el("option", {value: ""}, t("init_adapter_none")),
+                         ...adapters.map((r) => el("option", {value: r.name}, r.name)));
+  select.value = adapters.some((r) => r.name === want) ? want : "";
 }
 
 // ---------------------------------------------------------------- try
@@ -700,6 +765,9 @@ async function main() {
   document.querySelectorAll(".model-field").forEach((f) => f.addEventListener("input", () => { setModel(f.value); saveForm(); }));
   Object.values(FORM_FIELDS).forEach((id) => $(id).addEventListener("input", saveForm));
   $("train-preset").addEventListener("change", saveForm);
+  $("train-method").addEventListener("change", () => { showMethodFields(); saveForm(); });
+  $("train-loss-type").addEventListener("change", saveForm);
+  $("train-init-adapter").addEventListener("change", (e) => { e.target.dataset.want = e.target.value; saveForm(); });
   $("estimate-btn").addEventListener("click", estimate);
   $("start-btn").addEventListener("click", startTraining);
   $("stop-btn").addEventListener("click", stopTraining);
@@ -715,6 +783,7 @@ async function main() {
   $("quant").replaceChildren(...S.quants.map((q) => el("option", {value: q}, q)));
   renderPresets();
   restoreForm();
+  showMethodFields();
   renderAll();
   showTab(localStorage.getItem("lmtune.tab") || "data");
   if (ACTIVE.has(S.status.state)) pollStatus();  // coming back to a training that runs: follow it
