@@ -295,7 +295,8 @@ function preferenceReport(r) {
     el("tr", {}, el("th", {}, t("check_name")), el("th", {}, t("count")), el("th", {}, t("examples"))));
   for (const [kind, count] of Object.entries(r.counts)) {
     const examples = r.problems.filter((p) => p.problem === kind).slice(0, 3)
-      .map((p) => el("li", {}, p.where.split("/").pop() + (p.detail ? ": " + p.detail : "")));
+      // files by their names, as the page lists them ("as /home/.../uploads/x.jsonl:3" -> "as x.jsonl:3")
+      .map((p) => el("li", {}, p.where.split("/").pop() + (p.detail ? ": " + p.detail.replace(/\/\S*\//g, "") : "")));
     table.append(el("tr", {class: count ? "problem" : "", "data-problem": kind},
       el("td", {}, t("pp_" + kind)), el("td", {class: "num"}, count), el("td", {}, el("ul", {}, examples))));
   }
