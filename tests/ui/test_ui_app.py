@@ -245,7 +245,8 @@ def test_dpo_from_the_page_trains_and_shows_the_reward_accuracy(tmp_path, tiny_l
     assert 0 <= rewards["accuracy"] <= 1
 
     # the finished run is offered to continue, and a run that continues it starts from its adapter
-    assert next(r for r in client.get("/api/runs").json() if r["name"] == "dpo-1")["adapter"] is True
+    listed = next(r for r in client.get("/api/runs").json() if r["name"] == "dpo-1")
+    assert (listed["adapter"], listed["method"]) == (True, "dpo")
     from lmtune.ui.requests import TrainForm
     from lmtune.ui.routes.runs import training_settings
 
@@ -257,6 +258,18 @@ def test_dpo_from_the_page_trains_and_shows_the_reward_accuracy(tmp_path, tiny_l
     args.command_flags = []
     cli = _train_config(args, extra)  # the flags the run starts with mean the same to `lmtune train`
     assert (cli.train.method, cli.preference.beta, cli.train.init_adapter) == ("kto", 0.2, status["output_dir"])
+
+
+    # the Try page evaluates it on preference pairs, as `lmtune eval` does: tuned vs base on each pair
+    task = client.post("/api/evaluate", json={"run": "dpo-1", "data": path, "max_new_tokens": 4}).json()
+    deadline = time.time() + 300
+    while task["state"] == "running" and time.time() < deadline:
+        time.sleep(0.5)
+        task = client.get("/api/task/evaluate").json()
+    assert task["state"] == "done", task
+    report, = client.get("/api/report", params={"run": "dpo-1"}).json()["reports"]
+    assert (report["kind"], report["report"]["kind"], report["report"]["n"]) == ("vs_base", "preference", 8)
+    assert len(report["predictions"]) == 8 and {"chosen", "rejected", "tuned", "base"} <= set(report["predictions"][0])
 
 
 @pytest.mark.parametrize("field, value, english, vietnamese", [

@@ -309,3 +309,17 @@ def test_preference_tuning_in_the_browser(page, tiny_llama_dir, tmp_path):
     options = [o.get_attribute("value") for o in Select(page.find("#train-init-adapter")).options]
     assert "dpo-trinh-duyet" in options and options[0] == ""
     method.select_by_value("lora")  # the form is kept for the next visit: leave it as the other tests expect it
+
+    # Try: a run tuned on preferences is evaluated on pairs (the bundled held-out ones are suggested)
+    page.tab("try")
+    Select(page.find("#try-run")).select_by_value("dpo-trinh-duyet")
+    assert Select(page.find("#eval-data")).first_selected_option.text == "các cặp ưu tiên kiểm tra có sẵn"
+    Select(page.find("#eval-data")).select_by_visible_text("uploads/cap_uu_tien.jsonl")
+    page.type("#try-max", 4)
+    page.click("#evaluate-btn")
+    page.wait(lambda: "9 cặp ưu tiên từ cap_uu_tien.jsonl" in page.text("#report"), timeout=90,
+              what="the preference evaluation")
+    assert "câu chosen có xác suất cao hơn %" in page.text("#report .report-table")
+    assert len(page.d.find_elements(By.CSS_SELECTOR, "#report table.answers tr")) == 1 + 9
+    page.shot("preference-eval")
+    page.tab("train")

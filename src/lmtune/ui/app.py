@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from ..bundled import HELDOUT_DATA, bundled_path, config_files
+from ..bundled import HELDOUT_DATA, PREFERENCE_HELDOUT_DATA, bundled_path, config_files
 from ..config import ConfigError, load_config
 from ..errors import LmtuneError
 from ..webguard import HostCheck, HostGuard, key_matches, person_message, server_port
@@ -164,6 +164,7 @@ def create_app(workdir: str | Path, token: str | None = None, host: str = "127.0
     def state():
         return {"datasets": ws.datasets(), "presets": presets(), "runs": ws.runs.runs(), "training": ws.runs.status(),
                 "quants": list(QUANTS), "heldout": str(bundled_path(HELDOUT_DATA)), "bundled": str(ws.bundled_data),
+                "preference_heldout": str(bundled_path(PREFERENCE_HELDOUT_DATA)),
                 "tasks": {kind: ws.tasks.get(kind) for kind in export.TASKS}}
 
     def presets() -> dict:

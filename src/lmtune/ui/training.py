@@ -111,6 +111,14 @@ class Run:
         return (self.output_dir / MANIFEST_FILE).is_file()
 
     @property
+    def method(self) -> str | None:
+        """train.method of a finished run, from its manifest (None before it has one)."""
+        try:
+            return read_json(self.output_dir / MANIFEST_FILE)["method"]["method"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @property
     def adapter(self) -> bool:
         """Finished with an adapter: what a later run may continue (train.init_adapter)."""
         return self.finished and (self.output_dir / ADAPTER_CONFIG).is_file()
@@ -211,7 +219,8 @@ class TrainingRuns:
             run = Run(meta.name.removesuffix(".ui.json"), self.runs_dir)
             active = self.run is not None and self.run.name == run.name and self.running()
             found.append({"name": run.name, "finished": run.finished, "resumable": run.resumable and not active,
-                          "running": active, "adapter": run.adapter, "output_dir": str(run.output_dir)})
+                          "running": active, "adapter": run.adapter, "method": run.method,
+                          "output_dir": str(run.output_dir)})
         return found
 
     # ------------------------------------------------------------ progress

@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 from fastapi import Request
 
-from ..bundled import HELDOUT_DATA, KTO_DATA, PREFERENCE_DATA, TRAIN_DATA, bundled_path, config_files
+from ..bundled import (HELDOUT_DATA, KTO_DATA, PREFERENCE_DATA, PREFERENCE_HELDOUT_DATA, TRAIN_DATA, bundled_path,
+                       config_files)
 from ..config import ConfigError, load_config
 from ..data.source import DataSource
 from ..errors import LmtuneError, ModelError
@@ -174,7 +175,9 @@ class Workspace:
     def data_path(self, path: str) -> str:
         """Only files the page offers (datasets()); anything else is refused without saying what is there."""
         resolved = Path(path).resolve()
-        offered = [d["path"] for d in self.datasets()] + [str(bundled_path(HELDOUT_DATA))]  # held-out: for evaluation
+        # the held-out questions and preference pairs: for evaluation
+        offered = [d["path"] for d in self.datasets()] + [str(bundled_path(HELDOUT_DATA)),
+                                                          str(bundled_path(PREFERENCE_HELDOUT_DATA))]
         if resolved not in {Path(p).resolve() for p in offered}:
             raise LmtuneError(f"{path}: not one of the data files of this page")
         return str(resolved)

@@ -153,6 +153,7 @@ function renderDatasets() {
     return el("div", {class: "dataset"}, el("label", {}, input, " ", label), " ", remove);
   }));
   renderTrainData();
+  renderEvalData();  // an upload can be evaluated on at once, without a reload
 }
 
 function renderTrainData() {
@@ -566,6 +567,7 @@ function renderRuns() {
                                                : [el("option", {value: ""}, t("no_runs"))]));
     if (finished.some((r) => r.name === current)) select.value = current;
   }
+  suggestEvalData();
 }
 
 // The finished runs with an adapter, which a new run may continue (train.init_adapter); first "none".
@@ -653,6 +655,37 @@ async function loadReport() {
 }
 
 const METRICS = ["answer_loss", "perplexity", "chrf", "rouge_l", "exact_match", "eos_rate", "length_ratio"];
+// `lmtune eval` on preference pairs (evaluation/preference.py): its figures, and per pair the answers
+const PREFERENCE_METRICS = ["chosen_preferred", "mean_margin", "closer_to_chosen", "chrf_vs_chosen", "eos_rate", "length_ratio"];
+
+function preferenceEvalReport(report, predictions) {
+  const base = report.base;
+  const data = (report.data || []).map((d) => String(d).split("/").pop()).join(", ");
+  const table = el("table", {class: "list report-table"}, el("tr", {}, el("th", {}, t("metric")), el("th", {}, t("tuned")),
+    base ? el("th", {}, t("base")) : null, base ? el("th", {}, t("difference")) : null));
+  for (const key of PREFERENCE_METRICS) {
+    const tv = report.tuned[key], bv = base ? base[key] : null;
+    const digits = key === "mean_margin" ? 3 : key === "length_ratio" ? 2 : 1;
+    table.append(el("tr", {}, el("td", {}, t("m_" + key)), el("td", {class: "num"}, num(tv, digits)),
+      base ? el("td", {class: "num"}, num(bv, digits)) : null,
+      base ? el("td", {class: "num"}, (tv - bv >= 0 ? "+" : "") + num(tv - bv, digits)) : null));
+  }
+  const rewards = report.rewards_vs_base;
+  if (rewards) {
+    const blank = () => [el("td", {}), el("td", {})];  // no base or difference column: the base is the reference
+    table.append(el("tr", {}, el("td", {}, t("m_reward_accuracy")), el("td", {class: "num"}, num(rewards.reward_accuracy, 1)), blank()),
+                 el("tr", {}, el("td", {}, t("m_reward_margin")), el("td", {class: "num"}, num(rewards.reward_margin, 3)), blank()));
+  }
+  const answers = el("table", {class: "list answers"}, el("tr", {}, el("th", {}, t("question_col")), el("th", {}, t("chosen_col")),
+    el("th", {}, t("rejected_col")), el("th", {}, t("tuned")), base ? el("th", {}, t("base")) : null));
+  const answer = (side) => el("td", {}, side.answer, el("small", {}, " " + t(side.closer_to_chosen ? "closer_chosen" : "closer_rejected")));
+  for (const p of predictions) {
+    const prompt = Array.isArray(p.prompt) ? (p.prompt[p.prompt.length - 1] || {}).content : p.prompt;
+    answers.append(el("tr", {}, el("td", {}, prompt), el("td", {}, p.chosen), el("td", {}, p.rejected),
+      answer(p.tuned), p.base ? answer(p.base) : null));
+  }
+  return [el("h4", {}, t("report_pref_vs_base", {n: report.n, data})), table, el("h4", {}, t("per_pair")), answers];
+}
 
 function renderReport() {
   const box = $("report");
@@ -660,6 +693,7 @@ function renderReport() {
   if (!reports.length) { box.replaceChildren(el("p", {}, t("no_eval"))); return; }
   const parts = [];
   for (const {kind, report, predictions} of reports) {
+    if (report.kind === "preference") { parts.push(...preferenceEvalReport(report, predictions)); continue; }
     const base = report.base;
     const data = (report.data || []).map((d) => String(d).split("/").pop()).join(", ");
     parts.push(el("h4", {}, kind === "validation" ? t("report_validation", {n: report.n}) : t("report_vs_base", {n: report.n, data})));
@@ -696,10 +730,21 @@ async function evaluate() {
 function renderEvalData() {
   const select = $("eval-data");
   const current = select.value;
-  const options = [el("option", {value: S.heldout}, t("eval_data_heldout"))].concat(
+  const options = [el("option", {value: S.heldout}, t("eval_data_heldout")),
+                   el("option", {value: S.preferenceHeldout}, t("eval_data_preference_heldout"))].concat(
     S.datasets.filter((d) => !d.bundled).map((d) => el("option", {value: d.path}, d.name)));
   select.replaceChildren(...options);
   if ([...select.options].some((o) => o.value === current)) select.value = current;
+  suggestEvalData();
+}
+
+// A run tuned on preferences is evaluated on held-out pairs, one tuned on answers on held-out questions: suggested
+// once each time another run is chosen (or listed first), so that a file picked for it stays picked.
+function suggestEvalData() {
+  const run = S.runs.find((r) => r.name === $("try-run").value);
+  if (!run || !run.method || S.suggestedFor === run.name || !$("eval-data").options.length) return;
+  S.suggestedFor = run.name;
+  $("eval-data").value = PREFERENCE_METHODS.has(run.method) ? S.preferenceHeldout : S.heldout;
 }
 
 // ---------------------------------------------------------------- export
@@ -744,7 +789,7 @@ function renderExport() {
 async function refreshState() {
   const state = await api("GET", "/api/state");
   Object.assign(S, {datasets: state.datasets, presets: state.presets, runs: state.runs, quants: state.quants,
-                    heldout: state.heldout, bundled: state.bundled});
+                    heldout: state.heldout, bundled: state.bundled, preferenceHeldout: state.preference_heldout});
   if (!S.status || !ACTIVE.has(S.status.state)) S.status = state.training;
   return state;
 }
@@ -776,7 +821,7 @@ async function main() {
   $("ask-btn").addEventListener("click", ask);
   $("question").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); ask(); } });
   $("reset-btn").addEventListener("click", () => { S.chat = {base: [], tuned: []}; renderChat(); });
-  $("try-run").addEventListener("change", () => { S.chat = {base: [], tuned: []}; renderChat(); loadReport(); });
+  $("try-run").addEventListener("change", () => { S.chat = {base: [], tuned: []}; renderChat(); loadReport(); suggestEvalData(); });
   $("evaluate-btn").addEventListener("click", evaluate);
   $("merge-btn").addEventListener("click", mergeRun);
   $("export-btn").addEventListener("click", exportRun);
