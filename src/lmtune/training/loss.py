@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..data.tokenize import IGNORE_INDEX
 from .attention import attention_for_batch
 from .compiled import eager
+from .distributed import epoch_callback, global_batch_sampler
 
 # Config attributes of architectures that transform logits after the head (soft-capping, scaling).
 # Those models take the ordinary full-logits path, which applies them.
@@ -118,6 +119,19 @@ def make_trainer_class(loraplus_lr_ratio: float = 0.0):
                                                        loraplus_lr_ratio=loraplus_lr_ratio,
                                                        loraplus_weight_decay=self.args.weight_decay, **optimizer_kwargs)
             return self.optimizer
+
+        _sampler_epoch = None
+
+        def _get_train_sampler(self, train_dataset=None):
+            # Each optimizer step trains the same samples on 1 or N processes (training/distributed.py).
+            sampler = global_batch_sampler(self.args, self.train_dataset if train_dataset is None else train_dataset)
+            if sampler is None:
+                return super()._get_train_sampler(train_dataset)
+            if self._sampler_epoch is None:
+                self._sampler_epoch = epoch_callback()
+                self.add_callback(self._sampler_epoch)
+            self._sampler_epoch.sampler = sampler
+            return sampler
 
         def prediction_step(self, *args, **kwargs):
             # Validation runs eager: its no-grad graph is not worth a compile of its own (training/compiled.py).

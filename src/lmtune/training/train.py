@@ -436,9 +436,15 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
             result = _train_in(run, config, method, model, tokenizer, prepared, precision, steps, started, start_clock,
                                log, verbose, use_compile)
     except BaseException as error:
+        lost = distributed.lost_peer(error)  # another machine or process of the run went away
         if not main:
+            if lost:
+                raise LmtuneError(f"training stopped: {lost}. Rank 0 says which checkpoint is kept and how to resume "
+                                  f"(the same command with --resume, on every machine)") from error
             raise
         kept = run.discard_unless_resumable(error)
+        if lost:
+            raise LmtuneError(_interrupted_message(run, lost, steps)) from error
         if kept and isinstance(error, KeyboardInterrupt):  # a second Ctrl-C: stopped at once, no new checkpoint
             raise TrainingInterrupted(_interrupted_message(run, "stopped at once", steps)) from None
         full = disk_full_error(error, run.final)
