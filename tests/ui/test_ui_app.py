@@ -291,6 +291,13 @@ def test_a_bad_method_or_preference_setting_is_refused_naming_the_field(client, 
     assert client.get("/api/runs").json() == []  # refused before anything started
 
 
+def test_preference_data_with_lora_is_refused_naming_the_method(client):
+    pairs = next(d["path"] for d in client.get("/api/state").json()["datasets"] if d.get("label") == "use_bundled_preferences")
+    response = client.post("/api/train/start", json={"paths": [pairs]}, headers={"Accept-Language": "vi"})
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("Phương pháp huấn luyện (method): dữ liệu là dữ liệu ưu tiên")
+
+
 def test_inspect_and_clean_answer_the_preference_report(client, tmp_path, capsys):
     rows = _pairs(5)
     rows += [dict(rows[0]), {**rows[1], "rejected": rows[1]["chosen"]}, {"prompt": "Hỏi?", "chosen": "", "rejected": "x"}]

@@ -172,6 +172,10 @@ TEXTS: dict[str, tuple[str, str]] = {
     "loss_simpo": ("SimPO (length-normalised, no reference)", "SimPO (chuẩn hóa theo độ dài, không cần mô hình tham chiếu)"),
     "init_adapter": ("Continue the adapter of run", "Tiếp tục adapter của lần chạy"),
     "init_adapter_none": ("none: start a new adapter", "không: tạo adapter mới"),
+    "method_for_preferences": ("{field}: the data is preference data (prompt, chosen, rejected; or prompt, completion, "
+                               "label): choose DPO, ORPO or KTO",
+                               "{field}: dữ liệu là dữ liệu ưu tiên (prompt, chosen, rejected; hoặc prompt, completion, "
+                               "label): hãy chọn DPO, ORPO hoặc KTO"),
     "bad_init_adapter": ("{field}: {run} is not a finished run of this page with an adapter",
                          "{field}: {run} không phải là lần chạy đã xong của trang này có adapter"),
     "run_name": ("Run name", "Tên lần chạy"),

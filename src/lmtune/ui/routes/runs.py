@@ -11,6 +11,7 @@ from ...bundled import config_files
 from ...config import load_config
 from ...errors import LmtuneError
 from ..requests import PREFERENCE_METHODS, RunRequest, TrainForm
+from .data import is_preference_data
 from ..training import TrainingBusy
 from ..workspace import UserError, Workspace, language, safe_name, workspace
 
@@ -32,6 +33,10 @@ def training_settings(form: TrainForm, ws: Workspace) -> tuple[str, list[str], o
         raise LmtuneError(f"unknown preset {form.preset!r}; choose one of {', '.join(files)}")
     paths = ws.data_paths(form.paths)
     preference = form.method in PREFERENCE_METHODS
+    if not preference and is_preference_data(ws.source(form)):
+        # LoRA would answer that it cannot tell the question column from the answer column, and the page would point
+        # at its column fields; what is wrong is the method
+        raise UserError("method_for_preferences", field="method")
     settings = {"model.name_or_path": ws.model(form.model), "train.epochs": form.epochs,
                 "train.learning_rate": form.learning_rate, "lora.r": form.r, "data.val_size": form.val_size,
                 "data.max_samples": form.max_samples, **form.source_settings(),
