@@ -199,6 +199,16 @@ def test_multi_turn_chat_uses_the_conversation_template(client, loaded):
     assert response.usage.prompt_tokens == len(loaded.template.conversation_ids(loaded.tokenizer, messages))
 
 
+def test_two_user_messages_in_a_row_are_one_turn_as_openai_accepts_them(client, loaded):
+    split = [{"role": "user", "content": "Học máy"}, {"role": "user", "content": "là gì?"}]
+    response = client.chat.completions.create(model=MODEL, messages=split, max_tokens=3, temperature=0)
+    joined = [{"role": "user", "content": "Học máy\n\nlà gì?"}]
+    assert response.usage.prompt_tokens == len(loaded.template.conversation_ids(loaded.tokenizer, joined))
+    plain = client.chat.completions.create(model=MODEL, messages=GOOD_CHAT["messages"], max_tokens=3, temperature=0,
+                                           response_format={"type": "text"}, tools=[], logit_bias={})
+    assert plain.choices[0].message.content is not None  # empty or text-only values of those parameters are fine
+
+
 def test_n_seed_and_stop(client, loaded):
     args = dict(model=MODEL, prompt="Trí tuệ", max_tokens=12, temperature=1.0, top_p=0.95, seed=7, n=3)
     first, again = client.completions.create(**args), client.completions.create(**args)
@@ -244,6 +254,11 @@ BAD_REQUESTS = {
     "logprobs": ({**GOOD_CHAT, "logprobs": True}, "/v1/chat/completions"),
     "top_logprobs": ({**GOOD_CHAT, "logprobs": True, "top_logprobs": 2}, "/v1/chat/completions"),
     "completion logprobs": ({"model": MODEL, "prompt": "x", "logprobs": 2}, "/v1/completions"),
+    "tools": ({**GOOD_CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+              "/v1/chat/completions"),
+    "tool_choice": ({**GOOD_CHAT, "tool_choice": "required"}, "/v1/chat/completions"),
+    "logit_bias": ({**GOOD_CHAT, "logit_bias": {"5": 100}}, "/v1/chat/completions"),
+    "json response_format": ({**GOOD_CHAT, "response_format": {"type": "json_object"}}, "/v1/chat/completions"),
     "ends with assistant": ({**GOOD_CHAT, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
                             "/v1/chat/completions"),
     "negative max_tokens": ({**GOOD_CHAT, "max_tokens": -1}, "/v1/chat/completions"),

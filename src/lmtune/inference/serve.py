@@ -111,6 +111,32 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: Any = None  # refused unless null or false (Service.check_logprobs): lmtune does not compute them
     top_logprobs: Any = None
+    # Refused unless absent or empty (Service.check_unsupported): accepting and ignoring them would answer something
+    # other than what the client asked for.
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    logit_bias: Any = None
+    response_format: Any = None
+
+
+# OpenAI chat parameters lmtune serve does not implement -> what they ask for, for the refusal
+UNSUPPORTED = {"tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
+               "function_call": "function calling", "logit_bias": "token biases",
+               "response_format": "structured output (only {\"type\": \"text\"})"}
+
+
+def joined_turns(messages: list[dict]) -> list[dict]:
+    """Consecutive messages of one role as one message, their texts separated by a blank line: OpenAI accepts two user
+    messages in a row, and the chat templates lmtune trains with alternate user and assistant."""
+    joined: list[dict] = []
+    for message in messages:
+        if joined and joined[-1]["role"] == message["role"]:
+            joined[-1] = {**joined[-1], "content": joined[-1]["content"] + "\n\n" + message["content"]}
+        else:
+            joined.append(dict(message))
+    return joined
 
 
 # ---------------------------------------------------------------- the service behind the routes
@@ -128,6 +154,16 @@ class Service:
         if name != self.model_id:  # 404, as OpenAI answers a model that does not exist (with its type and code)
             raise APIError(404, f"The model {_shown(name)} does not exist; this server serves '{self.model_id}'", "model",
                            "model_not_found", type="invalid_request_error")
+
+    @staticmethod
+    def check_unsupported(request: ChatRequest) -> None:
+        for name, what in UNSUPPORTED.items():
+            value = getattr(request, name)
+            if name == "response_format" and value in ({"type": "text"},):
+                continue
+            if value not in (None, [], {}, "none"):
+                raise APIError(400, f"{name} is not supported by lmtune serve ({what}); leave it out", name,
+                               "unsupported_parameter")
 
     @staticmethod
     def check_logprobs(request: _Sampling) -> None:
@@ -497,7 +533,9 @@ def create_app(loaded: LoadedModel, worker: BatchWorker, model_id: str, defaults
     async def chat_completions(body: ChatRequest, request: Request):
         service.check_model(body.model)
         service.check_logprobs(body)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        service.check_unsupported(body)
+        messages = joined_turns([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                                 for m in body.messages])
         try:
             prompt = loaded.template.conversation_ids(loaded.tokenizer, messages)
         except DataError as e:

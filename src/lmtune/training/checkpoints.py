@@ -421,7 +421,7 @@ def find_resume_checkpoint(where: Path, default_run: Path) -> Path:
         found = [p.name for p in _checkpoint_folders(where)]
         raise LmtuneError(f"--resume: {where} has no complete checkpoint"
                           + (f" (only half-written ones: {', '.join(found)})" if found else "")
-                          + "; drop --resume and pass --overwrite to start over")
+                          + "; nothing to resume: run the same command without --resume to start over")
     return done[-1]
 
 
