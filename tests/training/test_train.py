@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import QA, train_config
 
-from lmtune.errors import ModelError, OutputExistsError
+from lmtune.errors import LmtuneError, ModelError, OutputExistsError
 from lmtune.export.merge import merge
 from lmtune.model import add_lora, load_model, resolve_source
 from lmtune.training.train import train
@@ -196,3 +196,18 @@ def test_a_short_run_and_its_merge_print_a_console_a_person_can_read(tiny_llama_
     out, err = lmtune("train", "--model", tiny_llama_dir, "--data", data, "--output-dir", tmp_path / "b", "--max-steps", 1,
                       "--batch-size", 2, "--grad-accum", 1, "--verbose")
     assert "'learning_rate'" in err  # --verbose shows the entries too
+
+
+def test_a_run_whose_outputs_cannot_fit_is_refused_before_the_first_step(tiny_bloom_dir, qa_file, tmp_path, monkeypatch):
+    """The run's outputs (weights and the checkpoints kept) against the disk's free space, before training starts."""
+    train_module = importlib.import_module("lmtune.training.train")  # the package re-exports train(), hiding the module
+
+    monkeypatch.setattr(train_module, "free_disk_bytes", lambda path: 50_000)
+    calls = []
+    monkeypatch.setattr(train_module, "_train_in", lambda *a, **k: calls.append(1))
+    with pytest.raises(LmtuneError, match=r"not enough free disk space for this run: it writes up to \d+ kB \(the "
+                                          r"adapter \d+ kB and up to 3 checkpoints of \d+ kB\) and .* has 50 kB free"):
+        train(train_config(tiny_bloom_dir, qa_file, tmp_path / "a", **{"train.keep_checkpoints": 2}), log=lambda _: None)
+    assert calls == [] and not (tmp_path / "a").exists()
+    needed, _ = train_module.run_disk_bytes(torch.nn.Linear(10, 10), 2, "adapter")
+    assert needed == 440 + 3 * (440 + 2 * 440)  # weights + 3 x (weights + AdamW's two moments), fp32

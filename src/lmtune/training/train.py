@@ -195,6 +195,36 @@ def decide_checkpointing(config: Config, model, samples: list[dict], precision) 
     return need > 0.5 * free_memory_bytes(precision.device)
 
 
+def run_disk_bytes(model, keep_checkpoints: int, output_kind: str) -> tuple[int, str]:
+    """(bytes, what they are) the run writes at most: the saved weights, and the checkpoints kept at once (each the
+    trained weights with AdamW's two moments; one more than kept exists while the newest is written)."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    saved = sum(p.numel() * p.element_size() for p in model.parameters()) if output_kind == "model" else trainable
+    checkpoint = saved + 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    kept = keep_checkpoints + 1
+    return saved + kept * checkpoint, f"the {output_kind} {_size(saved)} and up to {kept} checkpoints of {_size(checkpoint)}"
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def free_disk_bytes(path: Path) -> int:
+    while not path.exists():  # the run folder may not exist yet: the disk it will be on
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_disk_space(folder: Path, model, keep_checkpoints: int, output_kind: str) -> None:
+    """Refuse before the first step a run whose outputs cannot fit, rather than train to the end and fail at saving."""
+    needed, what = run_disk_bytes(model, keep_checkpoints, output_kind)
+    free = free_disk_bytes(Path(folder))
+    if needed > free:
+        raise LmtuneError(f"not enough free disk space for this run: it writes up to {_size(needed)} ({what}) and "
+                          f"{Path(folder).parent} has {_size(free)} free; free some space, choose another --output-dir, "
+                          f"or keep fewer checkpoints (train.keep_checkpoints {keep_checkpoints})")
+
+
 def free_memory_bytes(device: str) -> float:
     if device == "cuda":
         return float(torch.cuda.mem_get_info()[0])
@@ -416,6 +446,8 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         model = method.load_model(source, precision, log)
 
         steps = total_steps(config, len(prepared.samples), plan.processes)
+        if not dry_run and main:
+            check_disk_space(run.partial, model, t.keep_checkpoints, method.output_kind)
         use_compile = _decide_compile(config, method, model, prepared, precision, steps, plan.processes, log)
 
         if dry_run:
@@ -490,7 +522,8 @@ def _train_in(run: RunFolder, config: Config, method: TrainingMethod, model, tok
         if run.resume_from:
             log(f"resume: continuing from {run.resume_from} (step {resume_step} of {steps})")
         plan = distributed.batch_plan(t.batch_size, t.grad_accum, 0, processes.world_size())
-        log(f"training: {steps} optimizer steps of {plan.describe()}")
+        engine = distributed.engine(trainer)
+        log(f"training: {steps} optimizer steps of {plan.describe()}" + (f" with {engine}" if engine else ""))
         # Errors propagate: an untrained adapter is never saved (the tutorial's defect 9).
         with compiled.compiled_layers(causal_lm_of(model), use_compile, strict=t.compile is True):
             trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
