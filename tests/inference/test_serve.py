@@ -395,7 +395,7 @@ def test_disconnecting_client_frees_its_row(client, worker):
 
 def test_a_non_streaming_client_that_gave_up_frees_its_row(tiny_llama_dir):
     """A client with a short timeout closes its connection while its long answer is generated: the row stops
-    at once (issue 16, item 10), as for a streaming client, instead of keeping the cores busy to the end."""
+    at once, as for a streaming client, instead of keeping the cores busy to the end."""
     import socket
 
     slow = load_for_inference(tiny_llama_dir)

@@ -1,4 +1,4 @@
-"""A bounded soak test of `lmtune serve` (issue 16, item 20): a real server process on loopback, several clients
+"""A bounded soak test of `lmtune serve`: a real server process on loopback, several clients
 sending a few hundred mixed requests (chat and completions, streamed and not, some abandoned mid-answer, some
 malformed), stopping by itself.
 

@@ -1,4 +1,4 @@
-"""The field's training methods (issue 15): each is shown to change what is trained or how, not only to be accepted,
+"""The field's training methods: each is shown to change what is trained or how, not only to be accepted,
 and merge and resume are shown to work with it.
 
 DoRA magnitudes exist and train; rsLoRA scales by alpha/sqrt(r); PiSSA/OLoRA start from the base's own output and
