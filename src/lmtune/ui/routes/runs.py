@@ -11,9 +11,9 @@ from ...bundled import config_files
 from ...config import load_config
 from ...errors import LmtuneError
 from ..requests import PREFERENCE_METHODS, RunRequest, TrainForm
-from .data import is_preference_data
 from ..training import TrainingBusy
 from ..workspace import UserError, Workspace, language, safe_name, workspace
+from .data import is_preference_data
 
 router = APIRouter()
 Ws = Annotated[Workspace, Depends(workspace)]
@@ -40,8 +40,8 @@ def training_settings(form: TrainForm, ws: Workspace) -> tuple[str, list[str], o
     settings = {"model.name_or_path": ws.model(form.model), "train.epochs": form.epochs,
                 "train.learning_rate": form.learning_rate, "lora.r": form.r, "data.val_size": form.val_size,
                 "data.max_samples": form.max_samples, **form.source_settings(),
-                # lora is the presets' method: said only when another is chosen, as a person would type it
-                "train.method": form.method if form.method != "lora" else None,
+                # said only when it is not the preset's own, as a person would type it
+                "train.method": form.method if form.method != load_config(files[form.preset]).train.method else None,
                 # beta and loss_type mean nothing to LoRA, and loss_type nothing to ORPO and KTO: not passed on
                 "preference.beta": form.beta if preference else None,
                 "preference.loss_type": form.loss_type if form.method == "dpo" else None,
