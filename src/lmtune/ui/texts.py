@@ -94,6 +94,7 @@ TEXTS: dict[str, tuple[str, str]] = {
     "side_prompt": ("prompt", "câu hỏi (prompt)"),
     "side_chosen": ("chosen answer", "câu trả lời được chọn (chosen)"),
     "side_rejected": ("rejected answer", "câu trả lời bị loại (rejected)"),
+    "side_completion": ("answer (completion)", "câu trả lời (completion)"),
     "pp_unreadable": ("rows that cannot be read", "dòng không đọc được"),
     "pp_same_answers": ("chosen and rejected are the same", "chosen và rejected giống hệt nhau"),
     "pp_whitespace_only": ("chosen and rejected differ only in spaces or line breaks",

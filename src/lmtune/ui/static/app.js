@@ -291,7 +291,10 @@ function preferenceReport(r) {
     el("p", {id: "inspect-summary"}, t("pref_summary", {rows: r.rows, files: r.files.length, pairs: r.pairs, unpaired: r.unpaired})),
     el("ul", {}, r.files.map((f) => el("li", {}, f.split("/").pop()))),
     el("h4", {}, t("pref_lengths_" + r.unit))];
-  for (const [side, lengths] of Object.entries(r.lengths)) parts.push(el("p", {}, t("side_" + side) + ": " + stats(lengths)));
+  for (const [side, lengths] of Object.entries(r.lengths)) {
+    const name = side === "chosen" && !r.pairs ? "completion" : side;  // unpaired rows have one answer each
+    parts.push(el("p", {}, t("side_" + name) + ": " + stats(lengths)));
+  }
   const table = el("table", {class: "list", id: "checks"},
     el("tr", {}, el("th", {}, t("check_name")), el("th", {}, t("count")), el("th", {}, t("examples"))));
   for (const [kind, count] of Object.entries(r.counts)) {
