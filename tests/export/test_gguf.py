@@ -306,3 +306,17 @@ def test_k_quants_without_llama_cpp_say_how_to_get_it(tiny_llama_dir, tmp_path, 
 def test_output_must_be_a_gguf_file_name(tiny_llama_dir, tmp_path, capsys):
     code, _, err = run(capsys, "export", "--model", tiny_llama_dir, "--output", tmp_path / "model.bin")
     assert code == 2 and ".gguf" in _one_error_line(err)
+
+
+def test_export_prints_its_own_lines_only(tiny_llama_dir, tmp_path):
+    """No library progress bar and no library warning (with its file path) among export's lines, in a real process."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lmtune", "export", "--model", tiny_llama_dir, "--output",
+                           str(tmp_path / "m.gguf"), "--quant", "f32"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout + done.stderr
+    assert "export: wrote" in text
+    for noise in ("Warning", "it/s]", "site-packages"):
+        assert noise not in text, text

@@ -159,11 +159,13 @@ def _apply_file_rope_factors(model, factors: torch.Tensor) -> None:
 
 def check_with_transformers(path: Path, probe: dict, expected: torch.Tensor, quant: str) -> LogitCheck:
     from transformers import AutoModelForCausalLM
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars_on, real_tqdm = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
     hf_logging.set_verbosity_error()  # its progress bars and dequantization notes are noise here
     hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = lambda iterable, **_: iterable  # the reader's de-quantizing bar is a tqdm of its own
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     except Exception as e:  # anything transformers' reader trips on means the file is not what it should be
@@ -171,7 +173,9 @@ def check_with_transformers(path: Path, probe: dict, expected: torch.Tensor, qua
                                       f"{str(e).splitlines()[0] if str(e) else ''}; nothing was written") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        gguf_utils.tqdm = real_tqdm
+        if bars_on:  # switching them on where the environment turned them off warns with a file path
+            hf_logging.enable_progress_bar()
     if (factors := file_rope_factors(path)) is not None:
         _apply_file_rope_factors(model, factors)
     with torch.no_grad():
