@@ -199,7 +199,7 @@ class GenerateConfig:
     # Makes tokens the answer already holds less likely: their scores are divided by it (negative ones multiplied);
     # 1.0 = off.
     repetition_penalty: float = 1.1
-    # Single answers (chat, serve) through a compiled one-token step (inference/compiled_decode.py): about 1.8-2x the
+    # Single answers (chat, serve) through a compiled one-token step (lmtune/decoding.py): about 1.8-2x the
     # tokens/s on a CPU after a minute or two of compiling (cached on disk). "auto": on a CPU with bf16 or fp32 weights,
     # for Llama-family models of 200 MB or more, in chat and serve, when a C++ compiler is installed; true/false force it.
     compile: Union[bool, Literal["auto"]] = "auto"
