@@ -116,14 +116,6 @@ def test_cpu_threads_are_shared_by_the_processes_of_one_machine(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_gpu_smoke_script_is_valid_bash():
-    script = REPO / "bench" / "gpu_smoke.sh"
-    assert script.is_file() and os.access(script, os.X_OK)
-    subprocess.run(["bash", "-n", str(script)], check=True)
-    text = script.read_text()
-    assert "set -euo pipefail" in text and "torchrun --nproc_per_node 2" in text and "--quantization 4bit" in text
-
-
 # Both runs: the same settings on 48 rows of uneven lengths (12 to 60 tokens), 6 optimizer steps of 8 samples; so
 # each step trains the same samples only if the sampler's order and length grouping are defined over the global batch,
 # and the same gradient only if the loss is normalised over the answer tokens of the whole global batch.
