@@ -10,6 +10,7 @@ of one machine. With no launcher every function answers as for a single process.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -49,6 +50,22 @@ def batch_plan(per_device: int, grad_accum: int, global_batch_size: int, process
             f"{processes} process{'es' if processes != 1 else ''} = {per_pass}; use {nearest}, or change train.batch_size"
         ])
     return BatchPlan(per_device, global_batch_size // per_pass, processes)
+
+
+def engine(trainer) -> str | None:
+    """How the processes share the training, for the run's batch line: 'DDP', 'FSDP' or 'DeepSpeed ZeRO-N';
+    None for one process."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "FSDP"
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return f"DeepSpeed ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
+    if trainer.args.world_size < 2:
+        return None
+    # accelerate (1.x) turns FSDP and DeepSpeed on only for GPU-like devices; on CPUs it runs DDP without a word.
+    for variable, asked in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "").lower() == "true":
+            return f"DDP (not {asked}: accelerate runs {asked} only on GPUs; each process holds the whole model)"
+    return "DDP"
 
 
 def sharded_engine(trainer) -> str | None:
