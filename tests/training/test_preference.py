@@ -337,3 +337,11 @@ def test_data_inspect_and_clean_name_each_problem_of_a_preference_file(tmp_path,
     rejects = [json.loads(line) for line in (tmp_path / "clean.rejects.jsonl").read_text().splitlines()]
     assert len(kept) + len(rejects) == len(rows) and len(rejects) == 5
     assert load_preferences([str(tmp_path / "clean.jsonl")])[0]  # what clean keeps trains
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo", "kto"])
+def test_dry_run_estimates_each_preference_method(tiny_llama_dir, tmp_path, method):
+    data = write_jsonl(tmp_path / "d.jsonl", UNPAIRED if method == "kto" else PAIRS)
+    result = train(train_config(tiny_llama_dir, data, tmp_path / "a", **FP32, **{"train.method": method}), dry_run=True,
+                   **QUIET)
+    assert result.dry_run_estimate["seconds_total"] > 0 and not (tmp_path / "a").exists()

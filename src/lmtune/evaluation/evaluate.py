@@ -39,6 +39,7 @@ from ..outputs import (
 )
 from ..training.loss import answer_only_loss, causal_lm_of, supports_answer_only
 from ..training.train import TrainResult
+from . import tables
 from .metrics import Scores, exact_match, rouge_l, score_texts, sentence_chrf
 from .preference import is_preference_data, run_preference_eval
 
@@ -114,33 +115,17 @@ ROWS = [("answer loss", "answer_loss", "{:.3f}"), ("perplexity", "perplexity", "
 
 
 def comparison_rows(tuned: ModelEval, base: ModelEval | None) -> list[list[str]]:
-    rows = []
-    for name, key, fmt in ROWS:
-        t = tuned.figures()[key]
-        row = [name, fmt.format(t)]
-        if base is not None:
-            b = base.figures()[key]
-            row += [fmt.format(b), ("+" if t - b >= 0 else "") + fmt.format(t - b)]
-        rows.append(row)
-    return rows
+    return tables.comparison_rows(ROWS, tuned.figures(), base.figures() if base else None)
 
 
 def format_table(tuned: ModelEval, base: ModelEval | None, n: int) -> str:
-    header = ["metric", "tuned"] + (["base", "tuned - base"] if base else [])
-    rows = [header] + comparison_rows(tuned, base)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [f"{n} questions, greedy"]
-    for row in rows:
-        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
-    return "\n".join(lines)
+    return tables.text_table(f"{n} questions, greedy", comparison_rows(tuned, base), base is not None)
 
 
 def _markdown(tuned: ModelEval, base: ModelEval | None, report: dict, has_plot: bool) -> str:
-    header = ["metric", "tuned"] + (["base", "tuned − base"] if base else [])
     lines = [f"# Evaluation of {report['model']}", "",
              f"{report['n']} questions from {', '.join(report['data'])}; greedy answers, at most {report['max_new_tokens']} new tokens.",
-             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(tuned, base)]
+             "", *tables.markdown_table(comparison_rows(tuned, base), base is not None)]
     if has_plot:
         lines += ["", "## Training loss", "", f"![training loss]({PLOT_FILE})"]
     lines += ["", f"Per question: `{PREDICTIONS_FILE}`. Figures: `{REPORT_FILE}`.", ""]

@@ -29,6 +29,7 @@ from ..inference.generate import Answer, generate_batch
 from ..inference.load import LoadedModel, load_for_inference
 from ..outputs import atomic_output, write_json
 from ..training.methods.preference import answer_logps
+from . import tables
 from .metrics import Scores, score_texts, sentence_chrf
 
 REPORT_FILE, PREDICTIONS_FILE, MARKDOWN_FILE = "report.json", "predictions.jsonl", "report.md"
@@ -112,14 +113,7 @@ def reward_figures(tuned: PreferenceEval, base: PreferenceEval) -> dict:
 
 
 def table_rows(tuned: PreferenceEval, base: PreferenceEval | None) -> list[list[str]]:
-    rows = []
-    for name, key, fmt in ROWS:
-        t = tuned.figures()[key]
-        row = [name, fmt.format(t)]
-        if base is not None:
-            b = base.figures()[key]
-            row += [fmt.format(b), ("+" if t - b >= 0 else "") + fmt.format(t - b)]
-        rows.append(row)
+    rows = tables.comparison_rows(ROWS, tuned.figures(), base.figures() if base else None)
     if base is not None:
         rewards = reward_figures(tuned, base)
         rows.append(["reward accuracy % (vs base)", f"{rewards['reward_accuracy']:.1f}", "", ""])
@@ -128,13 +122,8 @@ def table_rows(tuned: PreferenceEval, base: PreferenceEval | None) -> list[list[
 
 
 def format_table(tuned: PreferenceEval, base: PreferenceEval | None) -> str:
-    header = ["metric", "tuned"] + (["base", "tuned - base"] if base else [])
-    rows = [header] + table_rows(tuned, base)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [f"{len(tuned.chosen_logps)} preference pairs, greedy answers"]
-    for row in rows:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    return "\n".join(lines)
+    return tables.text_table(f"{len(tuned.chosen_logps)} preference pairs, greedy answers", table_rows(tuned, base),
+                             base is not None)
 
 
 def run_preference_eval(examples: list[PreferenceExample], paths: list[str], output_dir: str, model: str | None,
@@ -182,10 +171,8 @@ def _row(result: PreferenceEval, i: int) -> dict:
 
 
 def _markdown(tuned: PreferenceEval, base: PreferenceEval | None, report: dict) -> str:
-    header = ["metric", "tuned"] + (["base", "tuned − base"] if base else [])
     lines = [f"# Preference evaluation of {report['model']}", "",
              f"{report['n']} pairs from {', '.join(report['data'])}; greedy answers, at most "
-             f"{report['max_new_tokens']} new tokens.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(tuned, base)]
+             f"{report['max_new_tokens']} new tokens.", "", *tables.markdown_table(table_rows(tuned, base), base is not None)]
     lines += ["", f"Per pair: `{PREDICTIONS_FILE}`. Figures: `{REPORT_FILE}`.", ""]
     return "\n".join(lines)

@@ -136,7 +136,13 @@ class PreferenceMethod(TrainingMethod):
         return PreferenceCollator(tokenizer)
 
     def loss(self, model, batch):
-        return self.loss_and_metrics(model, batch)[0]
+        """One micro-batch's loss outside the trainer (the dry run's timing, before any reference exists): a
+        reference of zeros costs what the real one costs, nothing."""
+        rows = batch["input_ids"].shape[0]
+        zeros = {"reference_logp": torch.zeros(rows), "reference_kl_logp": torch.zeros(batch["preference_label"].shape[0])
+                 if "preference_label" in batch else None}
+        filled = {k: v for k, v in zeros.items() if v is not None and k not in batch}
+        return self.loss_and_metrics(model, {**batch, **filled})[0]
 
     def loss_and_metrics(self, model, batch) -> tuple[torch.Tensor, dict[str, float]]:
         logps, lengths = answer_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
