@@ -345,3 +345,15 @@ def test_dry_run_estimates_each_preference_method(tiny_llama_dir, tmp_path, meth
     result = train(train_config(tiny_llama_dir, data, tmp_path / "a", **FP32, **{"train.method": method}), dry_run=True,
                    **QUIET)
     assert result.dry_run_estimate["seconds_total"] > 0 and not (tmp_path / "a").exists()
+
+
+def test_train_with_validation_pairs_writes_the_preference_report(tiny_llama_dir, pairs_file, tmp_path, capsys):
+    code, out, err = run(capsys, "train", "--model", tiny_llama_dir, "--data", pairs_file, "--output-dir", tmp_path / "a",
+                         "--method", "dpo", "--val-size", "1", "--max-steps", "2", "--generate.max_new_tokens", "4",
+                         "--dtype", "float32")
+    assert code == 0, err
+    report = json.loads((tmp_path / "a" / "eval" / "report.json").read_text())
+    assert report["kind"] == "preference" and report["n"] == 1 and "chosen_preferred" in report["tuned"]
+    assert "chosen preferred %" in out
+    manifest = json.loads((tmp_path / "a" / "lmtune_manifest.json").read_text())
+    assert manifest["validation"]["report"]["n"] == 1

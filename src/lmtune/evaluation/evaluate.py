@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..config import GenerateConfig
 from ..data.collate import Collator
-from ..data.preferences import load_preferences
+from ..data.preferences import PreferenceExample, load_preferences
 from ..data.readers import Example, load_examples
 from ..data.source import DataSource
 from ..data.template import PromptTemplate
@@ -41,7 +41,8 @@ from ..training.loss import answer_only_loss, causal_lm_of, supports_answer_only
 from ..training.train import TrainResult
 from . import tables
 from .metrics import Scores, exact_match, rouge_l, score_texts, sentence_chrf
-from .preference import is_preference_data, run_preference_eval
+from .preference import evaluate_preferences, is_preference_data, run_preference_eval, write_preference_report
+from .preference import format_table as format_preference_table
 
 REPORT_FILE, PREDICTIONS_FILE, MARKDOWN_FILE = "report.json", "predictions.jsonl", "report.md"
 
@@ -220,13 +221,23 @@ def validation_report(result: TrainResult, generate: GenerateConfig, batch_size:
         return None
     examples = result.val_examples[:VALIDATION_REPORT_QUESTIONS]
     loaded = LoadedModel(result.model.eval(), result.tokenizer, result.template, result.device, result.compute_dtype)
-    tuned = evaluate_model(loaded, examples, generate, "tuned", batch_size=max(batch_size, 8))
-    figures = {"model": str(out), "data": ["validation split"], "n": len(examples),
-               "max_new_tokens": generate.max_new_tokens, "tuned": tuned.figures(), "base": None}
-    with atomic_output(out / "eval", overwrite=True) as folder:
-        write_report(folder, examples, tuned, None, figures, out / PLOT_FILE)
+    if isinstance(examples[0], PreferenceExample):  # validation pairs of a preference method
+        tuned = evaluate_preferences(loaded, examples, GenerateConfig(**{**generate.__dict__, "greedy": True}), "tuned",
+                                     batch_size=max(batch_size, 8))
+        figures = {"model": str(out), "data": ["validation split"], "n": len(examples), "kind": "preference",
+                   "max_new_tokens": generate.max_new_tokens, "tuned": tuned.figures(), "base": None}
+        with atomic_output(out / "eval", overwrite=True) as folder:
+            write_preference_report(folder, examples, tuned, None, figures)
+        table = format_preference_table(tuned, None)
+    else:
+        tuned = evaluate_model(loaded, examples, generate, "tuned", batch_size=max(batch_size, 8))
+        figures = {"model": str(out), "data": ["validation split"], "n": len(examples),
+                   "max_new_tokens": generate.max_new_tokens, "tuned": tuned.figures(), "base": None}
+        with atomic_output(out / "eval", overwrite=True) as folder:
+            write_report(folder, examples, tuned, None, figures, out / PLOT_FILE)
+        table = format_table(tuned, None, len(examples))
     manifest = read_json(out / MANIFEST_FILE)
     manifest.setdefault("validation", {})["report"] = {"n": len(examples), **tuned.figures()}
     write_json(out / MANIFEST_FILE, manifest)
-    log(f"validation: {format_table(tuned, None, len(examples))}")
+    log(f"validation: {table}")
     return manifest["validation"]["report"]

@@ -139,20 +139,23 @@ def run_preference_eval(examples: list[PreferenceExample], paths: list[str], out
               "n": len(examples), "max_new_tokens": max_new_tokens, "kind": "preference",
               "tuned": tuned.figures(), "base": base.figures() if base else None,
               **({"rewards_vs_base": reward_figures(tuned, base)} if base else {})}
-    table = format_table(tuned, base)
     with atomic_output(output_dir, overwrite) as out:
-        with open(out / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
-            for i, e in enumerate(examples):
-                row = {"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected,
-                       "tuned": _row(tuned, i)}
-                if base is not None:
-                    row["base"] = _row(base, i)
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        write_json(out / REPORT_FILE, report)
-        (out / MARKDOWN_FILE).write_text(_markdown(tuned, base, report), encoding="utf-8")
-    log(table)
+        write_preference_report(out, examples, tuned, base, report)
+    log(format_table(tuned, base))
     log(f"report: {Path(output_dir) / MARKDOWN_FILE}")
     return report
+
+
+def write_preference_report(out: Path, examples: list[PreferenceExample], tuned: PreferenceEval,
+                            base: PreferenceEval | None, report: dict) -> None:
+    with open(out / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
+        for i, e in enumerate(examples):
+            row = {"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected, "tuned": _row(tuned, i)}
+            if base is not None:
+                row["base"] = _row(base, i)
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_json(out / REPORT_FILE, report)
+    (out / MARKDOWN_FILE).write_text(_markdown(tuned, base, report), encoding="utf-8")
 
 
 def raise_unpaired(examples: list[PreferenceExample]) -> None:

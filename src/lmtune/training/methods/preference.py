@@ -107,7 +107,7 @@ class PreferenceMethod(TrainingMethod):
             log(f"data: dropped {token_report.dropped_long_prompt} rows whose prompt alone exceeds data.max_length")
         if val_examples:
             log(f"validation: {len(val_samples)} rows")
-        return PreparedData(template, samples, report, token_report, val_samples, 0, [])
+        return PreparedData(template, samples, report, token_report, val_samples, 0, val_examples)
 
     def preflight(self, prepared: PreparedData, tokenizer, log: Callable[[str], None] = print) -> None:
         from ...data.collate import render_example
