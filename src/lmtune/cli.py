@@ -362,11 +362,17 @@ def cmd_data_inspect(args, extra) -> int:
 
 
 def _is_preference_data(source) -> bool:
+    """Whether the first readable row has preference fields; unreadable files are left to the reader that reports
+    them (with --skip-invalid, it skips them)."""
     from .data.preferences import preference_layout
     from .data.readers import iter_records, resolve_paths
 
-    for _, record in iter_records(resolve_paths(list(source.paths))[0], csv_delimiter=source.csv_delimiter):
-        return isinstance(record, dict) and preference_layout(record) is not None
+    try:
+        for path in resolve_paths(list(source.paths), on_invalid=lambda error: None):
+            for _, record in iter_records(path, on_invalid=lambda error: None, csv_delimiter=source.csv_delimiter):
+                return isinstance(record, dict) and preference_layout(record) is not None
+    except LmtuneError:
+        return False
     return False
 
 
