@@ -267,8 +267,10 @@ def test_dpo_from_the_page_trains_and_shows_the_reward_accuracy(tmp_path, tiny_l
         time.sleep(0.5)
         task = client.get("/api/task/evaluate").json()
     assert task["state"] == "done", task
-    report, = client.get("/api/report", params={"run": "dpo-1"}).json()["reports"]
-    assert (report["kind"], report["report"]["kind"], report["report"]["n"]) == ("vs_base", "preference", 8)
+    reports = {r["kind"]: r for r in client.get("/api/report", params={"run": "dpo-1"}).json()["reports"]}
+    assert reports["validation"]["report"]["kind"] == "preference"  # written by the run on its validation pairs
+    report = reports["vs_base"]
+    assert (report["report"]["kind"], report["report"]["n"]) == ("preference", 8)
     assert len(report["predictions"]) == 8 and {"chosen", "rejected", "tuned", "base"} <= set(report["predictions"][0])
 
 

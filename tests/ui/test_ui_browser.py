@@ -320,6 +320,7 @@ def test_preference_tuning_in_the_browser(page, tiny_llama_dir, tmp_path):
     page.wait(lambda: "9 cặp ưu tiên từ cap_uu_tien.jsonl" in page.text("#report"), timeout=90,
               what="the preference evaluation")
     assert "câu chosen có xác suất cao hơn %" in page.text("#report .report-table")
-    assert len(page.d.find_elements(By.CSS_SELECTOR, "#report table.answers tr")) == 1 + 9
+    evaluated = page.d.find_elements(By.CSS_SELECTOR, "#report table.answers")[0]  # then the run's validation pairs
+    assert len(evaluated.find_elements(By.CSS_SELECTOR, "tr")) == 1 + 9
     page.shot("preference-eval")
     page.tab("train")

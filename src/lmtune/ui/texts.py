@@ -256,6 +256,7 @@ TEXTS: dict[str, tuple[str, str]] = {
     "m_length_ratio": ("length / reference", "độ dài / tham chiếu"),
     "eval_data_preference_heldout": ("bundled held-out preference pairs", "các cặp ưu tiên kiểm tra có sẵn"),
     "report_pref_vs_base": ("{n} preference pairs from {data}: tuned vs base", "{n} cặp ưu tiên từ {data}: tinh chỉnh so với gốc"),
+    "report_pref_validation": ("{n} validation pairs, at the end of training", "{n} cặp kiểm định, khi huấn luyện xong"),
     "m_chosen_preferred": ("chosen answer more likely %", "câu chosen có xác suất cao hơn %"),
     "m_mean_margin": ("mean margin (per token)", "chênh lệch trung bình (mỗi token)"),
     "m_closer_to_chosen": ("answers closer to chosen %", "câu trả lời gần chosen hơn %"),

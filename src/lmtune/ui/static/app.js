@@ -661,7 +661,7 @@ const METRICS = ["answer_loss", "perplexity", "chrf", "rouge_l", "exact_match", 
 // `lmtune eval` on preference pairs (evaluation/preference.py): its figures, and per pair the answers
 const PREFERENCE_METRICS = ["chosen_preferred", "mean_margin", "closer_to_chosen", "chrf_vs_chosen", "eos_rate", "length_ratio"];
 
-function preferenceEvalReport(report, predictions) {
+function preferenceEvalReport(kind, report, predictions) {
   const base = report.base;
   const data = (report.data || []).map((d) => String(d).split("/").pop()).join(", ");
   const table = el("table", {class: "list report-table"}, el("tr", {}, el("th", {}, t("metric")), el("th", {}, t("tuned")),
@@ -687,7 +687,8 @@ function preferenceEvalReport(report, predictions) {
     answers.append(el("tr", {}, el("td", {}, prompt), el("td", {}, p.chosen), el("td", {}, p.rejected),
       answer(p.tuned), p.base ? answer(p.base) : null));
   }
-  return [el("h4", {}, t("report_pref_vs_base", {n: report.n, data})), table, el("h4", {}, t("per_pair")), answers];
+  const title = kind === "validation" ? t("report_pref_validation", {n: report.n}) : t("report_pref_vs_base", {n: report.n, data});
+  return [el("h4", {}, title), table, el("h4", {}, t("per_pair")), answers];
 }
 
 function renderReport() {
@@ -696,7 +697,7 @@ function renderReport() {
   if (!reports.length) { box.replaceChildren(el("p", {}, t("no_eval"))); return; }
   const parts = [];
   for (const {kind, report, predictions} of reports) {
-    if (report.kind === "preference") { parts.push(...preferenceEvalReport(report, predictions)); continue; }
+    if (report.kind === "preference") { parts.push(...preferenceEvalReport(kind, report, predictions)); continue; }
     const base = report.base;
     const data = (report.data || []).map((d) => String(d).split("/").pop()).join(", ");
     parts.push(el("h4", {}, kind === "validation" ? t("report_validation", {n: report.n}) : t("report_vs_base", {n: report.n, data})));
