@@ -53,8 +53,9 @@ def read_rows(n: int) -> list[dict]:
     return [json.loads(line) for line in lines[:n]]
 
 
-def run_lmtune(rows, steps: int, dtype: str, scratch: str) -> tuple[float, float]:
-    """(seconds per optimizer step, peak RSS bytes)."""
+def run_lmtune(rows, steps: int, dtype: str, scratch: str, compile_layers: bool = False) -> tuple[float, float]:
+    """(seconds per optimizer step, peak RSS bytes); `compile_layers`: the decoder layers compiled, as train.compile
+    does (training/compiled.py)."""
     from lmtune.config import build_config
     from lmtune.model import choose_precision, configure_cpu_threads, frozen_weights_dtype, add_lora
     from lmtune.training.methods import method_for
@@ -62,6 +63,7 @@ def run_lmtune(rows, steps: int, dtype: str, scratch: str) -> tuple[float, float
     from lmtune.data.preferences import read_preference, tokenize_preferences
     from lmtune.data.readers import LoadReport
     from lmtune.data.template import PromptTemplate
+    from lmtune.training.compiled import compiled_layers
     from lmtune.training.train import build_trainer
 
     config = build_config(overrides={
@@ -86,7 +88,8 @@ def run_lmtune(rows, steps: int, dtype: str, scratch: str) -> tuple[float, float
         reference = time.perf_counter() - start
         timer = timing_callback(None)
         trainer = build_trainer(config, model, tok, samples, precision, Path(scratch), [timer], method=method)
-        run_trainer(trainer, timer)
+        with compiled_layers(model.get_base_model(), compile_layers, strict=True):
+            run_trainer(trainer, timer)
     per_step = statistics.median(timer.steps[1:]) + reference / steps
     return per_step, rss.peak
 
@@ -120,26 +123,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not timed)")
     parser.add_argument("--rounds", type=int, default=2, help="lmtune and TRL alternate this many times")
+    parser.add_argument("--compare", choices=["trl", "compile"], default="trl",
+                        help="trl: lmtune against TRL's DPOTrainer; compile: lmtune with compiled decoder layers "
+                             "against lmtune eager")
     args = parser.parse_args()
     precision = choose_precision("cpu", "auto")
     dtype = "bfloat16" if precision.compute_dtype == torch.bfloat16 else "float32"
     rows = read_rows(PAIRS_PER_STEP * args.steps)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"{cpu}; {torch.get_num_threads()} threads; {dtype}; {PAIRS_PER_STEP} pairs per step, {args.steps} steps")
-    times: dict[str, list[float]] = {"lmtune": [], "trl": []}
-    peaks: dict[str, float] = {"lmtune": 0.0, "trl": 0.0}
+    other = "trl" if args.compare == "trl" else "lmtune-eager"
+    times: dict[str, list[float]] = {"lmtune": [], other: []}
+    peaks: dict[str, float] = {"lmtune": 0.0, other: 0.0}
+    compiled = args.compare == "compile"
     for round_ in range(args.rounds):
-        for name in ("lmtune", "trl") if round_ % 2 == 0 else ("trl", "lmtune"):
+        for name in ("lmtune", other) if round_ % 2 == 0 else (other, "lmtune"):
             with tempfile.TemporaryDirectory() as scratch:
-                seconds, peak = (run_lmtune(rows, args.steps, dtype, scratch) if name == "lmtune"
-                                 else run_trl(rows, args.steps, dtype == "bfloat16", scratch))
+                if name == "trl":
+                    seconds, peak = run_trl(rows, args.steps, dtype == "bfloat16", scratch)
+                else:
+                    seconds, peak = run_lmtune(rows, args.steps, dtype, scratch, compiled and name == "lmtune")
             times[name].append(seconds)
             peaks[name] = max(peaks[name], peak)
             print(f"round {round_ + 1} {name}: {seconds:.2f} s per optimizer step, peak RSS {peak / 1e9:.2f} GB",
                   flush=True)
             gc.collect()
-    lmtune, trl = statistics.median(times["lmtune"]), statistics.median(times["trl"])
-    print(f"method=dpo speedup_vs_trl={trl / lmtune:.2f} peak_rss_gb={peaks['lmtune'] / 1e9:.2f} "
+    lmtune, slower = statistics.median(times["lmtune"]), statistics.median(times[other])
+    if compiled:
+        print(f"method=dpo compiled_vs_eager={slower / lmtune:.2f}")
+        return
+    print(f"method=dpo speedup_vs_trl={slower / lmtune:.2f} peak_rss_gb={peaks['lmtune'] / 1e9:.2f} "
           f"trl_peak_rss_gb={peaks['trl'] / 1e9:.2f}")
 
 
