@@ -53,9 +53,9 @@ def read_rows(n: int) -> list[dict]:
     return [json.loads(line) for line in lines[:n]]
 
 
-def run_lmtune(rows, steps: int, dtype: str, scratch: str, compile_layers: bool = False) -> tuple[float, float]:
-    """(seconds per optimizer step, peak RSS bytes); `compile_layers`: the decoder layers compiled, as train.compile
-    does (training/compiled.py)."""
+def run_lmtune(rows, steps: int, dtype: str, scratch: str, compile_layers: bool | None = None) -> tuple[float, float]:
+    """(seconds per optimizer step, peak RSS bytes); `compile_layers`: the decoder layers compiled (training/compiled.py);
+    None: what train.compile "auto" decides for a long run of this model and method."""
     from lmtune.config import build_config
     from lmtune.model import choose_precision, configure_cpu_threads, frozen_weights_dtype, add_lora
     from lmtune.training.methods import method_for
@@ -63,7 +63,7 @@ def run_lmtune(rows, steps: int, dtype: str, scratch: str, compile_layers: bool 
     from lmtune.data.preferences import read_preference, tokenize_preferences
     from lmtune.data.readers import LoadReport
     from lmtune.data.template import PromptTemplate
-    from lmtune.training.compiled import compiled_layers
+    from lmtune.training.compiled import compiled_layers, decide
     from lmtune.training.train import build_trainer
 
     config = build_config(overrides={
@@ -86,6 +86,10 @@ def run_lmtune(rows, steps: int, dtype: str, scratch: str, compile_layers: bool 
         start = time.perf_counter()
         method.before_training(model, tok, prepared, Path(scratch))  # the reference log-probabilities, once
         reference = time.perf_counter() - start
+        if compile_layers is None:
+            compile_layers, _ = decide("auto", device="cpu", processes=1, method_blocker=method.compile_blocker(),
+                                       quantized=False, checkpointing=False, causal_lm=model.get_base_model(),
+                                       tokens=float("inf"))
         timer = timing_callback(None)
         trainer = build_trainer(config, model, tok, samples, precision, Path(scratch), [timer], method=method)
         with compiled_layers(model.get_base_model(), compile_layers, strict=True):
@@ -142,7 +146,8 @@ def main() -> None:
                 if name == "trl":
                     seconds, peak = run_trl(rows, args.steps, dtype == "bfloat16", scratch)
                 else:
-                    seconds, peak = run_lmtune(rows, args.steps, dtype, scratch, compiled and name == "lmtune")
+                    seconds, peak = run_lmtune(rows, args.steps, dtype, scratch,
+                                               (name == "lmtune") if compiled else None)
             times[name].append(seconds)
             peaks[name] = max(peaks[name], peak)
             print(f"round {round_ + 1} {name}: {seconds:.2f} s per optimizer step, peak RSS {peak / 1e9:.2f} GB",
