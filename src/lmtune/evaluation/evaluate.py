@@ -7,7 +7,6 @@ metrics of `metrics.py` (does it say them, and does it stop).
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import shutil
@@ -26,7 +25,7 @@ from ..data.source import DataSource
 from ..data.template import PromptTemplate
 from ..data.tokenize import tokenize_examples
 from ..inference.generate import Answer, generate_batch
-from ..inference.load import LoadedModel, load_for_inference
+from ..inference.load import LoadedModel
 from ..model import base_model_of_adapter, resolve_source
 from ..safeload import check_adapter_weights
 from ..outputs import (
@@ -40,6 +39,7 @@ from ..outputs import (
 from ..training.loss import answer_only_loss, causal_lm_of, supports_answer_only
 from ..training.train import TrainResult
 from . import tables
+from .loaded import evaluate_loaded
 from .metrics import Scores, exact_match, rouge_l, score_texts, sentence_chrf
 from .preference import evaluate_preferences, is_preference_data, run_preference_eval, write_preference_report
 from .preference import format_table as format_preference_table
@@ -100,14 +100,8 @@ def load_and_evaluate(model: str | None, adapter: str | None, examples: list[Exa
                       label: str, template: PromptTemplate | None = None, batch_size: int = 16,
                       allow_pickle: bool = False, trust_remote_code: bool = False) -> ModelEval:
     """Load, evaluate, free. A baseline gets the tuned model's `template`, so both see the same prompts."""
-    loaded = load_for_inference(model, adapter, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    if template is not None:
-        loaded.template = template
-    result = evaluate_model(loaded, examples, cfg, label, batch_size)
-    result.template = loaded.template
-    del loaded
-    gc.collect()
-    return result
+    return evaluate_loaded(model, adapter, lambda loaded: evaluate_model(loaded, examples, cfg, label, batch_size),
+                           template, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
 ROWS = [("answer loss", "answer_loss", "{:.3f}"), ("perplexity", "perplexity", "{:.2f}"), ("chrF", "chrf", "{:.1f}"),

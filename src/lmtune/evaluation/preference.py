@@ -12,7 +12,6 @@ reward accuracy (the share of pairs whose chosen answer gains more than the reje
 
 from __future__ import annotations
 
-import gc
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -26,10 +25,11 @@ from ..config import GenerateConfig
 from ..data.preferences import PreferenceCollator, PreferenceExample, preference_layout, tokenize_preferences
 from ..data.readers import iter_records, resolve_paths
 from ..inference.generate import Answer, generate_batch
-from ..inference.load import LoadedModel, load_for_inference
+from ..inference.load import LoadedModel
 from ..outputs import atomic_output, write_json
 from ..training.methods.preference import answer_logps
 from . import tables
+from .loaded import evaluate_loaded
 from .metrics import Scores, score_texts, sentence_chrf
 
 REPORT_FILE, PREDICTIONS_FILE, MARKDOWN_FILE = "report.json", "predictions.jsonl", "report.md"
@@ -89,14 +89,8 @@ def evaluate_preferences(loaded: LoadedModel, examples: list[PreferenceExample],
 
 
 def _load_and_evaluate(model, adapter, examples, cfg, label, batch_size, template=None, **safety) -> PreferenceEval:
-    loaded = load_for_inference(model, adapter, **safety)
-    if template is not None:
-        loaded.template = template
-    result = evaluate_preferences(loaded, examples, cfg, label, batch_size)
-    result.template = loaded.template
-    del loaded
-    gc.collect()
-    return result
+    return evaluate_loaded(model, adapter, lambda loaded: evaluate_preferences(loaded, examples, cfg, label, batch_size),
+                           template, **safety)
 
 
 ROWS = [("chosen preferred %", "chosen_preferred", "{:.1f}"), ("mean margin (per token)", "mean_margin", "{:.3f}"),
