@@ -2,6 +2,7 @@
 training questions and the reworded held-out ones (a tiny model and one epoch: the path, not the result)."""
 
 import json
+import re
 
 from conftest import run
 
@@ -17,3 +18,15 @@ def test_quickstart_trains_merges_and_writes_both_reports(tiny_llama_dir, tmp_pa
     for folder in ("adapter", "merged", "eval-training", "eval-heldout"):
         assert (tmp_path / "q" / folder).is_dir(), folder
     assert "== training questions" in out and "== reworded held-out questions" in out
+    # While the models answer: a line per batch on stderr (no terminal here), the tuned model first, then the base.
+    assert "== evaluation: greedy answers to 8 training questions and " in out
+    answering = [line for line in err.split("\n") if line.startswith("answering: ")]
+    heldout = report["heldout_questions"]["tuned"]["n"]
+    assert [line.split(" (")[0] for line in answering] == [
+        "answering: tuned model, training questions 0/8", "answering: tuned model, training questions 8/8",
+        f"answering: tuned model, reworded held-out questions 0/{heldout}",
+        f"answering: tuned model, reworded held-out questions {heldout}/{heldout}",
+        "answering: base model, training questions 0/8", "answering: base model, training questions 8/8",
+        f"answering: base model, reworded held-out questions 0/{heldout}",
+        f"answering: base model, reworded held-out questions {heldout}/{heldout}"], answering
+    assert all(re.search(r"\(\d+ s, [\d,]+ tokens/s\)$", line) for line in answering[1::2]), answering

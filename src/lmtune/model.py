@@ -11,6 +11,7 @@ import importlib.util
 import os
 import socket
 import sys
+import time
 import urllib.parse
 import warnings
 from dataclasses import dataclass
@@ -258,9 +259,12 @@ def configure_cpu_threads(log=None) -> int:
 
     Processes started together on one machine (torchrun, accelerate launch) share its cores: more threads
     than cores make every process wait for the others' time slices. So do lmtune processes started separately
-    (a `serve` and a `train`, two runs): a process that finds others computing takes its share, and says so."""
+    (a `serve` and a `train`, two runs): a process that finds others computing takes its share, and says so;
+    `reclaim_cpu_threads` gives it the cores back once they have ended."""
     from .processes import local_world_size, other_cpu_users, register_cpu_user
 
+    global _SHARE
+    _SHARE = None
     if "OMP_NUM_THREADS" not in os.environ:
         cores = physical_cores()
         others = other_cpu_users() if local_world_size() == 1 else []
@@ -271,9 +275,65 @@ def configure_cpu_threads(log=None) -> int:
                 f"{threads} of {cores} cores so they do not slow each other down (OMP_NUM_THREADS=N sets it)")
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+        if others and threads < cores:
+            _SHARE = _Share(threads, frozenset(pid for pid, _ in others), time.monotonic())
     if local_world_size() == 1:
         register_cpu_user()
     return torch.get_num_threads()
+
+
+@dataclass
+class _Share:
+    """The share of the cores configure_cpu_threads took beside other lmtune processes (their pids), and when the
+    registry was last read for them."""
+
+    threads: int
+    others: frozenset[int]
+    checked: float
+
+
+_SHARE: _Share | None = None
+RECHECK_SECONDS = 5.0  # reading the registry costs a directory listing and a signal 0 per entry
+
+
+def reclaim_cpu_threads(log=None, every: float | None = None) -> int | None:
+    """Called now and then while computing (training steps, evaluation batches): once lmtune processes that were
+    running when this one took its share of the cores have ended, take the larger share the ones still running
+    leave (every core when none is left), and say so. Reads the registry at most once every `every` seconds
+    (RECHECK_SECONDS by default).
+
+    Nothing changes when the count was not lmtune's choice: OMP_NUM_THREADS set, or torch.set_num_threads called
+    since by the user. A share never shrinks (a process that starts later takes the smaller share itself).
+    Returns the new thread count when it changed, else None."""
+    from .processes import other_cpu_users
+
+    global _SHARE
+    share = _SHARE
+    if share is None:
+        return None
+    now = time.monotonic()
+    if now - share.checked < (RECHECK_SECONDS if every is None else every):
+        return None
+    share.checked = now
+    if "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() != share.threads:
+        _SHARE = None  # someone else sets the count now
+        return None
+    running = {pid for pid, _ in other_cpu_users()}
+    ended = sorted(share.others - running)
+    cores = physical_cores()
+    threads = max(1, cores // (1 + len(running)))
+    if threads <= share.threads:
+        share.others = frozenset(running)
+        return None
+    torch.set_num_threads(threads)
+    _SHARE = _Share(threads, frozenset(running), now) if running and threads < cores else None
+    if log is not None:
+        who = ("the other lmtune process" if len(ended) == 1 and not running
+               else f"{len(ended)} other lmtune process{'es' if len(ended) != 1 else ''}")
+        pids = ", ".join(f"pid {pid}" for pid in ended[:3]) + (", ..." if len(ended) > 3 else "")
+        still = f", beside {len(running)} still running" if running else ""
+        log(f"CPU: {who} ended ({pids}); using {threads} of {cores} cores now{still}")
+    return threads
 
 
 def frozen_weights_dtype(precision: Precision) -> torch.dtype:

@@ -67,8 +67,10 @@ def silence_library_output() -> None:
 # Two processes that each run one OpenMP thread per core on the same cores do not share them, they fight:
 # OpenMP threads spin while they wait for each other, and a SmolLM2 training step measured 1.1 s alone and 15 to
 # 46 s beside a second run. So every lmtune process that computes on the CPU registers itself here, and one that
-# starts while others run takes its share of the cores. (A process does not shrink when a later one starts:
-# torch's thread pool is sized once; the later one takes the smaller share.)
+# starts while others run takes its share of the cores. (A process does not shrink when a later one starts: the
+# later one takes the smaller share. One that took a share grows back when the processes it shared with end:
+# model.reclaim_cpu_threads, at training steps and between evaluation batches, reads this registry every few
+# seconds and raises torch's thread count, unless the user set it.)
 def _registry() -> Path:
     return Path(tempfile.gettempdir()) / f"lmtune-cpu-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 

@@ -48,7 +48,8 @@ def _evaluate(model: str, sets: dict[str, list[Example]], cfg: GenerateConfig, l
     loaded = load_for_inference(model, **(safety or {}))
     if template is not None:
         loaded.template = template  # the base model is asked with exactly the prompts the tuned one saw
-    results = {name: evaluate_model(loaded, examples, cfg, label, EVAL_BATCH) for name, examples in sets.items()}
+    results = {name: evaluate_model(loaded, examples, cfg, label, EVAL_BATCH, questions=name)
+               for name, examples in sets.items()}
     for r in results.values():
         r.template = loaded.template
     del loaded
@@ -95,6 +96,8 @@ def run_quickstart(config: Config, explicit_output_dir: bool = False) -> dict:
         sets["reworded held-out questions"] = heldout
 
     eval_cfg = GenerateConfig(**{**config.generate.__dict__, "greedy": True, "repetition_penalty": 1.0})
+    print(f"\n== evaluation: greedy answers to {' and '.join(f'{len(v)} {k}' for k, v in sets.items())}, "
+          "by the tuned model, then by the base model")
     tuned = _evaluate(str(merged_dir), sets, eval_cfg, "tuned", safety=safety)
     base = _evaluate(base_model, sets, eval_cfg, "base", template=tuned["training questions"].template, safety=safety)
 

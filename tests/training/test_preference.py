@@ -295,6 +295,7 @@ def test_eval_on_preference_data_reports_base_vs_tuned(tiny_llama_dir, pairs_fil
     assert report["tuned"]["mean_margin"] > report["base"]["mean_margin"]
     assert report["rewards_vs_base"]["reward_accuracy"] == 100.0  # every chosen answer gained against its rejected one
     assert "chosen preferred %" in out and "reward accuracy % (vs base)" in out
+    assert f"answering: tuned model {len(PAIRS)}/{len(PAIRS)} (" in err and f"answering: base model 0/{len(PAIRS)}" in err
     rows = [json.loads(line) for line in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == len(PAIRS) and {"tuned", "base", "chosen", "rejected"} <= rows[0].keys()
 
@@ -355,5 +356,6 @@ def test_train_with_validation_pairs_writes_the_preference_report(tiny_llama_dir
     report = json.loads((tmp_path / "a" / "eval" / "report.json").read_text())
     assert report["kind"] == "preference" and report["n"] == 1 and "chosen_preferred" in report["tuned"]
     assert "chosen preferred %" in out
+    assert "answering: tuned model, validation prompts 0/1\nanswering: tuned model, validation prompts 1/1 (" in err
     manifest = json.loads((tmp_path / "a" / "lmtune_manifest.json").read_text())
     assert manifest["validation"]["report"]["n"] == 1

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from ..config import GenerateConfig
 from ..data.collate import Collator
@@ -24,7 +23,7 @@ from ..data.readers import Example, load_examples
 from ..data.source import DataSource
 from ..data.template import PromptTemplate
 from ..data.tokenize import tokenize_examples
-from ..inference.generate import Answer, generate_batch
+from ..inference.generate import Answer
 from ..inference.load import LoadedModel
 from ..model import base_model_of_adapter, resolve_source
 from ..safeload import check_adapter_weights
@@ -43,6 +42,7 @@ from .loaded import evaluate_loaded
 from .metrics import Scores, exact_match, rouge_l, score_texts, sentence_chrf
 from .preference import evaluate_preferences, is_preference_data, run_preference_eval, write_preference_report
 from .preference import format_table as format_preference_table
+from .progress import answer_all
 
 REPORT_FILE, PREDICTIONS_FILE, MARKDOWN_FILE = "report.json", "predictions.jsonl", "report.md"
 
@@ -82,25 +82,25 @@ def answer_loss(loaded: LoadedModel, examples: list[Example], max_length: int = 
 
 
 def evaluate_model(loaded: LoadedModel, examples: list[Example], cfg: GenerateConfig, label: str,
-                   batch_size: int = 16) -> ModelEval:
-    """Answer loss plus greedy generations for every question, batched with left padding."""
+                   batch_size: int = 16, questions: str = "", progress: bool = True) -> ModelEval:
+    """Answer loss plus greedy generations for every question, batched with left padding. With `progress`, a line
+    on stderr says how far the answers are ("answering: tuned model, <questions> 24/89 (31 s, 180 tokens/s, ...)")."""
     cfg = GenerateConfig(**{**cfg.__dict__, "greedy": True})
     loss = answer_loss(loaded, examples)
     # A conversation is asked its last question after the earlier turns, as chat would ask it.
-    questions = [e.messages[:-1] if e.messages else loaded.template.user_text(e.question, e.context) for e in examples]
-    answers: list[Answer] = []
-    for start in tqdm(range(0, len(questions), batch_size), desc=f"answering with the {label} model", unit="batch",
-                      disable=None):  # a bar on a terminal only: in a log file its redraws are noise
-        answers += generate_batch(loaded, questions[start : start + batch_size], cfg, batch_size=batch_size)
+    prompts = [e.messages[:-1] if e.messages else loaded.template.user_text(e.question, e.context) for e in examples]
+    answers = answer_all(loaded, prompts, cfg, batch_size, f"{label} model" + (f", {questions}" if questions else ""),
+                         progress)
     scores = score_texts([a.text for a in answers], [e.answer for e in examples], [a.stopped_at_eos for a in answers])
     return ModelEval(label, loss, scores, answers)
 
 
 def load_and_evaluate(model: str | None, adapter: str | None, examples: list[Example], cfg: GenerateConfig,
                       label: str, template: PromptTemplate | None = None, batch_size: int = 16,
-                      allow_pickle: bool = False, trust_remote_code: bool = False) -> ModelEval:
+                      allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = True) -> ModelEval:
     """Load, evaluate, free. A baseline gets the tuned model's `template`, so both see the same prompts."""
-    return evaluate_loaded(model, adapter, lambda loaded: evaluate_model(loaded, examples, cfg, label, batch_size),
+    return evaluate_loaded(model, adapter,
+                           lambda loaded: evaluate_model(loaded, examples, cfg, label, batch_size, progress=progress),
                            template, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
@@ -217,14 +217,15 @@ def validation_report(result: TrainResult, generate: GenerateConfig, batch_size:
     loaded = LoadedModel(result.model.eval(), result.tokenizer, result.template, result.device, result.compute_dtype)
     if isinstance(examples[0], PreferenceExample):  # validation pairs of a preference method
         tuned = evaluate_preferences(loaded, examples, GenerateConfig(**{**generate.__dict__, "greedy": True}), "tuned",
-                                     batch_size=max(batch_size, 8))
+                                     batch_size=max(batch_size, 8), questions="validation prompts")
         figures = {"model": str(out), "data": ["validation split"], "n": len(examples), "kind": "preference",
                    "max_new_tokens": generate.max_new_tokens, "tuned": tuned.figures(), "base": None}
         with atomic_output(out / "eval", overwrite=True) as folder:
             write_preference_report(folder, examples, tuned, None, figures)
         table = format_preference_table(tuned, None)
     else:
-        tuned = evaluate_model(loaded, examples, generate, "tuned", batch_size=max(batch_size, 8))
+        tuned = evaluate_model(loaded, examples, generate, "tuned", batch_size=max(batch_size, 8),
+                               questions="validation questions")
         figures = {"model": str(out), "data": ["validation split"], "n": len(examples),
                    "max_new_tokens": generate.max_new_tokens, "tuned": tuned.figures(), "base": None}
         with atomic_output(out / "eval", overwrite=True) as folder:

@@ -19,18 +19,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from ..config import GenerateConfig
 from ..data.preferences import PreferenceCollator, PreferenceExample, preference_layout, tokenize_preferences
 from ..data.readers import iter_records, resolve_paths
-from ..inference.generate import Answer, generate_batch
+from ..inference.generate import Answer
 from ..inference.load import LoadedModel
 from ..outputs import atomic_output, write_json
 from ..training.methods.preference import answer_logps
 from . import tables
 from .loaded import evaluate_loaded
 from .metrics import Scores, score_texts, sentence_chrf
+from .progress import answer_all
 
 REPORT_FILE, PREDICTIONS_FILE, MARKDOWN_FILE = "report.json", "predictions.jsonl", "report.md"
 
@@ -65,7 +65,8 @@ class PreferenceEval:
 
 
 def evaluate_preferences(loaded: LoadedModel, examples: list[PreferenceExample], cfg: GenerateConfig, label: str,
-                         batch_size: int = 16, max_length: int = 1024) -> PreferenceEval:
+                         batch_size: int = 16, max_length: int = 1024, questions: str = "",
+                         progress: bool = True) -> PreferenceEval:
     samples, _ = tokenize_preferences(examples, loaded.tokenizer, loaded.template, max_length)
     collate = PreferenceCollator(loaded.tokenizer)
     sums, counts = [], []
@@ -77,11 +78,8 @@ def evaluate_preferences(loaded: LoadedModel, examples: list[PreferenceExample],
             counts.append(n.view(2, -1).T.cpu())
     sums, counts = torch.cat(sums), torch.cat(counts).clamp(min=1)
     per_token = sums / counts
-    answers: list[Answer] = []
-    prompts = [e.prompt for e in examples]
-    for start in tqdm(range(0, len(prompts), batch_size), desc=f"answering with the {label} model", unit="batch",
-                      disable=None):
-        answers += generate_batch(loaded, prompts[start : start + batch_size], cfg, batch_size=batch_size)
+    answers = answer_all(loaded, [e.prompt for e in examples], cfg, batch_size,
+                         f"{label} model" + (f", {questions}" if questions else ""), progress)
     closer = [sentence_chrf(a.text, e.chosen) > sentence_chrf(a.text, e.rejected) for a, e in zip(answers, examples)]
     scores = score_texts([a.text for a in answers], [e.chosen for e in examples], [a.stopped_at_eos for a in answers])
     return PreferenceEval(label, per_token[:, 0].tolist(), per_token[:, 1].tolist(), sums[:, 0].tolist(),

@@ -91,3 +91,24 @@ class ConsoleProgress(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class ReclaimCpuThreads(TrainerCallback):
+    """On the CPU, after a step: a share of the cores taken beside another lmtune process (model.configure_cpu_threads)
+    grows back once that process has ended (model.reclaim_cpu_threads reads the registry every few seconds at most)
+    and says so on the console, above the progress bar."""
+
+    def __init__(self, show: bool = True, stream=None):
+        self.show = show
+        self.stream = stream or sys.stderr
+
+    def _write(self, message: str) -> None:
+        if self.show:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message, file=self.stream)  # clears and redraws a progress bar on the terminal
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from ..model import reclaim_cpu_threads
+
+        reclaim_cpu_threads(log=self._write)

@@ -133,12 +133,14 @@ def build_trainer(config: Config, model, tokenizer, samples: list[dict], precisi
     # The Trainer's console (a raw dictionary per step, a bar per evaluation) gives way to one bar with the figures.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .console import ConsoleProgress
+    from .console import ConsoleProgress, ReclaimCpuThreads
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if processes.is_main_process():
         trainer.add_callback(ConsoleProgress(verbose))
+    if precision.device == "cpu":  # cores shared with another lmtune process come back when it ends
+        trainer.add_callback(ReclaimCpuThreads(show=processes.is_main_process()))
     return trainer
 
 
