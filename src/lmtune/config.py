@@ -111,6 +111,13 @@ class DataConfig:
     eval_paths: list[str] = field(default_factory=list)
     # Seed of the validation split (which question groups are held out).
     seed: int = 42
+    # Lay samples end to end in rows of one fixed length, each sample attending only to itself (data/packing.py):
+    # no padding is computed and every micro-batch has one shape. "auto": on a CPU, for the supervised methods, on
+    # families whose attention reads packed rows (not BLOOM); true/false force it (true fails where it cannot).
+    packing: Union[bool, Literal["auto"]] = "auto"
+    # Tokens per packed row; 0 = about train.batch_size samples' worth, rounded up to 256, 512, 768, 1024, 1536, ...
+    # With packing, train.batch_size counts rows of this length.
+    pack_length: int = 0
 
 
 @dataclass
@@ -443,6 +450,7 @@ def _check_ranges(c: Config) -> list[str]:
         (0 <= l.dropout < 1, f"lora.dropout must be in [0, 1), got {l.dropout!r}"),
         (d.max_length >= 8, f"data.max_length must be at least 8 tokens, got {d.max_length!r}"),
         (d.max_samples >= 0, f"data.max_samples must be 0 (all) or positive, got {d.max_samples!r}"),
+        (d.pack_length >= 0, f"data.pack_length must be 0 (chosen from the data) or positive, got {d.pack_length!r}"),
         (len(d.csv_delimiter) <= 1 or d.csv_delimiter == "tab",
          f"data.csv_delimiter must be empty (detect), one character or 'tab', got {d.csv_delimiter!r}"),
         (t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size!r}"),
@@ -531,7 +539,9 @@ def _preference_rules(c: Config, method: str) -> list[tuple[bool, str]]:
             (c.lora.init not in ("pissa", "olora"), f"train.method {method} takes its reference with the adapter switched "
                                                     f"off, which lora.init {c.lora.init!r} moves part of the base into"),
             (c.model.quantization == "none", f"train.method {method} needs a full-precision base, got "
-                                             f"model.quantization {c.model.quantization!r}")]
+                                             f"model.quantization {c.model.quantization!r}"),
+            # Chosen and rejected answers share one forward pass per pair; they are not packed with other pairs.
+            (c.data.packing is not True, f"train.method {method} does not pack its pairs; set data.packing to auto or false")]
 
 
 # train.method -> the settings that method cannot run with, each (holds, message naming both keys). One entry per

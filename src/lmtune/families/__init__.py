@@ -56,3 +56,7 @@ def layer_count(config) -> int | None:
 
 def takes_position_ids(config) -> bool:
     return facts(config).takes_position_ids
+
+
+def packs(config) -> bool:
+    return facts(config).packs

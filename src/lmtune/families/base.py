@@ -51,6 +51,9 @@ class Family:
     # positions; an ALiBi model (BLOOM) has no position ids and derives its biases from the attention mask.
     takes_position_ids = True
     norm = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm); what compiling fuses
+    # Whether the family trains on packed rows (data/packing.py): its masks come from transformers' masking_utils,
+    # which reads restarting position ids as sample boundaries. Proven per family (tests/training/test_packing.py).
+    packs = False
     # The config fields that hold the number of decoder layers, first found wins.
     layer_count_fields: tuple[str, ...] = ("num_hidden_layers", "n_layer")
     gguf_architecture: str | None = None
@@ -100,6 +103,7 @@ class RmsFamily(Family):
     """Llama-style decoders (RMSNorm, rotary embeddings, gated MLP): TextModel.set_gguf_parameters of the converter."""
 
     layer_count_fields = ("num_hidden_layers",)
+    packs = True
 
     def compile_pays(self, config) -> bool:
         return True

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data.packing import PACKED_TOKENS
 from ..data.tokenize import IGNORE_INDEX
 from .attention import attention_for_batch
 from .compiled import eager
@@ -44,11 +45,15 @@ def supports_answer_only(causal_lm) -> bool:
     return backbone is not None and backbone is not causal_lm and isinstance(head, torch.nn.Linear)
 
 
-def answer_only_loss(causal_lm, input_ids, attention_mask, labels, num_items: int | torch.Tensor | None = None):
-    """Sum of next-token cross-entropy over trained positions, divided by `num_items` (default: their count)."""
+def answer_only_loss(causal_lm, input_ids, attention_mask=None, labels=None, num_items: int | torch.Tensor | None = None,
+                     position_ids=None):
+    """Sum of next-token cross-entropy over trained positions, divided by `num_items` (default: their count).
+
+    A packed batch (data/packing.py) comes with position ids and no attention mask."""
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
     with attention_for_batch(causal_lm, input_ids):
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     trained = targets != IGNORE_INDEX
     head = causal_lm.get_output_embeddings()
@@ -133,23 +138,35 @@ def make_trainer_class(loraplus_lr_ratio: float = 0.0):
             self._sampler_epoch.sampler = sampler
             return sampler
 
+        def _track_num_input_tokens(self, inputs):
+            # A packed batch has no attention mask to count its tokens by: it says how many it holds.
+            tokens = inputs.get(PACKED_TOKENS)
+            if tokens is None or self.args.include_num_input_tokens_seen == "no":
+                return super()._track_num_input_tokens(inputs)
+            self.state.num_input_tokens_seen += self.accelerator.gather(tokens.sum().to(self.args.device)).sum().item()
+
         def prediction_step(self, *args, **kwargs):
             # Validation runs eager: its no-grad graph is not worth a compile of its own (training/compiled.py).
             with eager():
                 return super().prediction_step(*args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = {k: v for k, v in inputs.items() if k != PACKED_TOKENS}
             causal_lm = causal_lm_of(self.accelerator.unwrap_model(model))
             # Distributed wrappers (DDP, FSDP, DeepSpeed) must see their own forward call to sync gradients;
             # there the ordinary path runs. So do models whose logits are transformed after the head.
             wrapped = self.accelerator.unwrap_model(model) is not model
             if return_outputs or wrapped or not supports_answer_only(causal_lm):
                 self.loss_is_scaled_for_ga = None
+                if "position_ids" in inputs and "attention_mask" not in inputs:
+                    # Packed rows: transformers reads sample boundaries off the position ids only without a cache.
+                    inputs["use_cache"] = False
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             # accelerate applies mixed precision by wrapping model.forward; this path calls the backbone
             # directly, so it enters the same autocast itself.
             with self.accelerator.autocast():
-                loss = answer_only_loss(causal_lm, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], num_items_in_batch)
+                loss = answer_only_loss(causal_lm, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
+                                        num_items_in_batch, inputs.get("position_ids"))
             # Normalised by the trained-token count of the whole accumulated batch: already scaled for accumulation.
             self.loss_is_scaled_for_ga = num_items_in_batch is not None
             return loss

@@ -315,7 +315,7 @@ def _estimate_run_time(method: TrainingMethod, model, prepared: PreparedData, to
         loss.backward()
 
     # group_by_length makes the run's micro-batches runs of similar lengths: time some across the whole range.
-    by_length = sorted(prepared.samples, key=lambda s: len(s["input_ids"]))
+    by_length = sorted(prepared.train_rows, key=lambda s: len(s["input_ids"]))
     last = max(0, len(by_length) - t.batch_size)
     starts = sorted({round(q * last) for q in (0.1, 0.35, 0.65, 0.9)})
     batches = [to_device(collate(by_length[i : i + t.batch_size])) for i in starts]
@@ -323,7 +323,7 @@ def _estimate_run_time(method: TrainingMethod, model, prepared: PreparedData, to
     forward_backward(batches[len(batches) // 2])  # warm-up
     per_micro = statistics.mean(timed(lambda b=b: forward_backward(b)) for b in batches)
     model.zero_grad(set_to_none=True)
-    micro_batches = math.ceil(len(prepared.samples) / t.batch_size)
+    micro_batches = math.ceil(len(prepared.train_rows) / t.batch_size)
     per_step = per_micro * t.grad_accum
     estimate = {
         "seconds_per_micro_batch": per_micro,
@@ -446,8 +446,9 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         threads = f", {configure_cpu_threads(log)} threads" if precision.device == "cpu" else ""
         log(f"model: {describe(source)} on {precision.device}{threads}, compute dtype {str(precision.compute_dtype).removeprefix('torch.')}")
         model = method.load_model(source, precision, log)
+        method.arrange(prepared, causal_lm_of(model), precision.device, log)
 
-        steps = total_steps(config, len(prepared.samples), plan.processes)
+        steps = total_steps(config, len(prepared.train_rows), plan.processes)
         if not dry_run and main:
             check_disk_space(run.partial, model, t.keep_checkpoints, method.output_kind)
         use_compile = _decide_compile(config, method, model, prepared, precision, steps, plan.processes, log)
@@ -496,9 +497,10 @@ def _decide_compile(config: Config, method: TrainingMethod, model, prepared: Pre
                     n_processes: int, log) -> bool:
     """Whether the decoder layers are compiled for this run (training/compiled.py), said in one line."""
     t = config.train
-    mean_length = sum(len(s["input_ids"]) for s in prepared.samples) / max(1, len(prepared.samples))
+    rows = prepared.train_rows
+    mean_length = sum(len(s["input_ids"]) for s in rows) / max(1, len(rows))
     tokens = mean_length * t.batch_size * t.grad_accum * n_processes * steps
-    checkpointing = decide_checkpointing(config, model, prepared.samples, precision)
+    checkpointing = decide_checkpointing(config, model, rows, precision)
     use, why = compiled.decide(t.compile, device=precision.device, processes=n_processes,
                                method_blocker=method.compile_blocker(), quantized=config.model.quantization != "none",
                                checkpointing=checkpointing, causal_lm=causal_lm_of(model), tokens=tokens)
@@ -519,7 +521,7 @@ def _train_in(run: RunFolder, config: Config, method: TrainingMethod, model, tok
     method.before_training(model, tokenizer, prepared, out)
     with GracefulStop(log) as stop:
         callbacks = [loss_log.make_callback(), checkpoint_callback(stop, out, t.checkpoint_minutes, t.keep_checkpoints)]
-        trainer = build_trainer(config, model, tokenizer, prepared.samples, precision, out, callbacks, prepared.val_samples,
+        trainer = build_trainer(config, model, tokenizer, prepared.train_rows, precision, out, callbacks, prepared.val_samples,
                                 verbose, method)
         if run.resume_from:
             log(f"resume: continuing from {run.resume_from} (step {resume_step} of {steps})")
@@ -591,6 +593,7 @@ def _manifest(config: Config, method: TrainingMethod, prepared: PreparedData, pr
             "trained_tokens": prepared.token_report.trained_tokens,
             "truncated": prepared.token_report.truncated,
             "median_length": statistics.median(lengths),
+            "packing": prepared.packing,
         },
         "template": prepared.template.kind,
         "method": method.manifest(),

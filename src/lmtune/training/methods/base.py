@@ -9,6 +9,7 @@ A method owns the rest, called in this order:
     preflight(prepared, ...)     show one sample, check every batch once
     load_model(source, ...)      the network to train: frozen base + adapter, or every weight
     compile_blocker()            why `train.compile auto` should not compile this method (None: it may)
+    arrange(prepared, ...)       how the samples become the trainer's rows (packed rows, or as they are)
     collator(tokenizer)          samples -> a batch the trainer's loss reads
     loss(model, batch)           one micro-batch's loss, as the trainer computes it (for the dry-run estimate)
     trainer_class()              the transformers Trainer subclass whose compute_loss is this method's loss
@@ -42,6 +43,13 @@ class PreparedData:
     val_samples: list[dict] = field(default_factory=list)
     leaked_val_questions: int = 0
     val_examples: list = field(default_factory=list)  # asked again after the run (the validation report)
+    # What the trainer iterates when it is not the samples themselves: packed rows (data/packing.py).
+    rows: list[dict] | None = None
+    packing: dict | None = None  # with packed rows: their length, count and share of positions that are tokens
+
+    @property
+    def train_rows(self) -> list[dict]:
+        return self.samples if self.rows is None else self.rows
 
 
 class TrainingMethod:
@@ -66,6 +74,10 @@ class TrainingMethod:
 
     def compile_blocker(self) -> str | None:
         return None
+
+    def arrange(self, prepared: PreparedData, causal_lm, device: str, log: Callable[[str], None]) -> None:
+        """Once the model is loaded: lay the samples out as the trainer iterates them (`prepared.rows`); by default
+        each sample is one row of its batch."""
 
     def collator(self, tokenizer):
         raise NotImplementedError

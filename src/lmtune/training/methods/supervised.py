@@ -11,7 +11,10 @@ import math
 from pathlib import Path
 from typing import Callable
 
+from ... import families
 from ...data.collate import Collator, render_example
+from ...data.packing import PackedCollator, pack, pack_length
+from ...errors import LmtuneError
 from ...data.readers import load_examples
 from ...data.source import DataSource
 from ...data.split import leaked_questions, split_train_val
@@ -28,8 +31,28 @@ class SupervisedMethod(TrainingMethod):
     def preflight(self, prepared: PreparedData, tokenizer, log: Callable[[str], None] = print) -> None:
         preflight(prepared, tokenizer, self.config.train.batch_size, log)
 
+    packed_length = 0  # set by arrange when the run trains on packed rows
+
+    def arrange(self, prepared: PreparedData, causal_lm, device: str, log: Callable[[str], None] = print) -> None:
+        d, t = self.config.data, self.config.train
+        if d.packing is False:
+            return
+        blocker = packing_blocker(causal_lm, device if d.packing == "auto" else None)
+        if blocker and d.packing == "auto":
+            log(f"packing: off ({blocker})")
+            return
+        if blocker:
+            raise LmtuneError(f"data.packing true: {blocker}; set data.packing to auto or false")
+        try:
+            self.packed_length = pack_length([len(s["input_ids"]) for s in prepared.samples], t.batch_size, d.pack_length)
+        except ValueError as error:
+            raise LmtuneError(str(error)) from None
+        prepared.rows, report = pack(prepared.samples, self.packed_length, t.seed)
+        prepared.packing = {"length": report.length, "rows": report.rows, "efficiency": round(report.efficiency, 4)}
+        log(report.describe() + f"; a micro-batch is {t.batch_size} row{'s' if t.batch_size != 1 else ''}")
+
     def collator(self, tokenizer):
-        return Collator(tokenizer)
+        return PackedCollator(tokenizer, self.packed_length) if self.packed_length else Collator(tokenizer)
 
     def loss(self, model, batch):
         lm = causal_lm_of(model)
@@ -41,6 +64,15 @@ class SupervisedMethod(TrainingMethod):
     def save_common(self, tokenizer, prepared: PreparedData, out: Path) -> None:
         tokenizer.save_pretrained(out)
         prepared.template.save(out)
+
+
+def packing_blocker(causal_lm, device: str | None) -> str | None:
+    """Why this run cannot (or, on `device`, by default does not) train on packed rows; None when it does."""
+    if not families.packs(causal_lm.config):
+        return f"{families.facts(causal_lm.config).name}'s attention does not read packed rows"
+    if device not in (None, "cpu"):
+        return "packing is the CPU default; set data.packing true to pack on other devices"
+    return None
 
 
 def prepare_data(config, tokenizer, log: Callable[[str], None] = print) -> PreparedData:
