@@ -2,7 +2,8 @@
 
 vi_ai_qa.jsonl is the training set, vi_ai_qa_heldout.jsonl holds reworded questions that
 measure generalisation, and vi_ai_qa_rewordings.jsonl is a knowledge-augmentation file with
-two rewordings of every training question. The held-out set is only a fair test if none of its
+two rewordings of every training question; vi_ai_qa_rewordings_extra.jsonl adds more for the pairs that have a
+held-out question. The held-out set is only a fair test if none of its
 questions leaked into the training questions or the rewordings, so that is checked here.
 """
 
@@ -21,11 +22,13 @@ DATA = Path(__file__).resolve().parents[2] / "data"
 TRAIN = DATA / "vi_ai_qa.jsonl"
 HELDOUT = DATA / "vi_ai_qa_heldout.jsonl"
 REWORDINGS = DATA / "vi_ai_qa_rewordings.jsonl"
+EXTRA = DATA / "vi_ai_qa_rewordings_extra.jsonl"
 
 FIELDS = {
     TRAIN: ("question", "answer"),
     HELDOUT: ("question", "answer", "source_question"),
     REWORDINGS: ("question", "answer", "source_question"),
+    EXTRA: ("question", "answer", "source_question"),
 }
 
 
@@ -115,3 +118,40 @@ def test_heldout_sources_exist_in_training(train, heldout):
     answers = {r["question"]: r["answer"] for r in train}
     for n, row in enumerate(heldout, 1):
         assert row["source_question"] in answers, f"held-out line {n}: unknown source_question"
+
+
+def _trigrams(text: str) -> set[str]:
+    key = near_key(text)
+    return {key[i : i + 3] for i in range(len(key) - 2)}
+
+
+def _similarity(a: str, b: str) -> float:
+    x, y = _trigrams(a), _trigrams(b)
+    return len(x & y) / len(x | y)
+
+
+def test_extra_rewordings_serve_the_heldout_pairs_and_are_not_near_them(train, heldout, rewordings):
+    extra = _rows(EXTRA)
+    answers = {r["question"]: r["answer"] for r in train}
+    held = {}
+    for r in heldout:
+        held.setdefault(r["source_question"], []).append(r["question"])
+    seen = {near_key(r["question"]) for r in train} | {near_key(r["question"]) for r in rewordings}
+    keys = [near_key(r["question"]) for r in extra]
+    assert len(set(keys)) == len(keys) and not set(keys) & seen, "an extra rewording repeats another question"
+    assert {r["source_question"] for r in extra} == set(held), "extra rewordings are for the held-out pairs, all of them"
+    for n, r in enumerate(extra, 1):
+        assert r["answer"] == answers[r["source_question"]], f"{EXTRA.name}:{n}: answer differs from its pair's"
+        assert near_key(r["question"]) not in {near_key(q) for qs in held.values() for q in qs}, f"{EXTRA.name}:{n}"
+
+
+@pytest.mark.parametrize("path", [REWORDINGS, EXTRA], ids=lambda p: p.name)
+def test_no_rewording_is_a_near_copy_of_its_pairs_heldout_question(path, heldout):
+    """A trained phrasing that shares most of its letter trigrams with the held-out question of the same pair would
+    make the held-out figure a memorisation figure."""
+    held = {}
+    for r in heldout:
+        held.setdefault(r["source_question"], []).append(r["question"])
+    near = [(r["question"], q) for r in _rows(path) for q in held.get(r["source_question"], ())
+            if _similarity(r["question"], q) >= 0.6]
+    assert near == []
