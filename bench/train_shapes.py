@@ -29,8 +29,9 @@ Paths per shape, alternating (order reversed every round) after a warm-up step:
 With --quick, the TRL paths time a few micro-batches and scale to a full step; lmtune times full steps.
 
 Measured per shape: median seconds per optimizer step; real tokens per second (prompt + answer + EOS of the
-16 samples, no padding); MFU = FLOPs lmtune needs / time / the bf16 matmul ceiling measured in this run (a
-2,048-cube bf16 matmul, best of 10). Counted FLOPs: forward and input-gradient matmuls (2 x 2 FLOPs per
+16 samples, no padding); MFU = FLOPs lmtune needs / time / the matmul ceiling of the precision lmtune trains in
+(bf16 on a CPU with native bf16, else fp32), measured beside every round (a 2,048-cube matmul, best of 10: on a
+shared machine the ceiling moves with the load, and a ceiling measured once would not); the median of the rounds. Counted FLOPs: forward and input-gradient matmuls (2 x 2 FLOPs per
 weight) of every real token through every block's linear layers (q, k, v, o and the MLP), causal attention
 scores and values (half the square), and the output head on trained (answer) positions only; the LoRA
 matmuls, norms and element-wise work are not counted. Peak resident memory of each path (sampled every
@@ -67,6 +68,7 @@ from train_speed import (  # noqa: E402  (a script beside this one: the shared t
     timing_callback,
 )
 from train_speed import make_model as make_bloom  # noqa: E402
+from cpu_info import describe as cpu_label  # noqa: E402
 
 
 LORA_ALPHA = 32  # both recipes' (configs/bloom-560m.yaml, configs/quickstart.yaml), for lmtune and TRL alike
@@ -130,8 +132,10 @@ def tokenizer_for(shape: Shape, shared_bpe):
 # ---------------------------------------------------------------- the paths
 
 
-def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, compile_layers: bool | None = None):
-    """compile_layers None: what train.compile "auto" decides for a long run of this model (compiling.decide_training)."""
+def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, compile_layers: bool | None = None,
+               packed: bool = False):
+    """compile_layers None: what train.compile "auto" decides for a long run of this model (compiling.decide_training).
+    `packed`: the same samples per optimizer step packed into rows (data/packing.py), one row per micro-batch."""
     from lmtune.bundled import bundled_path
     from lmtune.config import load_config
     from lmtune.data.readers import Example
@@ -157,7 +161,18 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, c
     lora = config.lora
     model = add_lora(model, lora.r, lora.alpha, lora.dropout, lora.bias, lora.target_modules)
     timer = timing_callback(None)
-    trainer = build_trainer(config, model, tok, samples, precision, Path(scratch), [timer])
+    rows, method = samples, None
+    if packed:
+        from lmtune.data.packing import pack, pack_length
+        from lmtune.training.methods import method_for
+
+        rows, pack_report = pack(samples, pack_length([len(x["input_ids"]) for x in samples], shape.batch_size))
+        # One optimizer step = every row once: the same samples per step as the padded path.
+        config.train.batch_size, config.train.grad_accum = 1, len(rows)
+        method = method_for(config)
+        method.packed_length = pack_report.length
+        report.packing = pack_report
+    trainer = build_trainer(config, model, tok, rows, precision, Path(scratch), [timer], method=method)
     trainer.args.disable_tqdm = True
     if compile_layers is None:
         compile_layers, _ = decide_training("auto", device="cpu", processes=1, method_blocker=None, quantized=False,
@@ -215,20 +230,32 @@ def step_flops(config, samples: list[dict]) -> float:
     return flops
 
 
+def padded_efficiency(samples: list[dict], batch_size: int) -> float:
+    """Share of a padded path's positions that hold tokens, with length-grouped batches (what lmtune's sampler makes
+    of one global batch: sorted by length, cut into micro-batches)."""
+    lengths = sorted(len(s["input_ids"]) for s in samples)
+    batches = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)]
+    return sum(lengths) / sum(max(b) * len(b) for b in batches)
+
+
 # ---------------------------------------------------------------- one shape
 
 
-def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_trl: bool, ceiling: float) -> None:
+def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_trl: bool, dtype: torch.dtype) -> None:
     scratch = tempfile.mkdtemp(prefix=f"lmtune-shapes-{shape.name}-")
     tok = tokenizer_for(shape, shared_bpe)
     lm_steps = 2 if quick else 4
     micro = None if not quick else 2
-    times: dict[str, list[float]] = {"lmtune": [], "lmtune-eager": [], "trl": [], "trl-defaults": []}
+    times: dict[str, list[float]] = {"lmtune": [], "lmtune-eager": [], "packed": [], "trl": [], "trl-defaults": []}
     peaks = dict.fromkeys(times, 0.0)
-    order = ["lmtune", "trl", "trl-defaults"] + ([] if quick else ["lmtune-eager"])
-    first_steps = []
+    order = ["lmtune", "packed", "trl", "trl-defaults"] + ([] if quick else ["lmtune-eager"])
+    first_steps, ceilings, mfus = [], [], []
     losses, samples, report, model_config = [], None, None, None  # filled by the lmtune path
     for round_index in range(rounds):
+        ceiling = matmul_gflops(dtype)
+        ceilings.append(ceiling)
+        print(f"  {shape.name} round {round_index + 1} {str(dtype).removeprefix('torch.')} matmul ceiling"
+              f" {ceiling:.0f} GFLOP/s ({cpu_label()})", flush=True)
         for name in (order if round_index % 2 == 0 else order[::-1]):
             if name.startswith("trl") and skip_trl:
                 continue
@@ -239,6 +266,10 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
                     seconds = seconds_per_step(timer, shape.grad_accum, full_steps=True)
                     losses = timer.losses
                     first_steps.append(timer.steps[0])
+                    mfus.append(step_flops(model_config, samples) / seconds / (ceiling * 1e9))
+                elif name == "packed":
+                    timer, _, packed_report, _ = run_lmtune(shape, tok, pairs, lm_steps, "auto", scratch, packed=True)
+                    seconds = seconds_per_step(timer, 1, full_steps=True)
                 elif name == "lmtune-eager":
                     timer, *_ = run_lmtune(shape, tok, pairs, lm_steps, "auto", scratch, compile_layers=False)
                     seconds = seconds_per_step(timer, shape.grad_accum, full_steps=True)
@@ -257,17 +288,22 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
     print(f"  {shape.name} loss after {lm_steps} steps: lmtune {auto_loss:.4f}, fp32 {fp32_loss:.4f}"
           f" (difference {100 * gap:.2f}%{'' if gap <= 0.02 else ' > 2%'})", flush=True)
     med = {k: statistics.median(v) for k, v in times.items() if v}
-    mfu = step_flops(model_config, samples) / med["lmtune"] / (ceiling * 1e9)
+    mfu = statistics.median(mfus)  # each round's time against the ceiling measured beside it
     tokens_per_s = report.tokens / med["lmtune"]
     print(f"  {shape.name} lmtune's first step (with the compile, if compiled): "
           + ", ".join(f"{t:.0f} s" for t in first_steps) + " (the first uncached, later ones from the disk cache)", flush=True)
-    for name in ("lmtune-eager", "trl", "trl-defaults"):
+    for name in ("lmtune-eager", "packed", "trl", "trl-defaults"):
         if name in med:
             print(f"  {shape.name} {name}: {med[name] / med['lmtune']:.2f}x lmtune's time per step,"
                   f" peak RSS {peaks[name]:.2f} GB", flush=True)
+    if "packed" in med:
+        print(f"  {shape.name} {packed_report.packing.describe()}; padded path's positions that are tokens:"
+              f" {padded_efficiency(samples, shape.batch_size):.1%}", flush=True)
+        print(f"shape={shape.name} packed_speedup={med['lmtune'] / med['packed']:.2f}", flush=True)
     ratio = med["trl"] / med["lmtune"] if "trl" in med else float("nan")
     print(f"shape={shape.name} speedup_vs_trl={ratio:.2f} mfu={mfu:.2f} tokens_per_s={tokens_per_s:.0f}"
-          f" peak_rss_gb={peaks['lmtune']:.2f}", flush=True)
+          f" peak_rss_gb={peaks['lmtune']:.2f} ceiling_gflops={statistics.median(ceilings):.0f} cpu=\"{cpu_label()}\"",
+          flush=True)
 
 
 def main() -> None:
@@ -287,12 +323,14 @@ def main() -> None:
     started = time.perf_counter()
     pairs = read_pairs(REPO / "data" / "vi_ai_qa.jsonl")[:N_SAMPLES]
     shared_bpe = bpe_tokenizer()
-    ceiling = matmul_gflops(torch.bfloat16)
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads;"
-          f" bf16 matmul ceiling {ceiling:.0f} GFLOP/s; {N_SAMPLES} samples per optimizer step", flush=True)
+    from lmtune.model import choose_precision
+
+    dtype = choose_precision("cpu", "auto").compute_dtype  # the precision lmtune trains in on this CPU
+    print(f"{cpu_label()}; torch {torch.__version__}, transformers {transformers.__version__},"
+          f" {torch.get_num_threads()} threads; {N_SAMPLES} samples per optimizer step", flush=True)
     for name in names:
         bench_shape(SHAPES[name], shared_bpe, pairs, args.quick, args.rounds or (1 if args.quick else 2),
-                    args.skip_trl, ceiling)
+                    args.skip_trl, dtype)
     print(f"total benchmark time {time.perf_counter() - started:.0f} s{' (--quick)' if args.quick else ''}")
 
 

@@ -112,11 +112,12 @@ class DataConfig:
     # Seed of the validation split (which question groups are held out).
     seed: int = 42
     # Lay samples end to end in rows of one fixed length, each sample attending only to itself (data/packing.py):
-    # no padding is computed and every micro-batch has one shape. "auto": on a CPU, for the supervised methods, on
-    # families whose attention reads packed rows (not BLOOM); true/false force it (true fails where it cannot).
+    # no padding is computed and every micro-batch has one shape. "auto" does not pack: on the CPUs measured,
+    # length-grouped padded micro-batches trained faster (docs/performance.md, "Packed rows"). true packs (on
+    # families whose attention reads packed rows, not BLOOM; supervised methods only); false never packs.
     packing: Union[bool, Literal["auto"]] = "auto"
     # Tokens per packed row; 0 = about train.batch_size samples' worth, rounded up to 256, 512, 768, 1024, 1536, ...
-    # With packing, train.batch_size counts rows of this length.
+    # With packing a micro-batch is one such row, so an optimizer step trains about as many tokens as unpacked.
     pack_length: int = 0
 
 

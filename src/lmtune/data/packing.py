@@ -112,12 +112,17 @@ class PackedCollator:
     segment of its own (positions from 0, labels ignored), so it attends only to itself."""
 
     def __init__(self, tokenizer, length: int, check: bool = True):
+        from .collate import Collator
+
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.length = length
         self.check = check
+        self.unpacked = Collator(tokenizer, check)  # validation samples are not packed: their losses are per sample
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if rows and "segments" not in rows[0]:
+            return self.unpacked(rows)
         input_ids = torch.full((len(rows), self.length), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), self.length), IGNORE_INDEX, dtype=torch.long)
         positions = torch.zeros((len(rows), self.length), dtype=torch.long)

@@ -63,3 +63,87 @@ def attention_for_batch(causal_lm, input_ids: torch.Tensor):
         yield
     finally:
         causal_lm.set_attn_implementation("sdpa")
+
+
+# Packed rows (data/packing.py): attention computed per sample inside the row.
+#
+# transformers reads a packed row (position ids restarting at 0, no attention mask) into a block-diagonal mask over
+# the whole row and attends over all of it: for a row of 1,024 tokens holding 15 samples of about 70 tokens that is
+# 1,024² scores where the samples need 15 x 70², and it made packed SmolLM2 steps slower than padded micro-batches.
+# Attending per sample is the field's padding-free attention (flash-attention's varlen kernel, which has no CPU
+# build); here it is a loop of causal sdpa calls over each sample's slice of the row, registered with transformers'
+# attention interface. `bench/smollm2_step.py --compare packing` measures the packed step against padded batches.
+PACKED_ATTENTION = "lmtune_packed_rows"
+
+
+def _segments(positions: torch.Tensor) -> list[tuple[int, int]]:
+    """[(start, end)] of the samples of one packed row: a sample starts where its position is 0."""
+    starts = (positions == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0, *starts]
+    return list(zip(starts, [*starts[1:], positions.shape[0]]))
+
+
+@torch.compiler.disable  # sample boundaries change every batch: a graph break, not a recompile per batch
+def packed_rows_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    positions = kwargs.pop("position_ids", None)
+    window = kwargs.pop("sliding_window", None) or None
+    if positions is None:  # not a packed row (nothing marks its samples): the row is one sample
+        positions = torch.arange(query.shape[2]).expand(query.shape[0], -1)
+    rows = []
+    for r in range(query.shape[0]):
+        pieces = []
+        for start, end in _segments(positions[r]):
+            q, k, v = (t[r : r + 1, :, start:end] for t in (query, key, value))
+            n = end - start
+            mask = None
+            if window is not None and n > window:  # a sliding-window layer sees only the last `window` tokens
+                i = torch.arange(n, device=query.device)
+                mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+            out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling,
+                                            is_causal=mask is None, **kwargs)
+            pieces.append(out)
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.cat(rows, dim=0), None
+
+
+def _no_mask(*args, **kwargs):
+    return None  # packed_rows_attention finds each sample's span from the position ids
+
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(PACKED_ATTENTION, packed_rows_attention)
+        AttentionMaskInterface.register(PACKED_ATTENTION, _no_mask)
+        _registered = True
+
+
+def reads_packed_rows(causal_lm) -> bool:
+    config = getattr(causal_lm, "config", None)
+    return (getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+            and type(causal_lm)._can_set_attn_implementation() and not _checkpointing(causal_lm))
+
+
+@contextmanager
+def attention_for_packed_rows(causal_lm):
+    """Run the block with per-sample attention (packed_rows_attention); the model's own choice is restored after."""
+    if not reads_packed_rows(causal_lm):
+        yield
+        return
+    _register()
+    config = causal_lm.config
+    before = config._attn_implementation
+    causal_lm.set_attn_implementation(PACKED_ATTENTION)
+    try:
+        yield
+    finally:
+        causal_lm.set_attn_implementation(before)

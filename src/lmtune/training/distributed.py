@@ -30,9 +30,9 @@ class BatchPlan:
     def global_batch(self) -> int:
         return self.per_device * self.grad_accum * self.processes
 
-    def describe(self) -> str:
+    def describe(self, unit: str = "samples") -> str:
         s = "es" if self.processes != 1 else ""
-        return (f"{self.global_batch} samples ({self.per_device} per device x {self.grad_accum} accumulation"
+        return (f"{self.global_batch} {unit} ({self.per_device} per device x {self.grad_accum} accumulation"
                 f" x {self.processes} process{s})")
 
 

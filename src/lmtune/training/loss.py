@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..data.packing import PACKED_TOKENS
 from ..data.tokenize import IGNORE_INDEX
-from .attention import attention_for_batch
+from .attention import attention_for_batch, attention_for_packed_rows
 from .compiled import eager
 from .distributed import epoch_callback, global_batch_sampler
 
@@ -51,7 +51,8 @@ def answer_only_loss(causal_lm, input_ids, attention_mask=None, labels=None, num
 
     A packed batch (data/packing.py) comes with position ids and no attention mask."""
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-    with attention_for_batch(causal_lm, input_ids):
+    packed = position_ids is not None and attention_mask is None
+    with attention_for_packed_rows(causal_lm) if packed else attention_for_batch(causal_lm, input_ids):
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False).last_hidden_state
     targets = labels[:, 1:]

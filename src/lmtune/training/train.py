@@ -104,7 +104,8 @@ class _LossLog:
 
 
 def build_trainer(config: Config, model, tokenizer, samples: list[dict], precision, scratch: Path, callbacks=(),
-                  val_samples: list[dict] | None = None, verbose: bool = False, method: TrainingMethod | None = None):
+                  val_samples: list[dict] | None = None, verbose: bool = False, method: TrainingMethod | None = None,
+                  per_device: int | None = None):
     """The Trainer lmtune trains with: the method's loss and batches (for supervised methods the answer-only loss and
     dynamic padding with the label-contract check), and with validation samples: periodic validation loss, best
     weights kept, optional early stopping."""
@@ -112,7 +113,8 @@ def build_trainer(config: Config, model, tokenizer, samples: list[dict], precisi
 
     method = method or method_for(config)
 
-    use_checkpointing = decide_checkpointing(config, model, samples, precision)
+    per_device = per_device or config.train.batch_size  # rows per micro-batch: 1 packed row, or batch_size samples
+    use_checkpointing = decide_checkpointing(config, model, samples, precision, per_device)
     if use_checkpointing:
         # LoRA freezes the embeddings, so checkpointed blocks would get inputs that need no grad and skip backward.
         model.enable_input_require_grads()
@@ -124,7 +126,7 @@ def build_trainer(config: Config, model, tokenizer, samples: list[dict], precisi
     Trainer = method.trainer_class()
     trainer = Trainer(
         model=model,
-        args=_training_arguments(config, precision, scratch, use_checkpointing, len(samples), bool(val_samples)),
+        args=_training_arguments(config, precision, scratch, use_checkpointing, len(samples), bool(val_samples), per_device),
         train_dataset=samples,
         eval_dataset=val_samples or None,
         data_collator=method.collator(tokenizer),
@@ -170,14 +172,20 @@ def _tensorboard_callback(folder: Path):
     return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))
 
 
-def total_steps(config: Config, n_samples: int, processes: int = 1) -> int:
+def per_device_rows(config: Config, prepared: PreparedData) -> int:
+    """Rows of one micro-batch: one packed row (about train.batch_size samples long, data/packing.py), or
+    train.batch_size samples."""
+    return 1 if prepared.packing else config.train.batch_size
+
+
+def total_steps(config: Config, n_samples: int, processes: int = 1, per_device: int | None = None) -> int:
     """Optimizer steps of the run. Each of `processes` gets every processes-th micro-batch (as the Trainer shards them)."""
     t = config.train
-    micro_batches = math.ceil(math.ceil(n_samples / t.batch_size) / processes)
+    micro_batches = math.ceil(math.ceil(n_samples / (per_device or t.batch_size)) / processes)
     return t.max_steps if t.max_steps > 0 else math.ceil(math.ceil(micro_batches / t.grad_accum) * t.epochs)
 
 
-def decide_checkpointing(config: Config, model, samples: list[dict], precision) -> bool:
+def decide_checkpointing(config: Config, model, samples: list[dict], precision, per_device: int | None = None) -> bool:
     """Gradient checkpointing costs about a third more compute; use it only when activations would not fit.
 
     Activation estimate per layer for a micro-batch of b sequences of s tokens (Korthikanti et al. 2022,
@@ -191,7 +199,7 @@ def decide_checkpointing(config: Config, model, samples: list[dict], precision) 
     heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", 1)
     layers = families.layer_count(c) or 1
     longest = max(len(s["input_ids"]) for s in samples)
-    b = config.train.batch_size
+    b = per_device or config.train.batch_size
     per_layer = longest * b * hidden * (34 + 5 * heads * longest / max(hidden, 1))
     need = per_layer * layers * (1 if precision.compute_dtype != torch.float32 else 2)
     return need > 0.5 * free_memory_bytes(precision.device)
@@ -238,11 +246,12 @@ def free_memory_bytes(device: str) -> float:
         return float("inf")  # unknown (macOS, Windows): do not slow training down on a guess
 
 
-def _training_arguments(config: Config, precision, scratch: Path, use_checkpointing: bool, n_samples: int, validate: bool):
+def _training_arguments(config: Config, precision, scratch: Path, use_checkpointing: bool, n_samples: int, validate: bool,
+                        per_device: int):
     from transformers import TrainingArguments
 
     t = config.train
-    every = t.eval_steps or max(1, total_steps(config, n_samples, processes.world_size()) // 10)
+    every = t.eval_steps or max(1, total_steps(config, n_samples, processes.world_size(), per_device) // 10)
     evaluation = dict(
         eval_strategy="steps", eval_steps=every, save_strategy="steps", save_steps=every,
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
@@ -252,7 +261,7 @@ def _training_arguments(config: Config, precision, scratch: Path, use_checkpoint
         **evaluation,
         output_dir=str((scratch / CHECKPOINTS_DIR).resolve()),  # the trainer state records paths inside it
         save_total_limit=None,  # checkpoints.prune_checkpoints keeps train.keep_checkpoints complete ones
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=per_device,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
         warmup_steps=t.warmup_steps,
@@ -316,14 +325,15 @@ def _estimate_run_time(method: TrainingMethod, model, prepared: PreparedData, to
 
     # group_by_length makes the run's micro-batches runs of similar lengths: time some across the whole range.
     by_length = sorted(prepared.train_rows, key=lambda s: len(s["input_ids"]))
-    last = max(0, len(by_length) - t.batch_size)
+    per_device = per_device_rows(config, prepared)
+    last = max(0, len(by_length) - per_device)
     starts = sorted({round(q * last) for q in (0.1, 0.35, 0.65, 0.9)})
-    batches = [to_device(collate(by_length[i : i + t.batch_size])) for i in starts]
+    batches = [to_device(collate(by_length[i : i + per_device])) for i in starts]
     model.train()
     forward_backward(batches[len(batches) // 2])  # warm-up
     per_micro = statistics.mean(timed(lambda b=b: forward_backward(b)) for b in batches)
     model.zero_grad(set_to_none=True)
-    micro_batches = math.ceil(len(prepared.train_rows) / t.batch_size)
+    micro_batches = math.ceil(len(prepared.train_rows) / per_device)
     per_step = per_micro * t.grad_accum
     estimate = {
         "seconds_per_micro_batch": per_micro,
@@ -448,7 +458,7 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         model = method.load_model(source, precision, log)
         method.arrange(prepared, causal_lm_of(model), precision.device, log)
 
-        steps = total_steps(config, len(prepared.train_rows), plan.processes)
+        steps = total_steps(config, len(prepared.train_rows), plan.processes, per_device_rows(config, prepared))
         if not dry_run and main:
             check_disk_space(run.partial, model, t.keep_checkpoints, method.output_kind)
         use_compile = _decide_compile(config, method, model, prepared, precision, steps, plan.processes, log)
@@ -499,8 +509,9 @@ def _decide_compile(config: Config, method: TrainingMethod, model, prepared: Pre
     t = config.train
     rows = prepared.train_rows
     mean_length = sum(len(s["input_ids"]) for s in rows) / max(1, len(rows))
-    tokens = mean_length * t.batch_size * t.grad_accum * n_processes * steps
-    checkpointing = decide_checkpointing(config, model, rows, precision)
+    per_device = per_device_rows(config, prepared)
+    tokens = mean_length * per_device * t.grad_accum * n_processes * steps
+    checkpointing = decide_checkpointing(config, model, rows, precision, per_device)
     use, why = compiled.decide(t.compile, device=precision.device, processes=n_processes,
                                method_blocker=method.compile_blocker(), quantized=config.model.quantization != "none",
                                checkpointing=checkpointing, causal_lm=causal_lm_of(model), tokens=tokens)
@@ -522,12 +533,13 @@ def _train_in(run: RunFolder, config: Config, method: TrainingMethod, model, tok
     with GracefulStop(log) as stop:
         callbacks = [loss_log.make_callback(), checkpoint_callback(stop, out, t.checkpoint_minutes, t.keep_checkpoints)]
         trainer = build_trainer(config, model, tokenizer, prepared.train_rows, precision, out, callbacks, prepared.val_samples,
-                                verbose, method)
+                                verbose, method, per_device_rows(config, prepared))
         if run.resume_from:
             log(f"resume: continuing from {run.resume_from} (step {resume_step} of {steps})")
-        plan = distributed.batch_plan(t.batch_size, t.grad_accum, 0, processes.world_size())
+        plan = distributed.batch_plan(per_device_rows(config, prepared), t.grad_accum, 0, processes.world_size())
         engine = distributed.engine(trainer)
-        log(f"training: {steps} optimizer steps of {plan.describe()}" + (f" with {engine}" if engine else ""))
+        what = plan.describe(f"packed rows of {prepared.packing['length']} tokens" if prepared.packing else "samples")
+        log(f"training: {steps} optimizer steps of {what}" + (f" with {engine}" if engine else ""))
         # Errors propagate: an untrained adapter is never saved (the tutorial's defect 9).
         with compiled.compiled_layers(causal_lm_of(model), use_compile, strict=t.compile is True):
             trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)

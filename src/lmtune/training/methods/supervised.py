@@ -13,7 +13,7 @@ from typing import Callable
 
 from ... import families
 from ...data.collate import Collator, render_example
-from ...data.packing import PackedCollator, pack, pack_length
+from ...data.packing import PACKED_TOKENS, PackedCollator, pack, pack_length
 from ...errors import LmtuneError
 from ...data.readers import load_examples
 from ...data.source import DataSource
@@ -35,12 +35,9 @@ class SupervisedMethod(TrainingMethod):
 
     def arrange(self, prepared: PreparedData, causal_lm, device: str, log: Callable[[str], None] = print) -> None:
         d, t = self.config.data, self.config.train
-        if d.packing is False:
+        if d.packing is not True:  # "auto": padded micro-batches measured faster (docs/performance.md, "Packed rows")
             return
-        blocker = packing_blocker(causal_lm, device if d.packing == "auto" else None)
-        if blocker and d.packing == "auto":
-            log(f"packing: off ({blocker})")
-            return
+        blocker = packing_blocker(causal_lm)
         if blocker:
             raise LmtuneError(f"data.packing true: {blocker}; set data.packing to auto or false")
         try:
@@ -49,12 +46,14 @@ class SupervisedMethod(TrainingMethod):
             raise LmtuneError(str(error)) from None
         prepared.rows, report = pack(prepared.samples, self.packed_length, t.seed)
         prepared.packing = {"length": report.length, "rows": report.rows, "efficiency": round(report.efficiency, 4)}
-        log(report.describe() + f"; a micro-batch is {t.batch_size} row{'s' if t.batch_size != 1 else ''}")
+        per_row = report.samples / max(1, report.rows)
+        log(report.describe() + f"; a micro-batch is one row ({per_row:.1f} samples on average)")
 
     def collator(self, tokenizer):
         return PackedCollator(tokenizer, self.packed_length) if self.packed_length else Collator(tokenizer)
 
     def loss(self, model, batch):
+        batch = {k: v for k, v in batch.items() if k != PACKED_TOKENS}  # a count for the log, not a model input
         lm = causal_lm_of(model)
         return answer_only_loss(lm, **batch) if supports_answer_only(lm) else model(**batch).loss
 
@@ -66,12 +65,10 @@ class SupervisedMethod(TrainingMethod):
         prepared.template.save(out)
 
 
-def packing_blocker(causal_lm, device: str | None) -> str | None:
-    """Why this run cannot (or, on `device`, by default does not) train on packed rows; None when it does."""
+def packing_blocker(causal_lm) -> str | None:
+    """Why this run cannot train on packed rows; None when it can."""
     if not families.packs(causal_lm.config):
         return f"{families.facts(causal_lm.config).name}'s attention does not read packed rows"
-    if device not in (None, "cpu"):
-        return "packing is the CPU default; set data.packing true to pack on other devices"
     return None
 
 
