@@ -53,6 +53,14 @@ def test_merge_refuses_when_logits_differ(trained_bloom, tmp_path, monkeypatch):
     assert not (tmp_path / "merged").exists()
 
 
+def test_merge_tolerance_follows_the_scale_of_the_logits():
+    from lmtune.export.merge import merge_tolerance
+
+    assert merge_tolerance(torch.tensor([[0.5, -3.0]])) == pytest.approx(1e-3)  # small logits: 1e-3, no less
+    assert merge_tolerance(torch.tensor([[35.6, -2.0]])) == pytest.approx(3.56e-3)  # fp32 rounding grows with them
+    assert merge_tolerance(torch.tensor([[-80.0]])) < 0.01  # a wrong merge moves logits by tenths
+
+
 def test_llama_without_pad_token_trains_and_merges(tiny_llama_dir, qa_file, tmp_path):
     result = train(train_config(tiny_llama_dir, qa_file, tmp_path / "a", **{"train.max_steps": 3, "lora.target_modules": "all-linear"}), **QUIET)
     assert result.steps == 3
