@@ -305,7 +305,7 @@ def test_quickstart_with_a_preference_method_runs_sft_then_dpo_and_compares_them
     """`lmtune quickstart --method dpo`: SFT on the bundled pairs, DPO from that adapter on the bundled preference
     pairs, both merged, the held-out preference pairs compared (a tiny model and a short run: the path, not the result)."""
     code, out, err = run(capsys, "quickstart", "--config", "configs/quickstart.yaml", "--model", tiny_llama_dir,
-                         "--method", "dpo", "--output-dir", tmp_path / "q", "--epochs", "1", "--max-new-tokens", "4",
+                         "--method", "dpo", "--output-dir", tmp_path / "q", "--max-steps", "3", "--max-new-tokens", "4",
                          "--data", pairs_file,
                          "--max-samples", "8", "--lora.target_modules", "auto", "--dtype", "float32")
     assert code == 0, err
