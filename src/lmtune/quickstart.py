@@ -67,9 +67,7 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 
 def _heldout_for(trained_questions: set[str]) -> list[dict]:
-    path = bundled_path(HELDOUT_DATA)
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in rows if r["source_question"] in trained_questions]
+    return [r for r in _read_jsonl(HELDOUT_DATA) if r["source_question"] in trained_questions]
 
 
 def _read_jsonl(relative: str) -> list[dict]:
