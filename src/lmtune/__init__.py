@@ -10,12 +10,16 @@ Library use mirrors the CLI:
     print(generate(model, "Học máy là gì?", config.generate).text)
 """
 
-from .config import Config, ConfigError, load_config
-from .errors import DataError, LmtuneError, ModelError
-from .export.merge import merge
-from .inference.generate import generate, generate_batch
-from .inference.load import load_for_inference
-from .training.train import train
+from .cpu_memory import cap_onednn_primitive_cache
+
+cap_onednn_primitive_cache()  # before anything computes: oneDNN reads its cache capacity once
+
+from .config import Config, ConfigError, load_config  # noqa: E402
+from .errors import DataError, LmtuneError, ModelError  # noqa: E402
+from .export.merge import merge  # noqa: E402
+from .inference.generate import generate, generate_batch  # noqa: E402
+from .inference.load import load_for_inference  # noqa: E402
+from .training.train import train  # noqa: E402
 
 __all__ = [
     "Config", "ConfigError", "DataError", "LmtuneError", "ModelError",

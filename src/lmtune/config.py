@@ -119,6 +119,10 @@ class DataConfig:
     # Tokens per packed row; 0 = about train.batch_size samples' worth, rounded up to 256, 512, 768, 1024, 1536, ...
     # With packing a micro-batch is one such row, so an optimizer step trains about as many tokens as unpacked.
     pack_length: int = 0
+    # Unpacked micro-batches are as wide as their longest sample rounded up to a multiple of this. 0 = 32 where a
+    # CPU trains in bf16 (a few widths instead of one per length keep oneDNN's compiled matmuls and the heap from
+    # growing over a long run: docs/performance.md, "Memory over a long run"), 1 elsewhere; 1 = no rounding.
+    pad_to_multiple_of: int = 0
 
 
 @dataclass
@@ -452,6 +456,8 @@ def _check_ranges(c: Config) -> list[str]:
         (d.max_length >= 8, f"data.max_length must be at least 8 tokens, got {d.max_length!r}"),
         (d.max_samples >= 0, f"data.max_samples must be 0 (all) or positive, got {d.max_samples!r}"),
         (d.pack_length >= 0, f"data.pack_length must be 0 (chosen from the data) or positive, got {d.pack_length!r}"),
+        (d.pad_to_multiple_of >= 0,
+         f"data.pad_to_multiple_of must be 0 (chosen for the device) or positive, got {d.pad_to_multiple_of!r}"),
         (len(d.csv_delimiter) <= 1 or d.csv_delimiter == "tab",
          f"data.csv_delimiter must be empty (detect), one character or 'tab', got {d.csv_delimiter!r}"),
         (t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size!r}"),

@@ -58,3 +58,27 @@ def test_check_batch_rejects_fixed_width_padding(bloom_tokenizer):
     padded = {k: torch.nn.functional.pad(v, (0, 10), value=IGNORE_INDEX if k == "labels" else 0) for k, v in batch.items()}
     with pytest.raises(LabelContractError, match="not dynamic"):
         check_batch(padded, [s["prompt_length"]], [False], bloom_tokenizer.eos_token_id)
+
+
+@pytest.mark.parametrize("multiple", [1, 8, 32])
+def test_collator_rounds_the_width_up_to_a_multiple_and_masks_the_extra_padding(bloom_tokenizer, multiple):
+    template = PromptTemplate.for_tokenizer(bloom_tokenizer, "plain")
+    samples = [tokenize_example(Example(r["question"], r["answer"]), bloom_tokenizer, template, 512) for r in QA]
+    lengths = [len(s["input_ids"]) for s in samples]
+    batch = Collator(bloom_tokenizer, width_multiple=multiple)(samples)  # checked, with the multiple
+    width = batch["input_ids"].shape[1]
+    assert width % multiple == 0 and max(lengths) <= width < max(lengths) + multiple
+    for row, n in enumerate(lengths):
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+        assert batch["labels"][row, n:].eq(IGNORE_INDEX).all()
+    unrounded = Collator(bloom_tokenizer)(samples)
+    assert torch.equal(batch["labels"][:, :max(lengths)], unrounded["labels"])  # the same targets, only more padding
+
+
+def test_check_batch_rejects_a_width_past_the_multiple(bloom_tokenizer):
+    template, s = _sample(bloom_tokenizer)
+    batch = Collator(bloom_tokenizer, check=False, width_multiple=8)([s])
+    check_batch(batch, [s["prompt_length"]], [False], bloom_tokenizer.eos_token_id, width_multiple=8)
+    padded = {k: torch.nn.functional.pad(v, (0, 8), value=IGNORE_INDEX if k == "labels" else 0) for k, v in batch.items()}
+    with pytest.raises(LabelContractError, match="rounded up to a multiple of 8"):
+        check_batch(padded, [s["prompt_length"]], [False], bloom_tokenizer.eos_token_id, width_multiple=8)

@@ -10,19 +10,22 @@ from .tokenize import IGNORE_INDEX
 
 
 class Collator:
-    """Right-pad each batch to its own longest sample and check the label contract.
+    """Right-pad each batch to its own longest sample, rounded up to a multiple of `width_multiple`, and check the
+    label contract.
 
     Padding positions get the pad id as filler input (or EOS when the tokenizer has no pad),
     attention 0 and label -100: masking is by position, so the filler id never matters.
     """
 
-    def __init__(self, tokenizer, check: bool = True):
+    def __init__(self, tokenizer, check: bool = True, width_multiple: int = 1):
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.check = check
+        self.width_multiple = max(1, width_multiple)
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(s["input_ids"]) for s in samples)
+        longest = max(len(s["input_ids"]) for s in samples)
+        width = -(-longest // self.width_multiple) * self.width_multiple
         input_ids = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
         attention = torch.zeros((len(samples), width), dtype=torch.long)
@@ -34,16 +37,17 @@ class Collator:
         batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
         if self.check:
             check_batch(batch, [s["prompt_length"] for s in samples], [s["truncated"] for s in samples], self.eos_id,
-                        [s.get("spans") for s in samples])
+                        [s.get("spans") for s in samples], self.width_multiple)
         return batch
 
 
 def check_batch(batch: dict[str, torch.Tensor], prompt_lengths: list[int], truncated: list[bool], eos_id: int,
-                spans: list[list[tuple[int, int]] | None] | None = None) -> None:
+                spans: list[list[tuple[int, int]] | None] | None = None, width_multiple: int = 1) -> None:
     """Raise LabelContractError if the batch breaks the contract in `tokenize`'s docstring.
 
     `spans`: per row, the trained (start, end) ranges of a conversation; None for a pair, whose one span runs
-    from its prompt length to its end."""
+    from its prompt length to its end. `width_multiple`: the batch is as wide as its longest sample rounded up to
+    a multiple of it."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     if ids.shape != labels.shape or ids.shape != mask.shape:
         raise LabelContractError(f"input_ids {tuple(ids.shape)}, attention_mask {tuple(mask.shape)} and labels {tuple(labels.shape)} differ in shape")
@@ -70,8 +74,10 @@ def check_batch(batch: dict[str, torch.Tensor], prompt_lengths: list[int], trunc
             trained[start:end] = True
         if bool((labels[row, :length][~trained[:length]] != IGNORE_INDEX).any()):
             raise LabelContractError(f"row {row}: a user, system or template token is a training target")
-    if int(mask.sum(1).max()) != ids.shape[1]:
-        raise LabelContractError("batch is wider than its longest sample (padding is not dynamic)")
+    longest = int(mask.sum(1).max())
+    if ids.shape[1] != -(-longest // width_multiple) * width_multiple:
+        raise LabelContractError(f"batch is {ids.shape[1]} wide for a longest sample of {longest} (padding is not "
+                                 f"dynamic: the longest sample rounded up to a multiple of {width_multiple})")
 
 
 def render_example(sample: dict, tokenizer) -> str:

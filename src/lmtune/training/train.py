@@ -22,6 +22,7 @@ import torch
 
 from .. import families, processes
 from ..config import Config
+from ..cpu_memory import trim_heap_callback, trim_heap_every
 from ..data.template import PromptTemplate
 from ..errors import LmtuneError, TrainingInterrupted
 from ..model import adapter_saving, choose_precision, configure_cpu_threads, describe, load_tokenizer, resolve_source
@@ -143,6 +144,8 @@ def build_trainer(config: Config, model, tokenizer, samples: list[dict], precisi
         trainer.add_callback(ConsoleProgress(verbose))
     if precision.device == "cpu":  # cores shared with another lmtune process come back when it ends
         trainer.add_callback(ReclaimCpuThreads(show=processes.is_main_process()))
+        if trim_heap_every():  # freed activation memory goes back to the system (cpu_memory.py)
+            trainer.add_callback(trim_heap_callback(trim_heap_every()))
     return trainer
 
 
@@ -456,7 +459,7 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         threads = f", {configure_cpu_threads(log)} threads" if precision.device == "cpu" else ""
         log(f"model: {describe(source)} on {precision.device}{threads}, compute dtype {str(precision.compute_dtype).removeprefix('torch.')}")
         model = method.load_model(source, precision, log)
-        method.arrange(prepared, causal_lm_of(model), precision.device, log)
+        method.arrange(prepared, causal_lm_of(model), precision, log)
 
         steps = total_steps(config, len(prepared.train_rows), plan.processes, per_device_rows(config, prepared))
         if not dry_run and main:

@@ -75,7 +75,7 @@ class TrainingMethod:
     def compile_blocker(self) -> str | None:
         return None
 
-    def arrange(self, prepared: PreparedData, causal_lm, device: str, log: Callable[[str], None]) -> None:
+    def arrange(self, prepared: PreparedData, causal_lm, precision, log: Callable[[str], None]) -> None:
         """Once the model is loaded: lay the samples out as the trainer iterates them (`prepared.rows`); by default
         each sample is one row of its batch."""
 

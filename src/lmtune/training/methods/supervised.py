@@ -11,7 +11,10 @@ import math
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ... import families
+from ...cpu_memory import CPU_BF16_WIDTH_MULTIPLE
 from ...data.collate import Collator, render_example
 from ...data.packing import PACKED_TOKENS, PackedCollator, pack, pack_length
 from ...errors import LmtuneError
@@ -32,9 +35,12 @@ class SupervisedMethod(TrainingMethod):
         preflight(prepared, tokenizer, self.config.train.batch_size, log)
 
     packed_length = 0  # set by arrange when the run trains on packed rows
+    width_multiple = 1  # set by arrange: unpacked micro-batch widths are rounded up to a multiple of it
 
-    def arrange(self, prepared: PreparedData, causal_lm, device: str, log: Callable[[str], None] = print) -> None:
+    def arrange(self, prepared: PreparedData, causal_lm, precision, log: Callable[[str], None] = print) -> None:
         d, t = self.config.data, self.config.train
+        self.width_multiple = d.pad_to_multiple_of or (
+            CPU_BF16_WIDTH_MULTIPLE if precision.device == "cpu" and precision.compute_dtype == torch.bfloat16 else 1)
         if d.packing is not True:  # "auto": padded micro-batches measured faster (docs/performance.md, "Packed rows")
             return
         blocker = packing_blocker(causal_lm)
@@ -50,7 +56,9 @@ class SupervisedMethod(TrainingMethod):
         log(report.describe() + f"; a micro-batch is one row ({per_row:.1f} samples on average)")
 
     def collator(self, tokenizer):
-        return PackedCollator(tokenizer, self.packed_length) if self.packed_length else Collator(tokenizer)
+        if self.packed_length:
+            return PackedCollator(tokenizer, self.packed_length)
+        return Collator(tokenizer, width_multiple=self.width_multiple)
 
     def loss(self, model, batch):
         batch = {k: v for k, v in batch.items() if k != PACKED_TOKENS}  # a count for the log, not a model input
