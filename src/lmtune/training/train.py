@@ -144,8 +144,9 @@ def build_trainer(config: Config, model, tokenizer, samples: list[dict], precisi
         trainer.add_callback(ConsoleProgress(verbose))
     if precision.device == "cpu":  # cores shared with another lmtune process come back when it ends
         trainer.add_callback(ReclaimCpuThreads(show=processes.is_main_process()))
-        if trim_heap_every():  # freed activation memory goes back to the system (cpu_memory.py)
-            trainer.add_callback(trim_heap_callback(trim_heap_every()))
+        every = trim_heap_every()
+        if every:  # freed activation memory goes back to the system (cpu_memory.py)
+            trainer.add_callback(trim_heap_callback(every))
     return trainer
 
 

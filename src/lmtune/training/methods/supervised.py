@@ -11,8 +11,6 @@ import math
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from ... import families
 from ...cpu_memory import CPU_BF16_WIDTH_MULTIPLE
 from ...data.collate import Collator, render_example
@@ -40,7 +38,7 @@ class SupervisedMethod(TrainingMethod):
     def arrange(self, prepared: PreparedData, causal_lm, precision, log: Callable[[str], None] = print) -> None:
         d, t = self.config.data, self.config.train
         self.width_multiple = d.pad_to_multiple_of or (
-            CPU_BF16_WIDTH_MULTIPLE if precision.device == "cpu" and precision.compute_dtype == torch.bfloat16 else 1)
+            CPU_BF16_WIDTH_MULTIPLE if precision.device == "cpu" and precision.bf16 else 1)
         if d.packing is not True:  # "auto": padded micro-batches measured faster (docs/performance.md, "Packed rows")
             return
         blocker = packing_blocker(causal_lm)
