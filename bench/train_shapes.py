@@ -16,11 +16,14 @@ The random shapes are tokenised with the byte-level BPE (vocabulary 8,000) that 
 Vietnamese text and lmtune's plain `Human:/Assistant:` template; their output heads keep the full vocabulary.
 
 Paths per shape, alternating (order reversed every round) after a warm-up step:
-  lmtune        lmtune's default CPU path (build_trainer: answer-only fused head + loss, dynamic padding,
-                length-grouped batches, bf16 frozen weights and autocast, checkpointing only if memory needs it),
+  lmtune        lmtune's default CPU path (build_trainer: answer-only fused head + loss, dynamic padding with widths
+                rounded as on the device, length-grouped batches, the step's micro-batches merged as train does on a
+                CPU (training/micro_batches.py), bf16 frozen weights and autocast, checkpointing only if memory needs it),
                 with its decoder layers compiled where train.compile "auto" compiles for a long run (training/compiled.py:
                 the Llama-family shapes, not BLOOM; the first step pays the compile, printed apart, and is not timed);
   lmtune-eager  (not with --quick) the same never compiled: the compile lever's ratio;
+  unmerged      the same with the configured split (4 x 4 samples; BLOOM 2 x 8): the merge lever's ratio;
+  packed        the same samples in packed rows (data/packing.py), one row per micro-batch: the packing lever's ratio;
   trl           TRL's SFTTrainer on prompt/completion data (loss on the completion only; conversational for
                 smollm2, so both paths train on the same chat-template tokens), the same batch split as lmtune,
                 bf16, gradient checkpointing OFF (its fastest setting);
@@ -30,15 +33,18 @@ With --quick, the TRL paths time a few micro-batches and scale to a full step; l
 
 Measured per shape: median seconds per optimizer step; real tokens per second (prompt + answer + EOS of the
 16 samples, no padding); MFU = FLOPs lmtune needs / time / the matmul ceiling of the precision lmtune trains in
-(bf16 on a CPU with native bf16, else fp32), measured beside every round (a 2,048-cube matmul, best of 10: on a
-shared machine the ceiling moves with the load, and a ceiling measured once would not); the median of the rounds. Counted FLOPs: forward and input-gradient matmuls (2 x 2 FLOPs per
+(bf16 on a CPU with native bf16, else fp32), measured right after every timed step (a 2,048-cube matmul, best of
+5, outside the step's time: on a shared machine the ceiling moves with the load within a run, and a ceiling
+measured once would not); the median over the steps. Counted FLOPs: forward and input-gradient matmuls (2 x 2 FLOPs per
 weight) of every real token through every block's linear layers (q, k, v, o and the MLP), causal attention
 scores and values (half the square), and the output head on trained (answer) positions only; the LoRA
 matmuls, norms and element-wise work are not counted. Peak resident memory of each path (sampled every
 20 ms). The loss after N optimizer steps of lmtune's path against the same path with fp32 weights and no
 autocast (the difference should stay within 2%).
 
-Last line per shape: `shape=<name> speedup_vs_trl=<x> mfu=<fraction> tokens_per_s=<n> peak_rss_gb=<g>`.
+Last line per shape: `shape=<name> speedup_vs_trl=<x> mfu=<fraction> tokens_per_s=<n> peak_rss_gb=<g>
+ceiling_gflops=<median of the ceilings beside the steps> cpu="<model [flags]>"`, after `merge_speedup` and
+`packed_speedup` lines.
 """
 
 from __future__ import annotations
@@ -133,9 +139,11 @@ def tokenizer_for(shape: Shape, shared_bpe):
 
 
 def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, compile_layers: bool | None = None,
-               packed: bool = False):
+               packed: bool = False, callbacks: tuple = (), merge: bool = True):
     """compile_layers None: what train.compile "auto" decides for a long run of this model (compiling.decide_training).
-    `packed`: the same samples per optimizer step packed into rows (data/packing.py), one row per micro-batch."""
+    `packed`: the same samples per optimizer step packed into rows (data/packing.py), one row per micro-batch.
+    `merge`: the micro-batches of a step merged as lmtune's train does on a CPU (training/micro_batches.py); off, the
+    configured split (the merge lever's ratio)."""
     from lmtune.bundled import bundled_path
     from lmtune.config import load_config
     from lmtune.data.readers import Example
@@ -172,7 +180,21 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, c
         method = method_for(config)
         method.packed_length = pack_report.length
         report.packing = pack_report
-    trainer = build_trainer(config, model, tok, rows, precision, Path(scratch), [timer], method=method)
+    else:  # as train() arranges unpacked samples: widths rounded for the device (methods/supervised.py)
+        from lmtune.training.methods import method_for
+
+        method = method_for(config)
+        method.arrange(None, model.get_base_model(), precision, log=lambda line: None)
+    if merge and not packed and precision.device == "cpu":
+        from lmtune.training import micro_batches
+        from lmtune.training.train import decide_checkpointing
+
+        t = config.train
+        split = micro_batches.merged_split(
+            t.batch_size, t.grad_accum, [len(s["input_ids"]) for s in samples], method.width_multiple,
+            t.cpu_micro_batch, lambda per_device: decide_checkpointing(config, model, samples, precision, per_device))
+        config.train.batch_size, config.train.grad_accum = split.batch_size, split.grad_accum
+    trainer = build_trainer(config, model, tok, rows, precision, Path(scratch), [timer, *callbacks], method=method)
     trainer.args.disable_tqdm = True
     if compile_layers is None:
         compile_layers, _ = decide_training("auto", device="cpu", processes=1, method_blocker=None, quantized=False,
@@ -208,6 +230,21 @@ def run_trl(shape: Shape, tok, pairs, steps: int, micro_limit: int | None, scrat
 
 
 # ---------------------------------------------------------------- FLOPs
+
+
+def ceiling_beside_steps(dtype: torch.dtype):
+    """A TrainerCallback that measures the matmul ceiling right after every optimizer step (`gflops`, one per step),
+    outside the step's time: on a shared machine the ceiling moves within a run, and MFU divides by the one beside."""
+    from transformers import TrainerCallback
+
+    class CeilingBeside(TrainerCallback):
+        def __init__(self):
+            self.gflops: list[float] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.gflops.append(matmul_gflops(dtype, repeats=5))
+
+    return CeilingBeside()
 
 
 def step_flops(config, samples: list[dict]) -> float:
@@ -246,9 +283,10 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
     tok = tokenizer_for(shape, shared_bpe)
     lm_steps = 2 if quick else 4
     micro = None if not quick else 2
-    times: dict[str, list[float]] = {"lmtune": [], "lmtune-eager": [], "packed": [], "trl": [], "trl-defaults": []}
+    times: dict[str, list[float]] = {"lmtune": [], "lmtune-eager": [], "unmerged": [], "packed": [], "trl": [],
+                                     "trl-defaults": []}
     peaks = dict.fromkeys(times, 0.0)
-    order = ["lmtune", "packed", "trl", "trl-defaults"] + ([] if quick else ["lmtune-eager"])
+    order = ["lmtune", "unmerged", "packed", "trl", "trl-defaults"] + ([] if quick else ["lmtune-eager"])
     first_steps, ceilings, mfus = [], [], []
     losses, samples, report, model_config = [], None, None, None  # filled by the lmtune path
     for round_index in range(rounds):
@@ -262,11 +300,19 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
             release_memory()
             with PeakRss() as rss:
                 if name == "lmtune":
-                    timer, samples, report, model_config = run_lmtune(shape, tok, pairs, lm_steps, "auto", scratch)
+                    beside = ceiling_beside_steps(dtype)
+                    timer, samples, report, model_config = run_lmtune(shape, tok, pairs, lm_steps, "auto", scratch,
+                                                                      callbacks=(beside,))
                     seconds = seconds_per_step(timer, shape.grad_accum, full_steps=True)
                     losses = timer.losses
                     first_steps.append(timer.steps[0])
-                    mfus.append(step_flops(model_config, samples) / seconds / (ceiling * 1e9))
+                    # Each timed step against the ceiling measured right after it (the first step is the warm-up).
+                    flops = step_flops(model_config, samples)
+                    mfus += [flops / step / (gflops * 1e9) for step, gflops in zip(timer.steps[1:], beside.gflops[1:])]
+                    ceilings += beside.gflops[1:]
+                elif name == "unmerged":
+                    timer, *_ = run_lmtune(shape, tok, pairs, lm_steps, "auto", scratch, merge=False)
+                    seconds = seconds_per_step(timer, shape.grad_accum, full_steps=True)
                 elif name == "packed":
                     timer, _, packed_report, _ = run_lmtune(shape, tok, pairs, lm_steps, "auto", scratch, packed=True)
                     seconds = seconds_per_step(timer, 1, full_steps=True)
@@ -288,14 +334,16 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
     print(f"  {shape.name} loss after {lm_steps} steps: lmtune {auto_loss:.4f}, fp32 {fp32_loss:.4f}"
           f" (difference {100 * gap:.2f}%{'' if gap <= 0.02 else ' > 2%'})", flush=True)
     med = {k: statistics.median(v) for k, v in times.items() if v}
-    mfu = statistics.median(mfus)  # each round's time against the ceiling measured beside it
+    mfu = statistics.median(mfus)  # each step's time against the ceiling measured beside it
     tokens_per_s = report.tokens / med["lmtune"]
     print(f"  {shape.name} lmtune's first step (with the compile, if compiled): "
           + ", ".join(f"{t:.0f} s" for t in first_steps) + " (the first uncached, later ones from the disk cache)", flush=True)
-    for name in ("lmtune-eager", "packed", "trl", "trl-defaults"):
+    for name in ("lmtune-eager", "unmerged", "packed", "trl", "trl-defaults"):
         if name in med:
             print(f"  {shape.name} {name}: {med[name] / med['lmtune']:.2f}x lmtune's time per step,"
                   f" peak RSS {peaks[name]:.2f} GB", flush=True)
+    if "unmerged" in med:
+        print(f"shape={shape.name} merge_speedup={med['unmerged'] / med['lmtune']:.2f}", flush=True)
     if "packed" in med:
         print(f"  {shape.name} {packed_report.packing.describe()}; padded path's positions that are tokens:"
               f" {padded_efficiency(samples, shape.batch_size):.1%}", flush=True)

@@ -124,6 +124,7 @@ def test_wrong_type_on_the_command_line(capsys):
     ({"val_size": -0.1}, "data.val_size must be 0 (none), a share below 1, or a whole number of rows, got -0.1"),
     ({"val_size": 0.999}, "data.val_size 0.999 holds out most of the data and trains on the rest"),
     ({"max_length": 4}, "data.max_length must be at least 8 tokens, got 4"),
+    ({"cpu_micro_batch": -2}, "train.cpu_micro_batch must be 0 (automatic) or a number of samples, got -2"),
     ({"top_p": 0}, "generate.top_p must be in (0, 1], got 0.0"),
     ({"epochs": 0, "max_steps": -1}, "train.epochs or train.max_steps must be positive, got epochs 0.0 and max_steps -1"),
     ({"early_stopping_patience": 2}, "train.early_stopping_patience needs validation data, got 2 and none"),

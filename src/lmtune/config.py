@@ -136,6 +136,11 @@ class TrainConfig:
     batch_size: int = 2  # per device (per process)
     # Micro-batches accumulated per optimizer step (derived from global_batch_size when that is set).
     grad_accum: int = 8
+    # On a CPU with one process, the micro-batches of one optimizer step are merged into micro-batches of up to this
+    # many samples (training/micro_batches.py): the same samples, loss and gradients per step, but larger matrix
+    # products, which ran 1.2 to 1.7x faster (docs/performance.md, "Merged micro-batches"). 0 = up to 8 samples and
+    # 2,048 token positions; 1 = as train.batch_size and train.grad_accum say. Not with packing or preference methods.
+    cpu_micro_batch: int = 0
     # Samples per optimizer step over all processes = batch_size x grad_accum x processes. When > 0, grad_accum is
     # derived from it at launch, so the same config trains with the same global batch on 1 or N processes.
     global_batch_size: int = 0
@@ -462,6 +467,7 @@ def _check_ranges(c: Config) -> list[str]:
          f"data.csv_delimiter must be empty (detect), one character or 'tab', got {d.csv_delimiter!r}"),
         (t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size!r}"),
         (t.grad_accum > 0, f"train.grad_accum must be positive, got {t.grad_accum!r}"),
+        (t.cpu_micro_batch >= 0, f"train.cpu_micro_batch must be 0 (automatic) or a number of samples, got {t.cpu_micro_batch!r}"),
         (t.global_batch_size >= 0 and (t.batch_size <= 0 or t.global_batch_size % t.batch_size == 0),
          f"train.global_batch_size must be 0 (off) or a multiple of train.batch_size {t.batch_size!r}, got {t.global_batch_size!r}"),
         (t.learning_rate > 0, f"train.learning_rate must be positive, got {t.learning_rate!r}"),

@@ -315,7 +315,8 @@ def test_a_second_run_on_a_running_output_is_refused_and_a_killed_runs_lock_is_t
     import socket
 
     out = tmp_path / "adapter"
-    first = _start(_args(tiny_bloom_dir, qa_file, out), tmp_path)
+    # Long enough to still be running while three more processes start and are refused (it is killed below).
+    first = _start(_args(tiny_bloom_dir, qa_file, out, "--max-steps", "100000"), tmp_path)
     try:
         _wait_for_step(first, partial_dir(out) / "train_log.jsonl", 2)
         holder = json.loads(_lock_file(out).read_text())

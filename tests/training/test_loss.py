@@ -80,7 +80,8 @@ def test_training_with_answer_only_loss_matches_the_ordinary_trainer(tiny_bloom_
         config = build_config(overrides={
             "model.name_or_path": tiny_bloom_dir, "data.paths": [qa_file], "train.output_dir": str(out),
             "train.max_steps": 3, "train.batch_size": 1, "train.grad_accum": 2, "train.learning_rate": 1e-2,
-            "model.dtype": "float32", "lora.dropout": 0.0, "train.group_by_length": False})
+            "model.dtype": "float32", "lora.dropout": 0.0, "train.group_by_length": False,
+            "train.cpu_micro_batch": 1})  # both runs accumulate 2 micro-batches (none merged on this CPU)
         result = train(config, log=lambda _: None)
         return {n: p.detach().clone() for n, p in result.model.named_parameters() if p.requires_grad}, result
 

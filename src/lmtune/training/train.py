@@ -39,7 +39,7 @@ from ..outputs import (
     write_json,
 )
 from ..safeload import check_model_weights
-from . import compiled, distributed
+from . import compiled, distributed, micro_batches
 from .checkpoints import (
     CHECKPOINTS_DIR,
     RUN_CONFIG_FILE,
@@ -49,7 +49,7 @@ from .checkpoints import (
     open_run_folder,
     resume_command,
 )
-from .loss import causal_lm_of
+from .loss import causal_lm_of, supports_answer_only
 from .methods import PreparedData, TrainingMethod, method_for
 from .plot import plot_loss
 from .quantization import check_quantization
@@ -461,6 +461,7 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         log(f"model: {describe(source)} on {precision.device}{threads}, compute dtype {str(precision.compute_dtype).removeprefix('torch.')}")
         model = method.load_model(source, precision, log)
         method.arrange(prepared, causal_lm_of(model), precision, log)
+        config = _merge_micro_batches(config, method, model, prepared, precision, plan.processes, log)
 
         steps = total_steps(config, len(prepared.train_rows), plan.processes, per_device_rows(config, prepared))
         if not dry_run and main:
@@ -478,12 +479,14 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         if run is not None:
             run.release()
         raise
+    # The run folder keeps the config as written (t: before any merge of micro-batches, which a resume redoes).
+    requested = replace(config, train=replace(t, resume=False))
     if main:
-        run.start(replace(config, train=replace(t, resume=False)), log)
+        run.start(requested, log)
     try:
         with adapter_saving():
             result = _train_in(run, config, method, model, tokenizer, prepared, precision, steps, started, start_clock,
-                               log, verbose, use_compile)
+                               log, verbose, use_compile, requested)
     except BaseException as error:
         lost = distributed.lost_peer(error)  # another machine or process of the run went away
         if not main:
@@ -507,6 +510,24 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
     return result
 
 
+def _merge_micro_batches(config: Config, method: TrainingMethod, model, prepared: PreparedData, precision,
+                         n_processes: int, log) -> Config:
+    """On a CPU with one process, the config with the micro-batches of each optimizer step merged into larger ones
+    (training/micro_batches.py), said in one line; else the config as it is."""
+    t = config.train
+    if (precision.device != "cpu" or n_processes != 1 or not method.merges_micro_batches or prepared.packing
+            or t.grad_accum == 1 or not supports_answer_only(causal_lm_of(model))):
+        return config
+    rows = prepared.train_rows
+    split = micro_batches.merged_split(
+        t.batch_size, t.grad_accum, [len(s["input_ids"]) for s in rows], getattr(method, "width_multiple", 1),
+        t.cpu_micro_batch, lambda per_device: decide_checkpointing(config, model, rows, precision, per_device))
+    if split.merged == 1:
+        return config
+    log(micro_batches.describe(split, t.batch_size, t.grad_accum))
+    return replace(config, train=replace(t, batch_size=split.batch_size, grad_accum=split.grad_accum))
+
+
 def _decide_compile(config: Config, method: TrainingMethod, model, prepared: PreparedData, precision, steps: int,
                     n_processes: int, log) -> bool:
     """Whether the decoder layers are compiled for this run (training/compiled.py), said in one line."""
@@ -526,7 +547,7 @@ def _decide_compile(config: Config, method: TrainingMethod, model, prepared: Pre
 
 def _train_in(run: RunFolder, config: Config, method: TrainingMethod, model, tokenizer, prepared: PreparedData, precision,
               steps: int, started: str, start_clock: float, log, verbose: bool = False,
-              use_compile: bool = False) -> TrainResult:
+              use_compile: bool = False, requested: Config | None = None) -> TrainResult:
     """Train, writing everything into the run folder; raises TrainingInterrupted after a graceful stop."""
     t = config.train
     out = run.partial
@@ -561,7 +582,7 @@ def _train_in(run: RunFolder, config: Config, method: TrainingMethod, model, tok
     if not main:  # the others have trained; rank 0 writes the one copy of every output
         return TrainResult(t.output_dir, trainer.state.global_step, final_loss, loss_log.entries, 0.0, model=model)
     method.save(model, tokenizer, prepared, out, state_dict)
-    replace(config, train=replace(t, resume=False)).save_yaml(out / CONFIG_FILE)
+    (requested or replace(config, train=replace(t, resume=False))).save_yaml(out / CONFIG_FILE)
     evals = [e for e in loss_log.entries if "eval_loss" in e]
     plot_loss([e["step"] for e in loss_log.entries if "loss" in e], losses, out / PLOT_FILE,
               title=f"{Path(config.model.name_or_path).name}, {len(prepared.samples)} samples: training loss",

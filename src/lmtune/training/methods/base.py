@@ -56,6 +56,9 @@ class TrainingMethod:
     name: str = ""
     # What the run folder holds when it is done: "adapter" (merge it, or load it on its base) or "model".
     output_kind: str = "adapter"
+    # Whether the micro-batches of a step may run merged into larger ones on a CPU (training/micro_batches.py): only
+    # where the loss is normalised over the whole step, so the merge changes neither loss nor gradients.
+    merges_micro_batches: bool = False
 
     def __init__(self, config: Config):
         self.config = config

@@ -26,6 +26,8 @@ from .base import PreparedData, TrainingMethod
 
 
 class SupervisedMethod(TrainingMethod):
+    merges_micro_batches = True  # the answer-only loss is normalised by the trained tokens of the whole step
+
     def prepare_data(self, tokenizer, log: Callable[[str], None] = print) -> PreparedData:
         return prepare_data(self.config, tokenizer, log)
 
