@@ -25,11 +25,12 @@ Paths per shape, alternating (order reversed every round) after a warm-up step:
   unmerged      the same with the configured split (4 x 4 samples; BLOOM 2 x 8): the merge lever's ratio;
   packed        the same samples in packed rows (data/packing.py), one row per micro-batch: the packing lever's ratio;
   trl           TRL's SFTTrainer on prompt/completion data (loss on the completion only; conversational for
-                smollm2, so both paths train on the same chat-template tokens), the same batch split as lmtune,
+                smollm2, so both paths train on the same chat-template tokens), the configured batch split,
                 bf16, gradient checkpointing OFF (its fastest setting);
   trl-defaults  the same with SFTTrainer's defaults untouched (gradient checkpointing on, per-device batch 8,
                 accumulation 2 for 16 samples per step).
-With --quick, the TRL paths time a few micro-batches and scale to a full step; lmtune times full steps.
+With --quick, the TRL paths time a few micro-batches and scale to a full step; lmtune times full steps (2 after
+the warm-up; 3 without --quick).
 
 Measured per shape: median seconds per optimizer step; real tokens per second (prompt + answer + EOS of the
 16 samples, no padding); MFU = FLOPs lmtune needs / time / the matmul ceiling of the precision lmtune trains in
@@ -154,6 +155,9 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, c
     from lmtune.training.compiled import compiled_layers
     from lmtune.training.train import build_trainer
 
+    # One process here runs many models one after another; lmtune's train runs one. Without a reset their compiled
+    # layers pile up recompiles until Dynamo's limit (8) and later paths silently run eager.
+    torch._dynamo.reset()
     overrides = {"train.max_steps": steps, "model.dtype": dtype, "train.logging_steps": 1,
                  "train.batch_size": shape.batch_size, "train.grad_accum": shape.grad_accum, "train.warmup_steps": 2,
                  "lora.r": shape.lora_r, "lora.alpha": LORA_ALPHA,
@@ -192,7 +196,8 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, c
         t = config.train
         split = micro_batches.merged_split(
             t.batch_size, t.grad_accum, [len(s["input_ids"]) for s in samples], method.width_multiple,
-            t.cpu_micro_batch, lambda per_device: decide_checkpointing(config, model, samples, precision, per_device))
+            t.cpu_micro_batch, lambda per_device: decide_checkpointing(config, model, samples, precision, per_device),
+            model.get_base_model().config.hidden_size)
         config.train.batch_size, config.train.grad_accum = split.batch_size, split.grad_accum
     trainer = build_trainer(config, model, tok, rows, precision, Path(scratch), [timer, *callbacks], method=method)
     trainer.args.disable_tqdm = True
@@ -281,7 +286,7 @@ def padded_efficiency(samples: list[dict], batch_size: int) -> float:
 def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_trl: bool, dtype: torch.dtype) -> None:
     scratch = tempfile.mkdtemp(prefix=f"lmtune-shapes-{shape.name}-")
     tok = tokenizer_for(shape, shared_bpe)
-    lm_steps = 2 if quick else 4
+    lm_steps = 3 if quick else 4
     micro = None if not quick else 2
     times: dict[str, list[float]] = {"lmtune": [], "lmtune-eager": [], "unmerged": [], "packed": [], "trl": [],
                                      "trl-defaults": []}
@@ -357,7 +362,7 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from: {', '.join(SHAPES)}")
-    parser.add_argument("--quick", action="store_true", help="2 lmtune steps and 2 TRL micro-batches per path")
+    parser.add_argument("--quick", action="store_true", help="3 lmtune steps (2 timed) and 2 TRL micro-batches per path")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default: 1 quick, 2 full)")
     parser.add_argument("--skip-trl", action="store_true")
     args = parser.parse_args()
