@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_info import describe as cpu_label  # noqa: E402
-from train_shapes import SHAPES, run_lmtune, tokenizer_for  # noqa: E402
+from train_shapes import SHAPES, run_lmtune, shape_names, tokenizer_for  # noqa: E402
 from train_speed import N_SAMPLES, REPO, bpe_tokenizer, matmul_gflops, read_pairs  # noqa: E402
 
 PARTS = ("matmul", "attention", "compiled", "casts", "optimizer", "other")
@@ -113,10 +113,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from: {', '.join(SHAPES)}")
     parser.add_argument("--top", type=int, default=15, help="operators listed per shape")
     args = parser.parse_args()
-    names = [n.strip() for n in args.shapes.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SHAPES]
-    if unknown:
-        parser.error(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
+    names = shape_names(parser, args.shapes)
     import transformers
 
     from lmtune.model import choose_precision

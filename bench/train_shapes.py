@@ -359,6 +359,15 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
           flush=True)
 
 
+def shape_names(parser: argparse.ArgumentParser, given: str) -> list[str]:
+    """The shapes of a comma-separated --shapes value; an unknown one is a usage error naming the known ones."""
+    names = [n.strip() for n in given.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from: {', '.join(SHAPES)}")
@@ -366,10 +375,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default: 1 quick, 2 full)")
     parser.add_argument("--skip-trl", action="store_true")
     args = parser.parse_args()
-    names = [n.strip() for n in args.shapes.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SHAPES]
-    if unknown:
-        parser.error(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
+    names = shape_names(parser, args.shapes)
     import transformers
 
     transformers.logging.set_verbosity_error()
