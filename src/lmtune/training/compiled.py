@@ -27,10 +27,20 @@ from .. import compiling
 from ..compiling import decide_training as decide  # noqa: F401  train.compile's decision (lmtune/compiling.py)
 
 
+_active = False
+
+
+def active() -> bool:
+    """Whether the training step runs compiled (inside `compiled_layers`): the loss then compiles its head's
+    element-wise work too (training/loss.py)."""
+    return _active
+
+
 @contextmanager
 def compiled_layers(causal_lm, enabled: bool, strict: bool = False):
     """Inside: every decoder layer runs through torch.compile (dynamic shapes). After: the plain modules again, so
     that generation and saving see the model as it was. `strict`: a failing compile raises instead of running eager."""
+    global _active
     layers = compiling.decoder_layers(causal_lm) if enabled else None
     if layers is None:
         yield
@@ -41,9 +51,11 @@ def compiled_layers(causal_lm, enabled: bool, strict: bool = False):
         # brings the class's back. Every layer compiles the same code, so Dynamo reuses one graph for all of them.
         for layer in layers:
             layer.forward = torch.compile(layer.forward, dynamic=True)
+        _active = True
         try:
             yield
         finally:
+            _active = False
             for layer in layers:
                 del layer.forward
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..data.packing import PACKED_TOKENS
 from ..data.tokenize import IGNORE_INDEX
 from .attention import attention_for_batch, attention_for_packed_rows
+from . import compiled
 from .compiled import eager
 from .distributed import epoch_callback, global_batch_sampler
 
@@ -84,18 +85,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        loss_and_grad = _compiled_loss_and_grad() if grad_hidden is not None and compiled.active() else _loss_and_grad
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            logits = F.linear(hidden[rows], weight, bias).float()  # the matmul runs in the autocast dtype
-            target = targets[rows]
-            log_probs = torch.log_softmax(logits, dim=-1)  # one fused kernel: faster than logsumexp and a subtraction
+            logits = F.linear(hidden[rows], weight, bias)  # the matmul runs in the autocast dtype
+            if grad_hidden is None:
+                loss -= torch.log_softmax(logits.float(), dim=-1).gather(1, targets[rows, None]).sum()
+                continue
+            chunk_loss, grad_logits = loss_and_grad(logits, targets[rows])
             del logits
-            loss -= log_probs.gather(1, target[:, None]).sum()
-            if grad_hidden is not None:
-                # d(loss)/d(logits) = softmax - one_hot, computed in place in the log-probabilities buffer
-                probs = log_probs.exp_()
-                probs[torch.arange(len(target), device=probs.device), target] -= 1
-                grad_hidden[rows] = probs.to(weight.dtype) @ weight
+            loss += chunk_loss
+            grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
         return loss
 
@@ -103,6 +103,41 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None
+
+
+def _loss_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the rows' cross-entropy in fp32, d(loss)/d(logits) = softmax - one_hot), eagerly: each operation is
+    a pass over the [rows, vocabulary] floats, so the gradient is computed in place in the log-probabilities."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # one fused kernel: faster than logsumexp and a subtraction
+    loss = -log_probs.gather(1, targets[:, None]).sum()
+    probs = log_probs.exp_()
+    probs[torch.arange(len(targets), device=probs.device), targets] -= 1
+    return loss, probs
+
+
+def _fused_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same as `_loss_and_grad`, written for Inductor: it fuses these operations into a reduction over the
+    logits and one pass that writes the gradient in the logits' dtype, where the eager version makes about five
+    passes over fp32 copies (`bench/train_shapes.py` measures the training step with it)."""
+    x = logits.float()
+    peak = x.amax(dim=-1, keepdim=True)
+    log_total = (x - peak).exp().sum(dim=-1, keepdim=True).log() + peak
+    loss = (log_total - x.gather(1, targets[:, None])).sum()
+    grad = (x - log_total).exp()
+    is_target = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    return loss, torch.where(is_target, grad - 1, grad).to(logits.dtype)
+
+
+_compiled = None
+
+
+def _compiled_loss_and_grad():
+    """`_fused_loss_and_grad` compiled once per process (rows vary from chunk to chunk: dynamic shapes); used only
+    while the decoder layers run compiled, so the same decision (and fallback) covers both."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_fused_loss_and_grad, dynamic=True)
+    return _compiled
 
 
 def make_trainer_class(loraplus_lr_ratio: float = 0.0):
