@@ -57,6 +57,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -188,7 +189,7 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, c
         from lmtune.training.methods import method_for
 
         method = method_for(config)
-        method.arrange(None, model.get_base_model(), precision, log=lambda line: None)
+        method.arrange(SimpleNamespace(samples=samples), model.get_base_model(), precision, log=lambda line: None)
     if merge and not packed and precision.device == "cpu":
         from lmtune.training import micro_batches
         from lmtune.training.train import decide_checkpointing

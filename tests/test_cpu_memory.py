@@ -174,7 +174,7 @@ def test_rounded_widths_train_the_same_loss_and_gradients(tiny_llama_dir, llama_
 
 
 @pytest.mark.parametrize("device, dtype, setting, expected", [
-    ("cpu", torch.bfloat16, 0, cpu_memory.CPU_BF16_WIDTH_MULTIPLE),  # chosen: a CPU training in bf16
+    ("cpu", torch.bfloat16, 0, cpu_memory.CPU_BF16_MAX_WIDTH_MULTIPLE),  # chosen: a CPU in bf16, lengths unknown
     ("cpu", torch.float32, 0, 1),  # chosen: fp32 keeps memory flat without it
     ("cuda", torch.bfloat16, 0, 1),
     ("cpu", torch.bfloat16, 1, 1),  # the user's setting wins
@@ -190,3 +190,35 @@ def test_the_width_multiple_is_chosen_for_the_device_unless_set(tmp_path, tiny_b
     method = method_for(config)
     method.arrange(None, None, Precision(device, dtype), log=lambda _: None)  # unpacked: only the precision is read
     assert method.collator(llama_tokenizer).width_multiple == expected
+
+
+@pytest.mark.parametrize("lengths, expected", [
+    ([66] * 10, 8),  # short samples: rounding to 32 would pad 66 to 96
+    ([40, 60, 70, 90, 500], 8),  # the median decides, not the longest
+    ([190] * 10, 16),
+    ([300, 280, 260], 32),
+    ([4000] * 3, 32),  # never above the upper bound
+    ([5, 7], 8),  # never below the lower bound
+    ([], 32),  # lengths unknown
+])
+def test_the_cpu_width_multiple_follows_the_median_length(lengths, expected):
+    multiple = cpu_memory.cpu_bf16_width_multiple(lengths)
+    assert multiple == expected
+    if lengths:  # the padding it can add stays within about an eighth of a median-length micro-batch
+        median = sorted(lengths)[len(lengths) // 2]
+        assert multiple <= max(cpu_memory.CPU_BF16_MIN_WIDTH_MULTIPLE, median / cpu_memory.WIDTH_ROUNDING_SHARE)
+
+
+def test_a_bf16_cpu_run_rounds_widths_by_its_datas_lengths(tmp_path, tiny_bloom_dir, llama_tokenizer):
+    from types import SimpleNamespace
+
+    from lmtune.model import Precision
+    from lmtune.training.methods import method_for
+
+    data = write_jsonl(tmp_path / "qa.jsonl", QA)
+    config = train_config(tiny_bloom_dir, data, tmp_path / "out")
+    method = method_for(config)
+    samples = [{"input_ids": [1] * n} for n in (60, 66, 70, 75, 80)]
+    method.arrange(SimpleNamespace(samples=samples, packing=None), None, Precision("cpu", torch.bfloat16),
+                   log=lambda _: None)
+    assert method.collator(llama_tokenizer).width_multiple == 8

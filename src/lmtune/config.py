@@ -119,9 +119,10 @@ class DataConfig:
     # Tokens per packed row; 0 = about train.batch_size samples' worth, rounded up to 256, 512, 768, 1024, 1536, ...
     # With packing a micro-batch is one such row, so an optimizer step trains about as many tokens as unpacked.
     pack_length: int = 0
-    # Unpacked micro-batches are as wide as their longest sample rounded up to a multiple of this. 0 = 32 where a
-    # CPU trains in bf16 (a few widths instead of one per length keep oneDNN's compiled matmuls and the heap from
-    # growing over a long run: docs/performance.md, "Memory over a long run"), 1 elsewhere; 1 = no rounding.
+    # Unpacked micro-batches are as wide as their longest sample rounded up to a multiple of this. 0 = where a CPU
+    # trains in bf16, 8, 16 or 32, about an eighth of the data's median length (a few widths instead of one per
+    # length keep oneDNN's compiled matmuls and the heap from growing over a long run: docs/performance.md, "Memory
+    # over a long run"), 1 elsewhere; 1 = no rounding.
     pad_to_multiple_of: int = 0
 
 

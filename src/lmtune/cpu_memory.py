@@ -24,12 +24,30 @@ import os
 
 # Primitives oneDNN keeps (its own default is 1,024).
 ONEDNN_PRIMITIVE_CACHE_CAPACITY = 64
-# Unpacked micro-batch widths on a CPU training in bf16 are rounded up to a multiple of this (data.pad_to_multiple_of):
-# a few widths instead of one per sample length, so the heap reuses the blocks freed by earlier steps.
-CPU_BF16_WIDTH_MULTIPLE = 32
+# Unpacked micro-batch widths on a CPU training in bf16 are rounded up to a multiple (data.pad_to_multiple_of 0):
+# a few widths instead of one per sample length, so the heap reuses the blocks freed by earlier steps. The multiple
+# is a power of two between these two, about 1/WIDTH_ROUNDING_SHARE of the data's median length, so the padding it
+# adds stays near 1/8 of a micro-batch: a multiple of 32 padded 66-token samples to 96 and cost 1.2 to 1.4x a step
+# on short samples (docs/performance.md, "Memory over a long run").
+CPU_BF16_MIN_WIDTH_MULTIPLE = 8
+CPU_BF16_MAX_WIDTH_MULTIPLE = 32
+WIDTH_ROUNDING_SHARE = 8
 # How often (optimizer steps) a CPU training run gives freed heap memory back; LMTUNE_TRIM_HEAP_EVERY overrides it,
 # 0 turns it off.
 TRIM_HEAP_EVERY = 10
+
+
+def cpu_bf16_width_multiple(lengths: list[int]) -> int:
+    """The multiple that micro-batch widths of samples of these token lengths are rounded up to on a CPU training in
+    bf16: the power of two nearest below median / WIDTH_ROUNDING_SHARE, within the two bounds (the upper one when
+    the lengths are not known)."""
+    if not lengths:
+        return CPU_BF16_MAX_WIDTH_MULTIPLE
+    median = sorted(lengths)[len(lengths) // 2]
+    multiple = CPU_BF16_MIN_WIDTH_MULTIPLE
+    while multiple * 2 <= min(CPU_BF16_MAX_WIDTH_MULTIPLE, median / WIDTH_ROUNDING_SHARE):
+        multiple *= 2
+    return multiple
 
 
 def cap_onednn_primitive_cache() -> None:

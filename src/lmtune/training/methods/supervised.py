@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from ... import families
-from ...cpu_memory import CPU_BF16_WIDTH_MULTIPLE
+from ...cpu_memory import cpu_bf16_width_multiple
 from ...data.collate import Collator, render_example
 from ...data.packing import PACKED_TOKENS, PackedCollator, pack, pack_length
 from ...errors import LmtuneError
@@ -39,8 +39,9 @@ class SupervisedMethod(TrainingMethod):
 
     def arrange(self, prepared: PreparedData, causal_lm, precision, log: Callable[[str], None] = print) -> None:
         d, t = self.config.data, self.config.train
+        lengths = [len(s["input_ids"]) for s in prepared.samples] if prepared is not None else []
         self.width_multiple = d.pad_to_multiple_of or (
-            CPU_BF16_WIDTH_MULTIPLE if precision.device == "cpu" and precision.bf16 else 1)
+            cpu_bf16_width_multiple(lengths) if precision.device == "cpu" and precision.bf16 else 1)
         if d.packing is not True:  # "auto": padded micro-batches measured faster (docs/performance.md, "Packed rows")
             return
         blocker = packing_blocker(causal_lm)
