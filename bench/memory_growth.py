@@ -46,6 +46,8 @@ WAYS = {"as it is": ({}, []), "pinned mmap threshold": (PINNED, []), "compiled":
         "no heap trim": ({"LMTUNE_TRIM_HEAP_EVERY": "0"}, []),
         "no rounding": ({}, ["--data.pad_to_multiple_of", "1"]),
         "multiple of 32": ({}, ["--data.pad_to_multiple_of", "32"]),
+        "unmerged": ({}, ["--train.cpu_micro_batch", "1"]),
+        "trim every 2": ({"LMTUNE_TRIM_HEAP_EVERY": "2"}, []),
         "none of them": ({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LMTUNE_TRIM_HEAP_EVERY": "0"},
                          ["--data.pad_to_multiple_of", "1"]),
         "packed": ({}, ["--data.packing", "true"])}
@@ -126,7 +128,8 @@ def main() -> None:
     first = summary[names[0]]
     short = {"as it is": "now", "pinned mmap threshold": "pinned", "compiled": "compiled", "eager": "eager",
              "pinned + huge pages": "pinned_thp", "oneDNN cache 256": "onednn_cache_256", "no heap trim": "no_trim",
-             "no rounding": "no_rounding", "none of them": "none", "packed": "packed"}
+             "no rounding": "no_rounding", "multiple of 32": "multiple_32", "unmerged": "unmerged",
+             "trim every 2": "trim_2", "none of them": "none", "packed": "packed"}
     print("memory " + " ".join(
         f"{short[name]}_growth={r['last_gb'] / r['after_50_gb']:.2f} {short[name]}_peak_gb={r['peak_gb']:.2f}"
         f" {short[name]}_step_time_ratio={r['seconds_per_step'] / first['seconds_per_step']:.2f}"
