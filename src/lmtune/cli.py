@@ -230,7 +230,7 @@ def _inference_config(args, extra, command_problems: list[str] = ()):
     """
     overrides, problems = _split_overrides(extra, _command_flags(args))
     problems += list(command_problems)
-    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"):
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "engine"):
         if getattr(args, name) is not None:
             overrides[f"generate.{name}"] = getattr(args, name)
     if args.greedy:
@@ -249,7 +249,13 @@ def _load_for_inference(args, config, one_answer: bool = False):
 
     loaded = load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype,
                                 trust_remote_code=config.model.trust_remote_code, allow_pickle=config.model.allow_pickle)
-    compiled_decode.enable(loaded, config.generate.compile, one_answer)
+    if config.generate.engine == "llama.cpp":
+        from .inference import llamacpp_engine
+
+        llamacpp_engine.enable(loaded, args.model, args.adapter, trust_remote_code=config.model.trust_remote_code,
+                               allow_pickle=config.model.allow_pickle)
+    else:
+        compiled_decode.enable(loaded, config.generate.compile, one_answer)
     return loaded
 
 
@@ -311,6 +317,9 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--engine", choices=["lmtune", "llama.cpp"],
+                   help="who chooses the tokens: lmtune (default) or llama.cpp on a verified GGUF of the same model, "
+                        "exported once and kept (needs llama-cpp-python)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and compute: auto = bf16 where the hardware has fast bf16 (as training), else float32")

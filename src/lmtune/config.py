@@ -222,6 +222,11 @@ class GenerateConfig:
     # tokens/s on a CPU after a minute or two of compiling (cached on disk). "auto": on a CPU with bf16 or fp32 weights,
     # for Llama-family models of 200 MB or more, in chat and serve, when a C++ compiler is installed; true/false force it.
     compile: Union[bool, Literal["auto"]] = "auto"
+    # Which engine chooses the tokens of `generate`, `chat` and `serve`: "lmtune" (PyTorch, the model as loaded) or
+    # "llama.cpp" (a GGUF of the same model, exported and verified on the first run and kept in the adapter's or
+    # model's folder: faster single answers on CPUs where llama.cpp's kernels beat lmtune's, see
+    # docs/performance.md; needs llama-cpp-python, CPU only).
+    engine: Literal["lmtune", "llama.cpp"] = "lmtune"
 
 
 @dataclass

@@ -60,7 +60,9 @@ class Row:
 
 
 def context_length(loaded: LoadedModel) -> int:
-    """How many tokens (prompt + answer) the model can attend to."""
+    """How many tokens (prompt + answer) the model can attend to (with llama.cpp answering: the slots it holds)."""
+    if loaded.llama_cpp is not None:
+        return loaded.llama_cpp.n_ctx
     config = getattr(loaded.model, "config", None)
     for name in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
         value = getattr(config, name, None)
@@ -184,6 +186,18 @@ def run_batch(loaded: LoadedModel, rows: list[Row]) -> None:
                 _advance(row, token, eos_ids, tokenizer)
         return [row.done for row in rows]
 
+    if loaded.llama_cpp is not None:  # llama.cpp chooses the tokens, one row after another (llamacpp_engine.py)
+        for row in rows:
+            if row.done:
+                continue
+
+            def step(token: int, row: Row = row) -> bool:
+                _advance(row, token, eos_ids, tokenizer)
+                return row.done
+
+            loaded.llama_cpp.answer(row.prompt_ids, row.temperature, row.top_p, row.top_k, row.repetition_penalty,
+                                    row.seed, step)
+        return
     longest = max(r.max_tokens for r in rows)
     compiled = loaded.compiled_decoder
     if compiled is not None and len(rows) == 1 and compiled.fits(len(rows[0].prompt_ids), longest):

@@ -33,6 +33,8 @@ class LoadedModel:
     compute_dtype: torch.dtype
     # Set by compiled_decode.enable: single answers then decode through a compiled one-token step.
     compiled_decoder: object | None = None
+    # Set by llamacpp_engine.enable (generate.engine llama.cpp): every row's tokens then come from llama.cpp.
+    llama_cpp: object | None = None
 
 
 def load_for_inference(
