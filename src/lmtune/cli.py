@@ -334,7 +334,7 @@ def cmd_eval(args, extra) -> int:
     output_dir = args.output_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}"
     run_eval(source, output_dir, model=args.model, adapter=args.adapter, baseline=args.baseline,
              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, overwrite=args.overwrite,
-             allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+             allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, engine=args.engine)
     return 0
 
 
@@ -555,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16, help="questions generated together")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--engine", choices=["lmtune", "llama.cpp"], default="lmtune",
+                   help="who answers: lmtune (batched, default) or llama.cpp on a verified GGUF of each model, one "
+                        "question at a time (needs llama-cpp-python)")
     _add_safety_flags(p)
     p.set_defaults(func=cmd_eval)
 

@@ -118,3 +118,37 @@ def test_a_model_on_a_gpu_is_refused():
 
     with pytest.raises(ModelError, match="answers on the CPU"):
         llamacpp_engine.enable(Loaded(), "m", None, **QUIET)
+
+
+def test_eval_answers_through_llama_cpp_and_says_so_in_its_report(trained_bloom, tmp_path, capsys):
+    import json
+
+    from conftest import QA, write_jsonl
+
+    adapter = str(shutil.copytree(trained_bloom[0].output_dir, tmp_path / "adapter"))
+    out = tmp_path / "eval"
+    code, _, err = run(capsys, "eval", "--adapter", adapter, "--data", write_jsonl(tmp_path / "qa.jsonl", QA[:3]),
+                       "--engine", "llama.cpp", "--max-new-tokens", "6", "--output-dir", out)
+    assert code == 0, err
+    assert json.loads((out / "report.json").read_text())["engine"] == "llama.cpp"
+    assert len(list((Path(adapter) / llamacpp_engine.CACHE_FOLDER).glob("*.gguf"))) == 1
+
+
+def test_the_try_page_answers_through_llama_cpp_when_the_run_says_so(trained_bloom, tmp_path):
+    import yaml
+
+    from lmtune.outputs import CONFIG_FILE
+    from lmtune.ui.routes.chat import _generate_config
+    from lmtune.ui.workspace import LoadedModels
+
+    run_dir = shutil.copytree(trained_bloom[0].output_dir, tmp_path / "run")
+    config = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
+    config.setdefault("generate", {})["engine"] = "llama.cpp"
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config))
+    cfg = _generate_config(run_dir, True, 6)  # what the Try page's /api/chat reads
+    tuned = LoadedModels().get(run_dir, "tuned", cfg.compile, cfg.engine)
+    assert tuned.compiled_decoder is None and tuned.llama_cpp.path.parent == run_dir / llamacpp_engine.CACHE_FOLDER
+    row = _greedy_row(tuned, "Học máy là gì?", 6)
+    run_batch(tuned, [row])
+    reference = llamacpp.load(tuned.llama_cpp.path, n_ctx=128, logits_all=False)
+    assert row.ids == llamacpp.greedy(reference, row.prompt_ids, 6, set(stop_token_ids(tuned)))

@@ -97,11 +97,12 @@ def evaluate_model(loaded: LoadedModel, examples: list[Example], cfg: GenerateCo
 
 def load_and_evaluate(model: str | None, adapter: str | None, examples: list[Example], cfg: GenerateConfig,
                       label: str, template: PromptTemplate | None = None, batch_size: int = 16,
-                      allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = True) -> ModelEval:
+                      allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = True,
+                      engine: str = "lmtune") -> ModelEval:
     """Load, evaluate, free. A baseline gets the tuned model's `template`, so both see the same prompts."""
     return evaluate_loaded(model, adapter,
                            lambda loaded: evaluate_model(loaded, examples, cfg, label, batch_size, progress=progress),
-                           template, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                           template, engine, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
 ROWS = [("answer loss", "answer_loss", "{:.3f}"), ("perplexity", "perplexity", "{:.2f}"), ("chrF", "chrf", "{:.1f}"),
@@ -168,9 +169,11 @@ def check_models(model: str | None, adapter: str | None, baseline: str | None, a
 
 def run_eval(data: DataSource | list[str], output_dir: str, model: str | None = None, adapter: str | None = None,
              baseline: str | None = None, max_new_tokens: int = 256, batch_size: int = 16, overwrite: bool = False,
-             log: Callable[[str], None] = print, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
+             log: Callable[[str], None] = print, allow_pickle: bool = False, trust_remote_code: bool = False,
+             engine: str = "lmtune") -> dict:
     """The `lmtune eval` command as a function: evaluate `data` (a DataSource, or paths read with every setting
-    detected), compare with `baseline`, write the report folder. The prompts are the tuned model's own template."""
+    detected), compare with `baseline`, write the report folder. The prompts are the tuned model's own template.
+    `engine` "llama.cpp" answers question/answer data through llama.cpp (preference data is scored by lmtune)."""
     source = DataSource.of(data)
     check_output_free(output_dir, overwrite)
     safety = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
@@ -182,11 +185,12 @@ def run_eval(data: DataSource | list[str], output_dir: str, model: str | None = 
     examples, _ = load_examples(source)
     check_models(model, adapter, baseline, allow_pickle)
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, greedy=True, repetition_penalty=1.0)
-    tuned = load_and_evaluate(model, adapter, examples, cfg, "tuned", batch_size=batch_size, **safety)
-    base = (load_and_evaluate(baseline, None, examples, cfg, "base", template=tuned.template, batch_size=batch_size, **safety)
+    tuned = load_and_evaluate(model, adapter, examples, cfg, "tuned", batch_size=batch_size, engine=engine, **safety)
+    base = (load_and_evaluate(baseline, None, examples, cfg, "base", template=tuned.template, batch_size=batch_size,
+                              engine=engine, **safety)
             if baseline else None)
     report = {"model": model or adapter, "adapter": adapter, "baseline": baseline, "data": list(source.paths), "n": len(examples),
-              "max_new_tokens": max_new_tokens, "tuned": tuned.figures(), "base": base.figures() if base else None}
+              "engine": engine, "max_new_tokens": max_new_tokens, "tuned": tuned.figures(), "base": base.figures() if base else None}
     if base:
         report["difference"] = {k: tuned.figures()[k] - base.figures()[k] for k in tuned.figures() if k != "n"}
     with atomic_output(output_dir, overwrite) as out:

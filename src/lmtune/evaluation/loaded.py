@@ -10,10 +10,15 @@ from ..inference.load import LoadedModel, load_for_inference
 
 
 def evaluate_loaded(model: str | None, adapter: str | None, evaluate: Callable[[LoadedModel], object],
-                    template=None, **safety):
+                    template=None, engine: str = "lmtune", **safety):
     """`evaluate(loaded)` on the model, asked with `template` when given (a baseline gets the tuned model's, so both
-    see the same prompts); the result records the template it was asked with."""
+    see the same prompts); the result records the template it was asked with. `engine` "llama.cpp": the answers come
+    from llama.cpp on a verified GGUF of the model (inference/llamacpp_engine.py); losses stay lmtune's."""
     loaded = load_for_inference(model, adapter, **safety)
+    if engine == "llama.cpp":
+        from ..inference import llamacpp_engine
+
+        llamacpp_engine.enable(loaded, model, adapter, **safety)
     if template is not None:
         loaded.template = template
     result = evaluate(loaded)

@@ -100,31 +100,41 @@ class LoadedModels:
 
     The Try page answers one question at a time, as `lmtune chat` does, so each model gets chat's compiled one-token
     decode step where `generate.compile` (the run's config, "auto" by default) says it pays
-    (inference/compiled_decode.py); it is compiled when the model loads, so the first answer waits for it."""
+    (inference/compiled_decode.py); it is compiled when the model loads, so the first answer waits for it. A run whose
+    config says `generate.engine: llama.cpp` answers through llama.cpp instead (inference/llamacpp_engine.py): the first
+    answer then waits for the GGUF's export and check, kept for later."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._run: str | None = None
         self._loaded: dict[str, Any] = {}
 
-    def get(self, run_dir: Path, side: str, compile_setting: Any = "auto"):
-        from ..inference import compiled_decode
+    def get(self, run_dir: Path, side: str, compile_setting: Any = "auto", engine: str = "lmtune"):
+        from ..inference import compiled_decode, llamacpp_engine
         from ..inference.load import load_for_inference
         from ..model import base_model_of_adapter
 
+        def answer_with(loaded, model, adapter):  # the run's generate.engine: llama.cpp, or lmtune's own step
+            if engine == "llama.cpp":
+                llamacpp_engine.enable(loaded, model, adapter)
+            else:
+                compiled_decode.enable(loaded, compile_setting, one_answer=False)
+
         with self._lock:
             key = str(run_dir)
-            if self._run != key:
+            if self._run != key or self._loaded.get("engine") != engine:
                 self._loaded.clear()
                 self._run = key
+                self._loaded["engine"] = engine
             if "tuned" not in self._loaded:
                 tuned = load_for_inference(None, str(run_dir))
-                compiled_decode.enable(tuned, compile_setting, one_answer=False)
+                answer_with(tuned, None, str(run_dir))
                 self._loaded["tuned"] = tuned
             if side == "base" and "base" not in self._loaded:
-                base = load_for_inference(base_model_of_adapter(run_dir))
+                base_model = base_model_of_adapter(run_dir)
+                base = load_for_inference(base_model)
                 base.template = self._loaded["tuned"].template  # asked with exactly the tuned model's prompts
-                compiled_decode.enable(base, compile_setting, one_answer=False)
+                answer_with(base, base_model, None)
                 self._loaded["base"] = base
             return self._loaded[side]
 

@@ -54,7 +54,7 @@ def chat(body: ChatRequest, ws: Ws):
 
     def work():
         try:
-            loaded = ws.models.get(folder, side, cfg.compile)
+            loaded = ws.models.get(folder, side, cfg.compile, cfg.engine)
             unregister_cpu_user()  # loading registered the UI as computing; it answers for a moment only
             context = context_length(loaded)
             ids, dropped = fit_conversation(loaded, history, question, context - answer_reserve(cfg, context))
