@@ -235,15 +235,20 @@ def test_resume_with_validation_keeps_the_best_checkpoint_and_ends_like_an_unint
     import transformers
     from conftest import write_jsonl
 
-    rows = [{"question": f"Câu hỏi số {i} là gì?", "answer": f"Đây là câu trả lời số {i} về học máy."} for i in range(16)]
+    # The validation answers contradict the trained ones for the same questions: once the model starts to learn its
+    # 4 pairs by heart (training loss 7.6 -> 1.6), the validation loss climbs steadily. The best step is then early
+    # (6 or 12, about 0.35 below steps 21 and 24, on AVX-512 and on AVX2 arithmetic alike), so it must outlive the
+    # later checkpoint 20, which keep_checkpoints 1 alone would keep. (Validation answers like the trained ones kept
+    # improving to the last step on some CPUs, which left nothing to test.)
+    rows = [{"question": f"Câu hỏi số {i} là gì?", "answer": f"Đây là câu trả lời số {i} về học máy."} for i in range(4)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    settings = {"data.val_size": 0.25, "train.max_steps": 24, "train.eval_steps": 3, "train.learning_rate": 0.05,
-                "train.lr_scheduler": "constant", "train.keep_checkpoints": 1, "model.dtype": "float32",
-                "generate.max_new_tokens": 8}
+    validation = write_jsonl(tmp_path / "v.jsonl", [{**row, "answer": "Tôi không biết điều đó, xin hãy hỏi người khác."}
+                                                    for row in rows])
+    settings = {"data.eval_paths": [validation], "train.max_steps": 24, "train.eval_steps": 3,
+                "train.learning_rate": 0.02, "train.lr_scheduler": "constant", "train.keep_checkpoints": 1,
+                "lora.r": 16, "lora.dropout": 0.0, "model.dtype": "float32", "generate.max_new_tokens": 8}
     train(_config(tiny_bloom_dir, data, tmp_path / "reference", **settings), **QUIET)
     reference = json.loads((tmp_path / "reference" / "lmtune_manifest.json").read_text())["validation"]
-    # The best is at or before step 18, so it must outlive the later checkpoint 20, which keep_checkpoints 1 alone
-    # would keep (where exactly the validation loss turns up moves with the CPU's arithmetic: 18 on an AVX2 machine).
     assert reference["best_step"] <= 18
 
     real_step_end = transformers.trainer_callback.CallbackHandler.on_step_end
