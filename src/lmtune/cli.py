@@ -244,18 +244,13 @@ def _inference_config(args, extra, command_problems: list[str] = ()):
 
 
 def _load_for_inference(args, config, one_answer: bool = False):
-    from .inference import compiled_decode
+    from .inference.engine import prepare
     from .inference.load import load_for_inference
 
     loaded = load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype,
                                 trust_remote_code=config.model.trust_remote_code, allow_pickle=config.model.allow_pickle)
-    if config.generate.engine == "llama.cpp":
-        from .inference import llamacpp_engine
-
-        llamacpp_engine.enable(loaded, args.model, args.adapter, trust_remote_code=config.model.trust_remote_code,
-                               allow_pickle=config.model.allow_pickle)
-    else:
-        compiled_decode.enable(loaded, config.generate.compile, one_answer)
+    prepare(loaded, config.generate.engine, config.generate.compile, one_answer, args.model, args.adapter,
+            trust_remote_code=config.model.trust_remote_code, allow_pickle=config.model.allow_pickle)
     return loaded
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 from typing import Callable
 
+from ..inference.engine import prepare
 from ..inference.load import LoadedModel, load_for_inference
 
 
@@ -15,10 +16,8 @@ def evaluate_loaded(model: str | None, adapter: str | None, evaluate: Callable[[
     see the same prompts); the result records the template it was asked with. `engine` "llama.cpp": the answers come
     from llama.cpp on a verified GGUF of the model (inference/llamacpp_engine.py); losses stay lmtune's."""
     loaded = load_for_inference(model, adapter, **safety)
-    if engine == "llama.cpp":
-        from ..inference import llamacpp_engine
-
-        llamacpp_engine.enable(loaded, model, adapter, **safety)
+    # Batches: lmtune's eager loop (no compiled step), or llama.cpp row by row.
+    prepare(loaded, engine, False, False, model, adapter, **safety)
     if template is not None:
         loaded.template = template
     result = evaluate(loaded)

@@ -9,8 +9,9 @@ streaming, limits, cancellation: batching.py); only the choice of each next toke
 same token ids. The exported file was checked by the exporter against the model's own logits, its tokenizer and
 its chat template (export/verify.py), so both engines answer the same model.
 
-Not used for batches of several rows either way: llama-cpp-python decodes one sequence at a time, so a batch runs
-row after row (`eval` keeps lmtune's batched path, faster there). llama.cpp runs in this process (a crash of its
+llama-cpp-python decodes one sequence at a time, so a batch (`eval --engine llama.cpp`, `serve` under load) runs
+row after row; lmtune's batched path is faster there and stays the default. Which engine a command uses is decided
+in engine.py. llama.cpp runs in this process (a crash of its
 native code ends the command); the export's own check ran it in a child process first.
 """
 

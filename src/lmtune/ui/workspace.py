@@ -110,15 +110,9 @@ class LoadedModels:
         self._loaded: dict[str, Any] = {}
 
     def get(self, run_dir: Path, side: str, compile_setting: Any = "auto", engine: str = "lmtune"):
-        from ..inference import compiled_decode, llamacpp_engine
+        from ..inference.engine import prepare
         from ..inference.load import load_for_inference
         from ..model import base_model_of_adapter
-
-        def answer_with(loaded, model, adapter):  # the run's generate.engine: llama.cpp, or lmtune's own step
-            if engine == "llama.cpp":
-                llamacpp_engine.enable(loaded, model, adapter)
-            else:
-                compiled_decode.enable(loaded, compile_setting, one_answer=False)
 
         with self._lock:
             key = str(run_dir)
@@ -128,13 +122,13 @@ class LoadedModels:
                 self._loaded["engine"] = engine
             if "tuned" not in self._loaded:
                 tuned = load_for_inference(None, str(run_dir))
-                answer_with(tuned, None, str(run_dir))
+                prepare(tuned, engine, compile_setting, False, None, str(run_dir))
                 self._loaded["tuned"] = tuned
             if side == "base" and "base" not in self._loaded:
                 base_model = base_model_of_adapter(run_dir)
                 base = load_for_inference(base_model)
                 base.template = self._loaded["tuned"].template  # asked with exactly the tuned model's prompts
-                answer_with(base, base_model, None)
+                prepare(base, engine, compile_setting, False, base_model, None)
                 self._loaded["base"] = base
             return self._loaded[side]
 
