@@ -29,8 +29,8 @@ Paths per shape, alternating (order reversed every round) after a warm-up step:
                 bf16, gradient checkpointing OFF (its fastest setting);
   trl-defaults  the same with SFTTrainer's defaults untouched (gradient checkpointing on, per-device batch 8,
                 accumulation 2 for 16 samples per step).
-With --quick, the TRL paths time a few micro-batches and scale to a full step; lmtune times full steps (2 after
-the warm-up; 3 without --quick).
+With --quick, the TRL paths time 2 micro-batches of their second optimizer step (the first is warm-up) and scale
+to a full step; lmtune times full steps (2 after the warm-up; 3 without --quick).
 
 Measured per shape: median seconds per optimizer step; real tokens per second (prompt + answer + EOS of the
 16 samples, no padding); MFU = FLOPs lmtune needs / time / the matmul ceiling of the precision lmtune trains in
@@ -41,7 +41,8 @@ weight) of every real token through every block's linear layers (q, k, v, o and 
 scores and values (half the square), and the output head on trained (answer) positions only; the LoRA
 matmuls, norms and element-wise work are not counted. Peak resident memory of each path (sampled every
 20 ms). The loss after N optimizer steps of lmtune's path against the same path with fp32 weights and no
-autocast (the difference should stay within 2%).
+autocast (the difference should stay within 2%). TRL's step against the same FLOPs (`trl_mfu`): 1 / trl_mfu is the
+most that any path computing the FLOPs lmtune needs could be ahead of TRL on this CPU, every FLOP at the ceiling.
 
 Last line per shape: `shape=<name> speedup_vs_trl=<x> mfu=<fraction> tokens_per_s=<n> peak_rss_gb=<g>
 ceiling_gflops=<median of the ceilings beside the steps> cpu="<model [flags]>"`, after `merge_speedup` and
@@ -221,8 +222,9 @@ def run_trl(shape: Shape, tok, pairs, steps: int, micro_limit: int | None, scrat
                  "completion": [{"role": "assistant", "content": p["answer"]}]} for p in pairs]
     else:
         rows = [{"prompt": f"Human: {p['question']}\nAssistant:", "completion": " " + p["answer"]} for p in pairs]
-    timer = timing_callback(micro_limit)
     batch, accumulation = (8, 2) if defaults else (shape.batch_size, shape.grad_accum)
+    # --quick: the whole first step is warm-up, then `micro_limit` micro-batches of the second are timed.
+    timer = timing_callback(accumulation + micro_limit if micro_limit else None)
     extra = {} if defaults else {"gradient_checkpointing": False}
     args = SFTConfig(output_dir=scratch, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                      max_steps=steps, learning_rate=2e-4, warmup_steps=2, logging_steps=1, save_strategy="no",
@@ -327,7 +329,11 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
                     seconds = seconds_per_step(timer, shape.grad_accum, full_steps=True)
                 else:
                     timer, accumulation = run_trl(shape, tok, pairs, 2, micro, scratch, defaults=name == "trl-defaults")
-                    seconds = seconds_per_step(timer, accumulation, full_steps=not quick)
+                    seconds = seconds_per_step(timer, accumulation, full_steps=not quick, warm_micro=accumulation)
+                    if quick:  # what timing the first step's micro-batches instead would have read
+                        first = statistics.median(timer.micro[1:accumulation]) * accumulation
+                        print(f"  {shape.name} round {round_index + 1} {name}: its first step's micro-batches read"
+                              f" {first:.2f} s per step, the second step's {seconds:.2f} s", flush=True)
             times[name].append(seconds)
             peaks[name] = max(peaks[name], rss.gb)
             print(f"  {shape.name} round {round_index + 1} {name:12s}: {seconds:7.2f} s per optimizer step,"
@@ -355,6 +361,12 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
               f" {padded_efficiency(samples, shape.batch_size):.1%}", flush=True)
         print(f"shape={shape.name} packed_speedup={med['lmtune'] / med['packed']:.2f}", flush=True)
     ratio = med["trl"] / med["lmtune"] if "trl" in med else float("nan")
+    if "trl" in med:
+        # TRL's step against the FLOPs lmtune needs: 1 / trl_mfu is the most any path that computes those FLOPs
+        # could be ahead of TRL on this CPU, even with every one of them at the ceiling.
+        trl_mfu = step_flops(model_config, samples) / med["trl"] / (statistics.median(ceilings) * 1e9)
+        print(f"  {shape.name} TRL's step at the FLOPs lmtune needs: MFU {trl_mfu:.2f}; at the ceiling a step would be"
+              f" at most {1 / trl_mfu:.2f}x ahead of TRL", flush=True)
     print(f"shape={shape.name} speedup_vs_trl={ratio:.2f} mfu={mfu:.2f} tokens_per_s={tokens_per_s:.0f}"
           f" peak_rss_gb={peaks['lmtune']:.2f} ceiling_gflops={statistics.median(ceilings):.0f} cpu=\"{cpu_label()}\"",
           flush=True)
