@@ -49,7 +49,7 @@ class PackReport:
         return self.tokens / max(1, self.rows * self.length)
 
     def describe(self) -> str:
-        return (f"packing: {self.samples} samples into {self.rows} rows of {self.length} tokens "
+        return (f"packing: {self.samples} samples into {self.rows} row{'s' * (self.rows != 1)} of {self.length} tokens "
                 f"({self.efficiency:.1%} of positions are tokens, {1 - self.efficiency:.1%} padding)")
 
 
