@@ -22,8 +22,8 @@ Vietnamese text here; the model keeps BLOOM's 250,880-word output layer all the 
 Per path: median time per optimizer step over the measured steps (after a warm-up step), peak
 resident memory while the path ran (sampled every 20 ms), loss. In --quick mode the seed and TRL
 paths time a few micro-batches and scale to a full step (their micro-batches are all the same
-size: the seed pads everything to 512); TRL's are those of its second step, after a whole warm-up step. The machine's matmul ceiling is measured in the same run;
-MFU counts only the FLOPs lmtune needs: forward and input-gradient matmuls of every real token
+size: the seed pads everything to 512); TRL's are those of its second step, after a whole warm-up
+step. The machine's matmul ceiling is measured in the same run; MFU counts only the FLOPs lmtune needs: forward and input-gradient matmuls of every real token
 through the blocks, and of every trained token through the output head.
 """
 
@@ -233,15 +233,17 @@ def run_trl(tok, pairs, steps: int, micro_limit: int | None, scratch: str):
     from trl import SFTConfig, SFTTrainer
 
     data = Dataset.from_list([{"prompt": f"Human: {p['question']}\nAssistant:", "completion": " " + p["answer"]} for p in pairs])
-    timer = timing_callback(micro_limit)
-    args = SFTConfig(output_dir=scratch, per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=steps,
-                     learning_rate=2e-4, warmup_steps=2, logging_steps=1, save_strategy="no", report_to=[],
+    accumulation = 2
+    # --quick: the whole first step is warm-up, then `micro_limit` micro-batches of the second are timed.
+    timer = timing_callback(accumulation + micro_limit if micro_limit else None)
+    args = SFTConfig(output_dir=scratch, per_device_train_batch_size=8, gradient_accumulation_steps=accumulation,
+                     max_steps=steps, learning_rate=2e-4, warmup_steps=2, logging_steps=1, save_strategy="no", report_to=[],
                      use_cpu=True, bf16=True, disable_tqdm=True, seed=42)
     trainer = SFTTrainer(model=make_model(), args=args, train_dataset=data, processing_class=tok, callbacks=[timer],
                          peft_config=LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
                                                 target_modules=["query_key_value"]))
     run_trainer(trainer, timer)
-    return timer, 2
+    return timer, accumulation
 
 
 # ---------------------------------------------------------------- measures
@@ -309,7 +311,7 @@ def main() -> None:
                     timer, accumulation = run_seed(tok, pairs, 2, 3 if args.quick else None, scratch)
                     seconds = seconds_per_step(timer, accumulation, full_steps=not args.quick)
                 elif name == "trl":
-                    timer, accumulation = run_trl(tok, pairs, 2, 2 + 2 if args.quick else None, scratch)
+                    timer, accumulation = run_trl(tok, pairs, 2, 2 if args.quick else None, scratch)
                     seconds = seconds_per_step(timer, accumulation, full_steps=not args.quick, warm_micro=accumulation)
                 else:
                     timer, samples, report, precision = run_lmtune(tok, pairs, lm_steps, "auto", scratch)
