@@ -3,6 +3,7 @@
     .venv/bin/python bench/train_shapes.py --quick                  # every shape, under 10 minutes on an idle 2-core CPU
     .venv/bin/python bench/train_shapes.py                          # full optimizer steps for every path
     .venv/bin/python bench/train_shapes.py --shapes smollm2,qwen2.5-0.5b
+    .venv/bin/python bench/train_shapes.py --quick --shapes smollm2 --system-prompt "..."   # every sample with it
 
 Shapes (all on the same 16 samples of data/vi_ai_qa.jsonl per optimizer step, bf16 on a CPU with native bf16):
   bloom-560m     random BLOOM-560m (hidden 1,024, 24 layers, vocabulary 250,880), LoRA r=8 on query_key_value,
@@ -24,6 +25,8 @@ Paths per shape, alternating (order reversed every round) after a warm-up step:
   lmtune-eager  (not with --quick) the same never compiled: the compile lever's ratio;
   unmerged      the same with the configured split (4 x 4 samples; BLOOM 2 x 8): the merge lever's ratio;
   packed        the same samples in packed rows (data/packing.py), one row per micro-batch: the packing lever's ratio;
+  unshared      (where the samples begin with 8 or more shared prompt tokens) the same with train.share_prefix off:
+                every sample computes its own copy of them (training/shared_prefix.py): the shared-prefix lever's ratio;
   trl           TRL's SFTTrainer on prompt/completion data (loss on the completion only; conversational for
                 smollm2, so both paths train on the same chat-template tokens), the configured batch split,
                 bf16, gradient checkpointing OFF (its fastest setting);
@@ -38,7 +41,8 @@ Measured per shape: median seconds per optimizer step; real tokens per second (p
 5, outside the step's time: on a shared machine the ceiling moves with the load within a run, and a ceiling
 measured once would not); the median over the steps. Counted FLOPs: forward and input-gradient matmuls (2 x 2 FLOPs per
 weight) of every real token through every block's linear layers (q, k, v, o and the MLP), causal attention
-scores and values (half the square), and the output head on trained (answer) positions only; the LoRA
+scores and values (half the square), and the output head on trained (answer) positions only (a shared prompt prefix
+counted once per micro-batch); the LoRA
 matmuls, norms and element-wise work are not counted. Peak resident memory of each path (sampled every
 20 ms). The loss after N optimizer steps of lmtune's path against the same path with fp32 weights and no
 autocast (the difference should stay within 2%). TRL's step against the same FLOPs (`trl_mfu`): 1 / trl_mfu is the
@@ -46,7 +50,7 @@ most that any path computing the FLOPs lmtune needs could be ahead of TRL on thi
 
 Last line per shape: `shape=<name> speedup_vs_trl=<x> mfu=<fraction> tokens_per_s=<n> peak_rss_gb=<g>
 ceiling_gflops=<median of the ceilings beside the steps> cpu="<model [flags]>"`, after `merge_speedup` and
-`packed_speedup` lines.
+`packed_speedup` (and `prefix_speedup`) lines.
 """
 
 from __future__ import annotations
@@ -78,8 +82,11 @@ from train_speed import (  # noqa: E402  (a script beside this one: the shared t
 )
 from train_speed import make_model as make_bloom  # noqa: E402
 from cpu_info import describe as cpu_label  # noqa: E402
+from lmtune.training.shared_prefix import MIN_PREFIX_TOKENS  # noqa: E402
 
 
+# --system-prompt: every sample's system prompt, for lmtune and TRL alike (what train.share_prefix saves on).
+SYSTEM_PROMPT = ""
 LORA_ALPHA = 32  # both recipes' (configs/bloom-560m.yaml, configs/quickstart.yaml), for lmtune and TRL alike
 
 
@@ -142,16 +149,13 @@ def tokenizer_for(shape: Shape, shared_bpe):
 
 
 def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, compile_layers: bool | None = None,
-               packed: bool = False, callbacks: tuple = (), merge: bool = True):
+               packed: bool = False, callbacks: tuple = (), merge: bool = True, share_prefix: bool = True):
     """compile_layers None: what train.compile "auto" decides for a long run of this model (compiling.decide_training).
     `packed`: the same samples per optimizer step packed into rows (data/packing.py), one row per micro-batch.
     `merge`: the micro-batches of a step merged as lmtune's train does on a CPU (training/micro_batches.py); off, the
-    configured split (the merge lever's ratio)."""
+    configured split (the merge lever's ratio). `share_prefix`: train.share_prefix (the shared-prefix lever's ratio)."""
     from lmtune.bundled import bundled_path
     from lmtune.config import load_config
-    from lmtune.data.readers import Example
-    from lmtune.data.template import PromptTemplate
-    from lmtune.data.tokenize import tokenize_examples
     from lmtune.model import add_lora, choose_precision, configure_cpu_threads, frozen_weights_dtype, use_fused_gelu
     from lmtune.compiling import decide_training
     from lmtune.training.compiled import compiled_layers
@@ -163,10 +167,9 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, c
     overrides = {"train.max_steps": steps, "model.dtype": dtype, "train.logging_steps": 1,
                  "train.batch_size": shape.batch_size, "train.grad_accum": shape.grad_accum, "train.warmup_steps": 2,
                  "lora.r": shape.lora_r, "lora.alpha": LORA_ALPHA,
-                 "lora.target_modules": shape.lora_targets}
+                 "lora.target_modules": shape.lora_targets, "train.share_prefix": share_prefix}
     config = load_config(bundled_path(shape.config_file), overrides)
-    template = PromptTemplate.for_tokenizer(tok) if shape.real_tokenizer else PromptTemplate()
-    samples, report = tokenize_examples([Example(p["question"], p["answer"]) for p in pairs], tok, template, 512)
+    samples, report = tokenized(shape, tok, pairs)
     precision = choose_precision("cpu", dtype)
     configure_cpu_threads()
     torch.manual_seed(config.train.seed)
@@ -207,8 +210,23 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, c
         compile_layers, _ = decide_training("auto", device="cpu", processes=1, method_blocker=None, quantized=False,
                                             checkpointing=False, causal_lm=model.get_base_model(),
                                             tokens=float("inf"))
-    with compiled_layers(model.get_base_model(), compile_layers, strict=True):
-        run_trainer(trainer, timer)
+    # Which micro-batches ran their prefix once (it depends on how the sampler grouped them): the FLOPs count.
+    import lmtune.training.loss as loss_module
+
+    real_layout, report.shared = loss_module.shared_prefix_layout, []
+
+    def recording_layout(*args, **kwargs):
+        layout = real_layout(*args, **kwargs)
+        if layout is not None and torch.is_grad_enabled():
+            report.shared.append((layout.input_ids.shape[0], layout.prefix))
+        return layout
+
+    loss_module.shared_prefix_layout = recording_layout
+    try:
+        with compiled_layers(model.get_base_model(), compile_layers, strict=True):
+            run_trainer(trainer, timer)
+    finally:
+        loss_module.shared_prefix_layout = real_layout
     return timer, samples, report, model.get_base_model().config
 
 
@@ -218,10 +236,12 @@ def run_trl(shape: Shape, tok, pairs, steps: int, micro_limit: int | None, scrat
     from trl import SFTConfig, SFTTrainer
 
     if shape.real_tokenizer:  # conversational: TRL applies the chat template, as lmtune does
-        rows = [{"prompt": [{"role": "user", "content": p["question"]}],
+        system = [{"role": "system", "content": SYSTEM_PROMPT}] if SYSTEM_PROMPT else []
+        rows = [{"prompt": [*system, {"role": "user", "content": p["question"]}],
                  "completion": [{"role": "assistant", "content": p["answer"]}]} for p in pairs]
-    else:
-        rows = [{"prompt": f"Human: {p['question']}\nAssistant:", "completion": " " + p["answer"]} for p in pairs]
+    else:  # lmtune's plain template, a system prompt on the line before
+        system = f"{SYSTEM_PROMPT}\n" if SYSTEM_PROMPT else ""
+        rows = [{"prompt": f"{system}Human: {p['question']}\nAssistant:", "completion": " " + p["answer"]} for p in pairs]
     batch, accumulation = (8, 2) if defaults else (shape.batch_size, shape.grad_accum)
     # --quick: the whole first step is warm-up, then `micro_limit` micro-batches of the second are timed.
     timer = timing_callback(accumulation + micro_limit if micro_limit else None)
@@ -255,8 +275,10 @@ def ceiling_beside_steps(dtype: torch.dtype):
     return CeilingBeside()
 
 
-def step_flops(config, samples: list[dict]) -> float:
-    """FLOPs of one optimizer step that lmtune needs (see the module docstring for what is counted)."""
+def step_flops(config, samples: list[dict], shared: list[tuple[int, int]] = (), steps: int = 1) -> float:
+    """FLOPs of one optimizer step that lmtune needs (see the module docstring for what is counted). `shared`: (rows,
+    prefix tokens) of every micro-batch of `steps` optimizer steps that ran its prefix once (training/shared_prefix.py):
+    the other rows' copies of the prefix are not counted."""
     c = config
     hidden = getattr(c, "hidden_size", None) or c.n_embd
     layers = getattr(c, "num_hidden_layers", None) or c.n_layer
@@ -272,7 +294,32 @@ def step_flops(config, samples: list[dict]) -> float:
         flops += 2 * 2 * block * n
         flops += 2 * 2 * layers * 2 * heads * head_dim * n * n / 2
         flops += 2 * 2 * hidden * c.vocab_size * trained
+    for rows, prefix in shared:
+        per_copy = 2 * 2 * block * prefix + 2 * 2 * layers * 2 * heads * head_dim * prefix * prefix / 2
+        flops -= (rows - 1) * per_copy / steps
     return flops
+
+
+def tokenized(shape: Shape, tok, pairs) -> tuple[list[dict], object]:
+    """The samples and tokenize report of the pairs, as lmtune's path tokenizes them for this shape."""
+    from lmtune.data.readers import Example
+    from lmtune.data.template import PromptTemplate
+    from lmtune.data.tokenize import tokenize_examples
+
+    template = (PromptTemplate.for_tokenizer(tok, "auto", SYSTEM_PROMPT) if shape.real_tokenizer
+                else PromptTemplate(system_prompt=SYSTEM_PROMPT))
+    return tokenize_examples([Example(p["question"], p["answer"]) for p in pairs], tok, template, 512)
+
+
+def shared_prefix_of(shape: Shape, tok, pairs) -> int:
+    """The tokens every sample begins with, up to one before the first trained token (training/shared_prefix.py's
+    rule; a micro-batch of fewer samples may share more)."""
+    samples, _ = tokenized(shape, tok, pairs)
+    first = samples[0]["input_ids"]
+    common = min(s["prompt_length"] for s in samples) - 1
+    for s in samples:
+        common = next((i for i, (a, b) in enumerate(zip(first[:common], s["input_ids"])) if a != b), common)
+    return common
 
 
 def padded_efficiency(samples: list[dict], batch_size: int) -> float:
@@ -288,13 +335,15 @@ def padded_efficiency(samples: list[dict], batch_size: int) -> float:
 
 def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_trl: bool, dtype: torch.dtype) -> None:
     scratch = tempfile.mkdtemp(prefix=f"lmtune-shapes-{shape.name}-")
-    tok = tokenizer_for(shape, shared_bpe)
     lm_steps = 3 if quick else 4
     micro = None if not quick else 2
-    times: dict[str, list[float]] = {"lmtune": [], "lmtune-eager": [], "unmerged": [], "packed": [], "trl": [],
-                                     "trl-defaults": []}
+    times: dict[str, list[float]] = {"lmtune": [], "lmtune-eager": [], "unmerged": [], "packed": [], "unshared": [],
+                                     "trl": [], "trl-defaults": []}
     peaks = dict.fromkeys(times, 0.0)
-    order = ["lmtune", "unmerged", "packed", "trl", "trl-defaults"] + ([] if quick else ["lmtune-eager"])
+    tok = tokenizer_for(shape, shared_bpe)
+    shares = shared_prefix_of(shape, tok, pairs) >= MIN_PREFIX_TOKENS  # only then is the unshared path another path
+    order = (["lmtune", "unmerged", "packed"] + (["unshared"] if shares else []) + ["trl", "trl-defaults"]
+             + ([] if quick else ["lmtune-eager"]))
     first_steps, ceilings, mfus = [], [], []
     losses, samples, report, model_config = [], None, None, None  # filled by the lmtune path
     for round_index in range(rounds):
@@ -315,11 +364,14 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
                     losses = timer.losses
                     first_steps.append(timer.steps[0])
                     # Each timed step against the ceiling measured right after it (the first step is the warm-up).
-                    flops = step_flops(model_config, samples)
+                    flops = step_flops(model_config, samples, report.shared, lm_steps)
                     mfus += [flops / step / (gflops * 1e9) for step, gflops in zip(timer.steps[1:], beside.gflops[1:])]
                     ceilings += beside.gflops[1:]
                 elif name == "unmerged":
                     timer, *_ = run_lmtune(shape, tok, pairs, lm_steps, "auto", scratch, merge=False)
+                    seconds = seconds_per_step(timer, shape.grad_accum, full_steps=True)
+                elif name == "unshared":
+                    timer, *_ = run_lmtune(shape, tok, pairs, lm_steps, "auto", scratch, share_prefix=False)
                     seconds = seconds_per_step(timer, shape.grad_accum, full_steps=True)
                 elif name == "packed":
                     timer, _, packed_report, _ = run_lmtune(shape, tok, pairs, lm_steps, "auto", scratch, packed=True)
@@ -350,7 +402,7 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
     tokens_per_s = report.tokens / med["lmtune"]
     print(f"  {shape.name} lmtune's first step (with the compile, if compiled): "
           + ", ".join(f"{t:.0f} s" for t in first_steps) + " (the first uncached, later ones from the disk cache)", flush=True)
-    for name in ("lmtune-eager", "unmerged", "packed", "trl", "trl-defaults"):
+    for name in ("lmtune-eager", "unmerged", "packed", "unshared", "trl", "trl-defaults"):
         if name in med:
             print(f"  {shape.name} {name}: {med[name] / med['lmtune']:.2f}x lmtune's time per step,"
                   f" peak RSS {peaks[name]:.2f} GB", flush=True)
@@ -360,11 +412,13 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
         print(f"  {shape.name} {packed_report.packing.describe()}; padded path's positions that are tokens:"
               f" {padded_efficiency(samples, shape.batch_size):.1%}", flush=True)
         print(f"shape={shape.name} packed_speedup={med['lmtune'] / med['packed']:.2f}", flush=True)
+    if "unshared" in med:
+        print(f"shape={shape.name} prefix_speedup={med['unshared'] / med['lmtune']:.2f}", flush=True)
     ratio = med["trl"] / med["lmtune"] if "trl" in med else float("nan")
     if "trl" in med:
         # TRL's step against the FLOPs lmtune needs: 1 / trl_mfu is the most any path that computes those FLOPs
         # could be ahead of TRL on this CPU, even with every one of them at the ceiling.
-        trl_mfu = step_flops(model_config, samples) / med["trl"] / (statistics.median(ceilings) * 1e9)
+        trl_mfu = step_flops(model_config, samples, report.shared, lm_steps) / med["trl"] / (statistics.median(ceilings) * 1e9)
         print(f"  {shape.name} TRL's step at the FLOPs lmtune needs: MFU {trl_mfu:.2f}; at the ceiling a step would be"
               f" at most {1 / trl_mfu:.2f}x ahead of TRL", flush=True)
     print(f"shape={shape.name} speedup_vs_trl={ratio:.2f} mfu={mfu:.2f} tokens_per_s={tokens_per_s:.0f}"
@@ -387,7 +441,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 lmtune steps (2 timed) and 2 TRL micro-batches per path")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default: 1 quick, 2 full)")
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--system-prompt", default="", help="a system prompt in every sample (data.system_prompt)")
     args = parser.parse_args()
+    global SYSTEM_PROMPT
+    SYSTEM_PROMPT = args.system_prompt
     names = shape_names(parser, args.shapes)
     import transformers
 
@@ -399,7 +456,8 @@ def main() -> None:
 
     dtype = choose_precision("cpu", "auto").compute_dtype  # the precision lmtune trains in on this CPU
     print(f"{cpu_label()}; torch {torch.__version__}, transformers {transformers.__version__},"
-          f" {torch.get_num_threads()} threads; {N_SAMPLES} samples per optimizer step", flush=True)
+          f" {torch.get_num_threads()} threads; {N_SAMPLES} samples per optimizer step"
+          + (f"; system prompt {SYSTEM_PROMPT!r}" if SYSTEM_PROMPT else ""), flush=True)
     for name in names:
         bench_shape(SHAPES[name], shared_bpe, pairs, args.quick, args.rounds or (1 if args.quick else 2),
                     args.skip_trl, dtype)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..data.packing import PACKED_TOKENS
 from ..data.tokenize import IGNORE_INDEX
 from .attention import attention_for_batch, attention_for_packed_rows
+from .shared_prefix import attention_with_shared_prefix, can_share, shared_prefix_layout
 from . import compiled
 from .compiled import eager
 from .distributed import epoch_callback, global_batch_sampler
@@ -47,21 +48,38 @@ def supports_answer_only(causal_lm) -> bool:
 
 
 def answer_only_loss(causal_lm, input_ids, attention_mask=None, labels=None, num_items: int | torch.Tensor | None = None,
-                     position_ids=None):
+                     position_ids=None, share_prefix: bool = False, width_multiple: int = 1):
     """Sum of next-token cross-entropy over trained positions, divided by `num_items` (default: their count).
 
-    A packed batch (data/packing.py) comes with position ids and no attention mask."""
+    A packed batch (data/packing.py) comes with position ids and no attention mask. `share_prefix`: the tokens
+    every row begins with run once (training/shared_prefix.py) where the model allows it; the narrower batch is
+    rounded up to `width_multiple` as the collator rounds widths."""
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
     packed = position_ids is not None and attention_mask is None
-    with attention_for_packed_rows(causal_lm) if packed else attention_for_batch(causal_lm, input_ids):
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state
+    shared = None
+    if share_prefix and not packed and input_ids.device.type == "cpu" and can_share(causal_lm):
+        shared = shared_prefix_layout(input_ids, attention_mask, labels, width_multiple)
+    if shared is not None:
+        labels = shared.labels
+        with attention_with_shared_prefix(causal_lm):
+            hidden = backbone(input_ids=shared.input_ids, position_ids=shared.position_ids, use_cache=False,
+                              **shared.attention_kwargs(_compute_dtype(causal_lm))).last_hidden_state
+    else:
+        with attention_for_packed_rows(causal_lm) if packed else attention_for_batch(causal_lm, input_ids):
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     trained = targets != IGNORE_INDEX
     head = causal_lm.get_output_embeddings()
     loss = linear_cross_entropy(hidden[:, :-1][trained], head.weight, head.bias, targets[trained])
     divisor = num_items if num_items is not None else trained.sum()
     return loss / divisor
+
+
+def _compute_dtype(causal_lm) -> torch.dtype:
+    """The dtype the model's activations take: autocast's where it is on, else the weights'."""
+    device = causal_lm.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else causal_lm.dtype
 
 
 # Rows of logits per chunk: about 256 MB of fp32 logits for BLOOM's 250,880 words, and typically one
@@ -140,11 +158,12 @@ def _compiled_loss_and_grad():
     return _compiled
 
 
-def make_trainer_class(loraplus_lr_ratio: float = 0.0):
+def make_trainer_class(loraplus_lr_ratio: float = 0.0, share_prefix: bool = False, width_multiple: int = 1):
     """A Trainer whose loss is the answer-only loss when the model allows it (imported lazily: transformers is slow to import).
 
     With `loraplus_lr_ratio` > 0 its optimizer is LoRA+'s (peft): the B matrices (and 1-D weights such as DoRA's
-    magnitudes) learn at ratio x the learning rate, the A matrices at the learning rate."""
+    magnitudes) learn at ratio x the learning rate, the A matrices at the learning rate. `share_prefix` and
+    `width_multiple`: as `answer_only_loss` takes them."""
     from transformers import Trainer
 
     class AnswerOnlyTrainer(Trainer):
@@ -202,7 +221,7 @@ def make_trainer_class(loraplus_lr_ratio: float = 0.0):
             # directly, so it enters the same autocast itself.
             with self.accelerator.autocast():
                 loss = answer_only_loss(causal_lm, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
-                                        num_items_in_batch, inputs.get("position_ids"))
+                                        num_items_in_batch, inputs.get("position_ids"), share_prefix, width_multiple)
             # Normalised by the trained-token count of the whole accumulated batch: already scaled for accumulation.
             self.loss_is_scaled_for_ga = num_items_in_batch is not None
             return loss

@@ -64,10 +64,12 @@ class SupervisedMethod(TrainingMethod):
     def loss(self, model, batch):
         batch = {k: v for k, v in batch.items() if k != PACKED_TOKENS}  # a count for the log, not a model input
         lm = causal_lm_of(model)
-        return answer_only_loss(lm, **batch) if supports_answer_only(lm) else model(**batch).loss
+        if not supports_answer_only(lm):
+            return model(**batch).loss
+        return answer_only_loss(lm, **batch, share_prefix=self.config.train.share_prefix, width_multiple=self.width_multiple)
 
     def trainer_class(self):
-        return make_trainer_class(self.config.train.loraplus_lr_ratio)
+        return make_trainer_class(self.config.train.loraplus_lr_ratio, self.config.train.share_prefix, self.width_multiple)
 
     def save_common(self, tokenizer, prepared: PreparedData, out: Path) -> None:
         tokenizer.save_pretrained(out)

@@ -1,0 +1,162 @@
+"""Shared prompt prefixes (training/shared_prefix.py): the layout keeps every trained token, the loss and gradients
+equal the ordinary batch's in every family that can share (Gemma 3's sliding window included), and the layout is
+used only where it is exact."""
+
+import pytest
+import torch
+
+from conftest import QA, lora_llama, train_config, write_jsonl
+from lmtune.data.tokenize import IGNORE_INDEX
+from lmtune.training import attention, shared_prefix
+from lmtune.training.loss import answer_only_loss, causal_lm_of
+from lmtune.training.shared_prefix import can_share, shared_prefix_layout
+from test_packing import FAMILIES
+
+
+def _batch(prefix: int = 10, lengths=(30, 24, 40, 33), prompt: int = 15, width: int = 48, vocab: int = 60, seed: int = 0):
+    """Right-padded rows that begin with the same `prefix` tokens; the first `prompt` tokens of each are not trained."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(5, vocab, (prefix,), generator=g)
+    ids = torch.full((len(lengths), width), 3)
+    labels = torch.full((len(lengths), width), IGNORE_INDEX)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.cat([start, torch.randint(5, vocab, (n - prefix,), generator=g)])
+        labels[row, prompt:n] = ids[row, prompt:n]
+        mask[row, :n] = 1
+    return ids, mask, labels
+
+
+def test_the_layout_runs_the_prefix_once_in_free_slots_and_every_row_after_it():
+    ids, mask, labels = _batch()  # lengths 30, 24, 40, 33; 10 shared tokens
+    shared = shared_prefix_layout(ids, mask, labels, width_multiple=8)
+    assert shared.prefix == 10
+    # As wide as the longest sample less the prefix: 40 - 10 = 30, rounded up to 32.
+    assert shared.input_ids.shape == shared.labels.shape == shared.position_ids.shape == (4, 32)
+    own = [20, 14, 30, 23]
+    for row, n in enumerate(own):
+        assert torch.equal(shared.input_ids[row, :n], ids[row, 10 : 10 + n])
+        assert torch.equal(shared.labels[row, :n], labels[row, 10 : 10 + n])
+        assert bool((shared.labels[row, n:] == IGNORE_INDEX).all())
+        assert torch.equal(shared.position_ids[row, :n], 10 + torch.arange(n))
+    # The prefix once, in the free slots of the shortest row (row 1 has 18 after its 14 tokens), at positions 0-9.
+    assert torch.equal(shared.slots, 1 * 32 + 14 + torch.arange(10))
+    assert torch.equal(shared.input_ids.view(-1)[shared.slots], ids[0, :10])
+    assert torch.equal(shared.position_ids.view(-1)[shared.slots], torch.arange(10))
+    # Every trained token is still trained, once.
+    assert int((shared.labels != IGNORE_INDEX).sum()) == int((labels != IGNORE_INDEX).sum())
+    # What attends to what: a sample's token sees the whole prefix and its own row up to itself; a prefix token sees
+    # the prefix up to itself and nothing of the row it sits in.
+    visible = shared.visible[:, 0]
+    assert visible.shape == (4, 32, 10 + 32)
+    assert bool(visible[2, 5, :10].all()) and torch.equal(visible[2, 5, 10:], torch.arange(32) <= 5)
+    slot_of_prefix_3 = 14 + 3
+    assert torch.equal(visible[1, slot_of_prefix_3, :10], torch.arange(10) <= 3)
+    assert not bool(visible[1, slot_of_prefix_3, 10:].any())
+    assert torch.equal(shared.key_positions[2, :10], torch.arange(10))
+    assert torch.equal(shared.key_positions[2, 10:], shared.position_ids[2])
+
+
+def test_the_prefix_stops_before_the_first_trained_token_and_short_or_useless_prefixes_are_not_shared():
+    ids, mask, labels = _batch(prefix=10, prompt=15)
+    labels[2, 6:15] = ids[2, 6:15]  # row 2 trains from position 6: position 5 predicts it, so 5 tokens can be shared
+    assert shared_prefix_layout(ids, mask, labels, min_tokens=5).prefix == 5
+    assert shared_prefix_layout(ids, mask, labels) is None  # fewer than MIN_PREFIX_TOKENS
+    ids, mask, labels = _batch(prefix=4)
+    assert shared_prefix_layout(ids, mask, labels) is None  # rows share only 4 tokens
+    ids, mask, labels = _batch()
+    assert shared_prefix_layout(ids[:1], mask[:1], labels[:1]) is None  # one row: nothing to share
+    assert shared_prefix_layout(ids, None, labels) is None
+    # Too little narrower: the rounding takes most of the saving back (48 -> 44 wide is less than MIN_SAVING).
+    assert shared_prefix_layout(ids, mask, labels, width_multiple=44) is None
+
+
+def _loss_and_grads(model, ids, mask, labels, share: bool):
+    model.zero_grad(set_to_none=True)
+    loss = answer_only_loss(causal_lm_of(model), ids, mask, labels, share_prefix=share)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_the_shared_prefix_gives_the_loss_and_gradients_of_the_ordinary_batch(family, kernel, llama_tokenizer,
+                                                                              monkeypatch):
+    # A row that missed the prefix (or saw another row) would differ by far more than fp32 rounding (float64 is not
+    # used: transformers' eager Gemma 3 gives NaN in it). Gemma 3's window (4 tokens) is shorter than the prefix, so
+    # its sliding layers must slide across the shared copy.
+    model = FAMILIES[family](llama_tokenizer).train()
+    assert can_share(model)
+    if kernel == "sdpa":
+        monkeypatch.setattr(attention, "EAGER_SCORES_BYTES", 0)
+    ids, mask, labels = _batch(vocab=len(llama_tokenizer))
+    layouts = []
+    real_layout = shared_prefix.shared_prefix_layout
+    monkeypatch.setattr("lmtune.training.loss.shared_prefix_layout",
+                        lambda *a, **k: layouts.append(real_layout(*a, **k)) or layouts[-1])
+    shared_loss, shared = _loss_and_grads(model, ids, mask, labels, share=True)
+    assert layouts and layouts[0].prefix == 10  # the layout was used
+    assert model.config._attn_implementation == "sdpa"  # and the model's own attention restored
+    ordinary_loss, ordinary = _loss_and_grads(model, ids, mask, labels, share=False)
+    assert len(layouts) == 1
+    torch.testing.assert_close(shared_loss, ordinary_loss, rtol=1e-5, atol=1e-6)
+    assert len(shared) == len(ordinary) > 0
+    for got, expected in zip(shared, ordinary):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_layers_read_the_shared_prefix_too(tiny_llama_dir):
+    from lmtune.training.compiled import compiled_layers
+
+    model = lora_llama(tiny_llama_dir)
+    ids, mask, labels = _batch(vocab=60)
+    ordinary_loss, ordinary = _loss_and_grads(model, ids, mask, labels, share=False)
+    with compiled_layers(causal_lm_of(model), True, strict=True):
+        shared_loss, shared = _loss_and_grads(model, ids, mask, labels, share=True)
+    torch.testing.assert_close(shared_loss, ordinary_loss, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(shared, ordinary):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_and_checkpointing_keep_the_ordinary_batch(tiny_llama_dir):
+    from lmtune.model import add_lora, load_model, resolve_source
+
+    model = lora_llama(tiny_llama_dir)
+    lm = causal_lm_of(model)
+    assert can_share(lm)
+    (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
+    assert not can_share(lm)  # the recomputation would run the model's own attention
+    dropped = add_lora(load_model(resolve_source(tiny_llama_dir)), 4, 8, 0.1, "none", "all-linear").train()
+    assert not can_share(causal_lm_of(dropped))  # one copy of the prefix would share one dropout mask
+    assert can_share(causal_lm_of(dropped.eval()))  # no dropout outside training
+
+
+def test_training_shares_the_prefix_and_follows_the_same_losses(tiny_llama_dir, tmp_path, monkeypatch):
+    from lmtune.training.train import train
+
+    # A system prompt every sample begins with, as chat templates write one.
+    data = write_jsonl(tmp_path / "qa.jsonl", QA * 3)
+    prefixes = []
+    real_layout = shared_prefix.shared_prefix_layout
+
+    def recording(*args, **kwargs):
+        layout = real_layout(*args, **kwargs)
+        prefixes.append(layout and layout.prefix)
+        return layout
+
+    monkeypatch.setattr("lmtune.training.loss.shared_prefix_layout", recording)
+    losses = {}
+    for share in (True, False):
+        config = train_config(tiny_llama_dir, data, tmp_path / f"adapter-{share}", **{
+            "train.share_prefix": share, "train.epochs": 2, "train.batch_size": 4, "train.compile": False,
+            "train.learning_rate": 1e-3, "data.system_prompt": "You are a careful assistant who answers briefly."})
+        result = train(config, log=lambda _: None)
+        losses[share] = [e["loss"] for e in result.log if "loss" in e]
+        if share:
+            assert prefixes and all(p and p >= shared_prefix.MIN_PREFIX_TOKENS for p in prefixes)
+            prefixes.clear()
+    assert not prefixes  # train.share_prefix false: never asked for the layout
+    # The same steps: the first loss (before any update) equal, the later ones as close as rounding lets Adam be.
+    assert len(losses[True]) == len(losses[False]) > 2
+    assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-5)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
