@@ -312,14 +312,10 @@ def tokenized(shape: Shape, tok, pairs) -> tuple[list[dict], object]:
 
 
 def shared_prefix_of(shape: Shape, tok, pairs) -> int:
-    """The tokens every sample begins with, up to one before the first trained token (training/shared_prefix.py's
-    rule; a micro-batch of fewer samples may share more)."""
-    samples, _ = tokenized(shape, tok, pairs)
-    first = samples[0]["input_ids"]
-    common = min(s["prompt_length"] for s in samples) - 1
-    for s in samples:
-        common = next((i for i, (a, b) in enumerate(zip(first[:common], s["input_ids"])) if a != b), common)
-    return common
+    """The tokens every sample begins with, up to one before the first trained token (training/shared_prefix.py)."""
+    from lmtune.training.shared_prefix import common_prefix
+
+    return common_prefix(tokenized(shape, tok, pairs)[0])
 
 
 def padded_efficiency(samples: list[dict], batch_size: int) -> float:

@@ -71,6 +71,15 @@ def test_the_prefix_stops_before_the_first_trained_token_and_short_or_useless_pr
     assert shared_prefix_layout(ids, mask, labels, width_multiple=44) is None
 
 
+def _record_layouts(monkeypatch) -> list:
+    """The layouts the loss builds from now on (None where it keeps the ordinary batch)."""
+    layouts = []
+    real_layout = shared_prefix.shared_prefix_layout
+    monkeypatch.setattr("lmtune.training.loss.shared_prefix_layout",
+                        lambda *a, **k: layouts.append(real_layout(*a, **k)) or layouts[-1])
+    return layouts
+
+
 def _loss_and_grads(model, ids, mask, labels, share: bool):
     model.zero_grad(set_to_none=True)
     loss = answer_only_loss(causal_lm_of(model), ids, mask, labels, share_prefix=share)
@@ -90,10 +99,7 @@ def test_the_shared_prefix_gives_the_loss_and_gradients_of_the_ordinary_batch(fa
     if kernel == "sdpa":
         monkeypatch.setattr(attention, "EAGER_SCORES_BYTES", 0)
     ids, mask, labels = _batch(vocab=len(llama_tokenizer))
-    layouts = []
-    real_layout = shared_prefix.shared_prefix_layout
-    monkeypatch.setattr("lmtune.training.loss.shared_prefix_layout",
-                        lambda *a, **k: layouts.append(real_layout(*a, **k)) or layouts[-1])
+    layouts = _record_layouts(monkeypatch)
     shared_loss, shared = _loss_and_grads(model, ids, mask, labels, share=True)
     assert layouts and layouts[0].prefix == 10  # the layout was used
     assert model.config._attn_implementation == "sdpa"  # and the model's own attention restored
@@ -105,30 +111,73 @@ def test_the_shared_prefix_gives_the_loss_and_gradients_of_the_ordinary_batch(fa
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_compiled_layers_read_the_shared_prefix_too(tiny_llama_dir):
-    from lmtune.training.compiled import compiled_layers
-
-    model = lora_llama(tiny_llama_dir)
-    ids, mask, labels = _batch(vocab=60)
-    ordinary_loss, ordinary = _loss_and_grads(model, ids, mask, labels, share=False)
-    with compiled_layers(causal_lm_of(model), True, strict=True):
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("case", ["slots over every row", "prefix cut by the first answer", "bf16 autocast"])
+def test_the_loss_and_gradients_hold_where_the_prefix_spreads_or_is_cut(family, case, llama_tokenizer, monkeypatch):
+    model = FAMILIES[family](llama_tokenizer).train()
+    vocab = len(llama_tokenizer)
+    if case == "slots over every row":  # equal lengths: no row has room for the whole prefix, the batch widens
+        ids, mask, labels = _batch(lengths=(30, 30, 30, 30), vocab=vocab)
+        expected_prefix = 10
+    elif case == "prefix cut by the first answer":  # rows share 14 tokens, row 2 trains from token 9
+        ids, mask, labels = _batch(prefix=14, prompt=15, vocab=vocab)
+        labels[2, 9:15] = ids[2, 9:15]
+        expected_prefix = 8
+    else:
+        ids, mask, labels = _batch(vocab=vocab)
+        expected_prefix = 10
+    layouts = _record_layouts(monkeypatch)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16 autocast")
+    with autocast:
         shared_loss, shared = _loss_and_grads(model, ids, mask, labels, share=True)
+        ordinary_loss, ordinary = _loss_and_grads(model, ids, mask, labels, share=False)
+    assert layouts[0].prefix == expected_prefix
+    if case == "slots over every row":
+        assert len(set((layouts[0].slots // layouts[0].input_ids.shape[1]).tolist())) == 4
+    if case == "bf16 autocast":  # bf16 rounds each element differently: the gradients agree as wholes
+        torch.testing.assert_close(shared_loss, ordinary_loss, rtol=1e-2, atol=1e-3)
+        for got, expected in zip(shared, ordinary):
+            assert float((got - expected).norm() / expected.norm()) < 2e-2
+        return
     torch.testing.assert_close(shared_loss, ordinary_loss, rtol=1e-5, atol=1e-6)
     for got, expected in zip(shared, ordinary):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_dropout_and_checkpointing_keep_the_ordinary_batch(tiny_llama_dir):
+def test_compiled_layers_read_the_shared_prefix_too(tiny_llama_dir, monkeypatch):
+    from lmtune.training.compiled import compiled_layers
+
+    model = lora_llama(tiny_llama_dir)
+    ids, mask, labels = _batch(vocab=60)
+    ordinary_loss, ordinary = _loss_and_grads(model, ids, mask, labels, share=False)
+    layouts = _record_layouts(monkeypatch)
+    with compiled_layers(causal_lm_of(model), True, strict=True):
+        shared_loss, shared = _loss_and_grads(model, ids, mask, labels, share=True)
+    assert [layout.prefix for layout in layouts] == [10]
+    torch.testing.assert_close(shared_loss, ordinary_loss, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(shared, ordinary):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_checkpointing_and_unproven_families_keep_the_ordinary_batch(tiny_llama_dir, tiny_bloom_dir):
     from lmtune.model import add_lora, load_model, resolve_source
 
     model = lora_llama(tiny_llama_dir)
     lm = causal_lm_of(model)
     assert can_share(lm)
     (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
-    assert not can_share(lm)  # the recomputation would run the model's own attention
+    assert shared_prefix.why_not_shared(lm) == "gradient checkpointing is on"  # its recomputation runs sdpa
     dropped = add_lora(load_model(resolve_source(tiny_llama_dir)), 4, 8, 0.1, "none", "all-linear").train()
-    assert not can_share(causal_lm_of(dropped))  # one copy of the prefix would share one dropout mask
+    # One copy of the prefix would share one dropout mask.
+    assert shared_prefix.why_not_shared(causal_lm_of(dropped)) == "dropout is on (lora.dropout)"
     assert can_share(causal_lm_of(dropped.eval()))  # no dropout outside training
+    bloom = add_lora(load_model(resolve_source(tiny_bloom_dir)), 4, 8, 0.0, "none", "all-linear").train()
+    assert "not known to read it" in shared_prefix.why_not_shared(causal_lm_of(bloom))
+    ids, mask, labels = _batch(vocab=60)
+    # Validation and the run's estimate (no gradients) measure the ordinary batch too.
+    with torch.no_grad():
+        loss = answer_only_loss(lm, ids, mask, labels, share_prefix=True)
+    assert torch.isfinite(loss)
 
 
 def test_training_shares_the_prefix_and_follows_the_same_losses(tiny_llama_dir, tmp_path, monkeypatch):
@@ -149,8 +198,12 @@ def test_training_shares_the_prefix_and_follows_the_same_losses(tiny_llama_dir, 
     for share in (True, False):
         config = train_config(tiny_llama_dir, data, tmp_path / f"adapter-{share}", **{
             "train.share_prefix": share, "train.epochs": 2, "train.batch_size": 4, "train.compile": False,
-            "train.learning_rate": 1e-3, "data.system_prompt": "You are a careful assistant who answers briefly."})
-        result = train(config, log=lambda _: None)
+            "train.learning_rate": 1e-3, "model.dtype": "float32",
+            "data.system_prompt": "You are a careful assistant who answers briefly."})
+        lines = []
+        result = train(config, log=lines.append)
+        said = [line for line in lines if line.startswith("shared prefix:")]
+        assert len(said) == 1 and ("run once per micro-batch" in said[0]) == share, said
         losses[share] = [e["loss"] for e in result.log if "loss" in e]
         if share:
             assert prefixes and all(p and p >= shared_prefix.MIN_PREFIX_TOKENS for p in prefixes)

@@ -57,7 +57,9 @@ def answer_only_loss(causal_lm, input_ids, attention_mask=None, labels=None, num
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
     packed = position_ids is not None and attention_mask is None
     shared = None
-    if share_prefix and not packed and input_ids.device.type == "cpu" and can_share(causal_lm):
+    # Training steps only: validation and the run's time estimate measure the ordinary batch, as validation runs it.
+    if (share_prefix and not packed and input_ids.device.type == "cpu" and torch.is_grad_enabled()
+            and causal_lm.training and can_share(causal_lm)):
         shared = shared_prefix_layout(input_ids, attention_mask, labels, width_multiple)
     if shared is not None:
         labels = shared.labels

@@ -95,6 +95,9 @@ def shared_prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor |
     new_labels = torch.full((rows, new_width), IGNORE_INDEX, dtype=labels.dtype, device=device)
     positions = torch.full((rows, new_width), prefix, dtype=torch.long, device=device)
     positions += torch.arange(new_width, device=device)
+    # Padding never goes past the batch's last real position: rope scalings that read the largest position id
+    # (dynamic NTK, longrope) must pick what they pick for the ordinary batch.
+    positions.clamp_(max=max(lengths) - 1)
     for row, n in enumerate(own):
         ids[row, :n] = input_ids[row, prefix : prefix + n]
         new_labels[row, :n] = labels[row, prefix : prefix + n]
@@ -119,6 +122,35 @@ def shared_prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor |
     visible = torch.cat([sees_prefix, sees_own], dim=-1)[:, None]
     key_positions = torch.cat([p.expand(rows, prefix), positions], dim=1)
     return SharedPrefixBatch(ids, new_labels, positions, prefix, slots_t, visible, key_positions)
+
+
+def common_prefix(samples: list[dict]) -> int:
+    """The prompt tokens every one of the tokenized samples begins with, up to one before the first trained token
+    (the layout's rule; a micro-batch of some of them may share more)."""
+    if not samples:
+        return 0
+    first = samples[0]["input_ids"]
+    common = min(len(first), *(_first_trained(s) - 1 for s in samples))
+    for s in samples[1:]:
+        common = next((i for i, (a, b) in enumerate(zip(first[:common], s["input_ids"])) if a != b),
+                      min(common, len(s["input_ids"])))
+    return max(0, common)
+
+
+def _first_trained(sample: dict) -> int:
+    return next((i for i, label in enumerate(sample["labels"]) if label != IGNORE_INDEX), len(sample["labels"]))
+
+
+def describe(samples: list[dict], causal_lm, enabled: bool) -> str | None:
+    """The pre-flight line about a prompt prefix every sample shares, or None when they share too little."""
+    prefix = common_prefix(samples)
+    if prefix < MIN_PREFIX_TOKENS:
+        return None
+    reason = "train.share_prefix is false" if not enabled else why_not_shared(causal_lm, training=True)
+    if reason:
+        return f"shared prefix: every sample begins with the same {prefix} prompt tokens, run for each sample ({reason})"
+    return (f"shared prefix: every sample begins with the same {prefix} prompt tokens; they run once per micro-batch "
+            f"where that makes it at least {MIN_SAVING:.0%} narrower (the same loss and gradients)")
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -171,14 +203,33 @@ def _register() -> None:
 
 def can_share(causal_lm) -> bool:
     """Whether this model's training step can run the shared-prefix layout now (module docstring)."""
-    if not reads_packed_rows(causal_lm):
-        return False
+    return why_not_shared(causal_lm) is None
+
+
+def why_not_shared(causal_lm, training: bool | None = None) -> str | None:
+    """Why this model's training step cannot run the shared-prefix layout now (`training`: as if in that mode;
+    default its own); None when it can."""
+    from .. import families
+
     config = causal_lm.config
+    # Families proven to read rows of several samples through the attention interface alone (tests/training/
+    # test_shared_prefix.py); others may mix positions outside attention (convolutions, state-space layers) or pass
+    # their attention more than the plain function computes (attention sinks).
+    if not families.packs(config):
+        return f"{families.facts(config).name}'s layers are not known to read it"
+    if attention._checkpointing(causal_lm):  # the recomputation would run the model's own attention
+        return "gradient checkpointing is on"
+    if not reads_packed_rows(causal_lm):
+        return "the model's attention does not go through transformers' attention interface"
     if getattr(config, "attn_logit_softcapping", None):  # the plain attention below does not cap scores
-        return False
-    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0 and causal_lm.training:
-        return False
-    return not (causal_lm.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in causal_lm.modules()))
+        return "the model caps attention scores"
+    if not (causal_lm.training if training is None else training):
+        return None
+    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
+        return "attention dropout is on"
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in causal_lm.modules()):
+        return "dropout is on (lora.dropout)"
+    return None
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from ...data.source import DataSource
 from ...data.split import leaked_questions, split_train_val
 from ...data.template import PromptTemplate
 from ...data.tokenize import tokenize_examples
+from .. import shared_prefix
 from ..loss import answer_only_loss, causal_lm_of, make_trainer_class, supports_answer_only
 from .base import PreparedData, TrainingMethod
 
@@ -43,6 +44,10 @@ class SupervisedMethod(TrainingMethod):
         self.width_multiple = d.pad_to_multiple_of or (
             cpu_bf16_width_multiple(lengths) if precision.device == "cpu" and precision.bf16 else 1)
         if d.packing is not True:  # "auto": padded micro-batches measured faster (docs/performance.md, "Packed rows")
+            if precision.device == "cpu" and prepared is not None:
+                line = shared_prefix.describe(prepared.samples, causal_lm, t.share_prefix)
+                if line:
+                    log(line)
             return
         blocker = packing_blocker(causal_lm)
         if blocker:
