@@ -82,7 +82,7 @@ from train_speed import (  # noqa: E402  (a script beside this one: the shared t
 )
 from train_speed import make_model as make_bloom  # noqa: E402
 from cpu_info import describe as cpu_label  # noqa: E402
-from lmtune.training.shared_prefix import MIN_PREFIX_TOKENS  # noqa: E402
+from lmtune.training.shared_prefix import MIN_PREFIX_TOKENS, MIN_SAVING  # noqa: E402
 
 
 # --system-prompt: every sample's system prompt, for lmtune and TRL alike (what train.share_prefix saves on).
@@ -213,12 +213,14 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, c
     # Which micro-batches ran their prefix once (it depends on how the sampler grouped them): the FLOPs count.
     import lmtune.training.loss as loss_module
 
-    real_layout, report.shared = loss_module.shared_prefix_layout, []
+    real_layout, report.shared, report.micro_batches = loss_module.shared_prefix_layout, [], 0
 
     def recording_layout(*args, **kwargs):
         layout = real_layout(*args, **kwargs)
-        if layout is not None and torch.is_grad_enabled():
-            report.shared.append((layout.input_ids.shape[0], layout.prefix))
+        if torch.is_grad_enabled():
+            report.micro_batches += 1
+            if layout is not None:
+                report.shared.append((layout.input_ids.shape[0], layout.prefix))
         return layout
 
     loss_module.shared_prefix_layout = recording_layout
@@ -409,6 +411,8 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
               f" {padded_efficiency(samples, shape.batch_size):.1%}", flush=True)
         print(f"shape={shape.name} packed_speedup={med['lmtune'] / med['packed']:.2f}", flush=True)
     if "unshared" in med:
+        print(f"  {shape.name} micro-batches that ran their prompt prefix once: {len(report.shared)} of"
+              f" {report.micro_batches} (those at least {MIN_SAVING:.0%} narrower for it)", flush=True)
         print(f"shape={shape.name} prefix_speedup={med['unshared'] / med['lmtune']:.2f}", flush=True)
     ratio = med["trl"] / med["lmtune"] if "trl" in med else float("nan")
     if "trl" in med:

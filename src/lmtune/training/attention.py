@@ -110,21 +110,29 @@ def packed_rows_attention(module, query, key, value, attention_mask, dropout: fl
 
 
 def _no_mask(*args, **kwargs):
-    return None  # packed_rows_attention finds each sample's span from the position ids
+    return None  # these attention functions build what they need from the position ids or their layout
 
 
-_registered = False
+_registered: set[str] = set()
 
 
-def _register() -> None:
-    global _registered
-    if not _registered:
+@contextmanager
+def custom_attention(causal_lm, name: str, function):
+    """Run the block with `function`, registered as `name` with transformers' attention interface (and a mask function
+    that builds no mask: `function` builds its own); the model's own choice is restored after."""
+    if name not in _registered:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
 
-        AttentionInterface.register(PACKED_ATTENTION, packed_rows_attention)
-        AttentionMaskInterface.register(PACKED_ATTENTION, _no_mask)
-        _registered = True
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, _no_mask)
+        _registered.add(name)
+    before = causal_lm.config._attn_implementation
+    causal_lm.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        causal_lm.set_attn_implementation(before)
 
 
 def reads_packed_rows(causal_lm) -> bool:
@@ -139,11 +147,5 @@ def attention_for_packed_rows(causal_lm):
     if not reads_packed_rows(causal_lm):
         yield
         return
-    _register()
-    config = causal_lm.config
-    before = config._attn_implementation
-    causal_lm.set_attn_implementation(PACKED_ATTENTION)
-    try:
+    with custom_attention(causal_lm, PACKED_ATTENTION, packed_rows_attention):
         yield
-    finally:
-        causal_lm.set_attn_implementation(before)

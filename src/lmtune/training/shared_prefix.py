@@ -27,7 +27,6 @@ would add graphs; this layout needs neither.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -183,24 +182,6 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
                                   is_causal=False, **kwargs)
 
 
-def _no_mask(*args, **kwargs):
-    return None  # shared_prefix_attention builds its mask from the shapes and the prefix length
-
-
-_registered = False
-
-
-def _register() -> None:
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
-        AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
-        AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, _no_mask)
-        _registered = True
-
-
 def can_share(causal_lm) -> bool:
     """Whether this model's training step can run the shared-prefix layout now (module docstring)."""
     return why_not_shared(causal_lm) is None
@@ -232,13 +213,6 @@ def why_not_shared(causal_lm, training: bool | None = None) -> str | None:
     return None
 
 
-@contextmanager
 def attention_with_shared_prefix(causal_lm):
     """Run the block with `shared_prefix_attention`; the model's own choice is restored after."""
-    _register()
-    before = causal_lm.config._attn_implementation
-    causal_lm.set_attn_implementation(SHARED_PREFIX_ATTENTION)
-    try:
-        yield
-    finally:
-        causal_lm.set_attn_implementation(before)
+    return attention.custom_attention(causal_lm, SHARED_PREFIX_ATTENTION, shared_prefix_attention)
