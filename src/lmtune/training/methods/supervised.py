@@ -44,7 +44,7 @@ class SupervisedMethod(TrainingMethod):
         self.width_multiple = d.pad_to_multiple_of or (
             cpu_bf16_width_multiple(lengths) if precision.device == "cpu" and precision.bf16 else 1)
         if d.packing is not True:  # "auto": padded micro-batches measured faster (docs/performance.md, "Packed rows")
-            if precision.device == "cpu" and prepared is not None:
+            if precision.device == "cpu" and prepared is not None and causal_lm is not None:
                 line = shared_prefix.describe(prepared.samples, causal_lm, t.share_prefix)
                 if line:
                     log(line)
