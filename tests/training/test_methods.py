@@ -369,3 +369,21 @@ def test_gguf_export_of_each_method(tiny_bloom_dir, qa_file, tmp_path, method):
     source = {"model": str(tmp_path / "a")} if method == "full" else {"adapter": str(tmp_path / "a")}
     export_gguf(str(tmp_path / "m.gguf"), quant="f32", use_llama_cpp=False, **source, **QUIET)
     assert (tmp_path / "m.gguf").stat().st_size > 0
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_a_cpu_run_with_lora_dropout_says_that_zero_trains_faster(tiny_bloom_dir, qa_file, tmp_path, dropout):
+    from lmtune.model import choose_precision
+
+    config = train_config(tiny_bloom_dir, qa_file, tmp_path, **FP32, **{"lora.dropout": dropout})
+    lines = []
+    model = lora_module.load_lora_model(config, resolve_source(tiny_bloom_dir), choose_precision("cpu", "float32"),
+                                        lines.append)
+    drops = [m.p for name, m in model.named_modules() if "lora_dropout" in name and isinstance(m, torch.nn.Dropout)]
+    assert drops == ([dropout] * len(drops) if dropout else [])  # peft draws masks only above 0
+    notes = [line for line in lines if "lora.dropout" in line]
+    if dropout:
+        assert len(notes) == 1 and "lora.dropout 0.05 draws a random mask" in notes[0] and "0 trains faster" in notes[0]
+        assert drops
+    else:
+        assert notes == []

@@ -45,6 +45,9 @@ def load_lora_model(config, source, precision, log):
                      use_dora=l.use_dora, init=l.init, modules_to_save=l.modules_to_save)
     trainable, total = model.get_nb_trainable_parameters()
     log(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)" + variants(config))
+    if precision.device == "cpu" and l.dropout > 0:
+        log(f"LoRA: lora.dropout {l.dropout:g} draws a random mask over every adapted layer's input at every step, "
+            "which on a CPU takes a large share of the step (docs/performance.md, \"LoRA dropout\"); 0 trains faster")
     return model
 
 
