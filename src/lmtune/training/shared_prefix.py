@@ -1,28 +1,28 @@
-"""Shared prompt prefixes: the tokens every sample of a micro-batch begins with run through the model once.
+"""One padding-free row per micro-batch, with the prompt tokens every sample begins with run once.
 
-A chat template puts the same tokens in front of every sample: SmolLM2's default system prompt is 24 tokens
-("<|im_start|>system\\nYou are a helpful AI assistant named SmolLM ...<|im_start|>user\\n"), about an eighth of a
-bundled sample, and a system prompt of the user's own is often longer. Their hidden states are the same in every
-row, so computing them once per micro-batch and letting every row attend to that one copy gives the same loss
-and gradients (a test checks both) for less work: the gradients that every row sends back to the prefix's keys
-and values are summed into the one copy, as autograd sums them through an expand.
+A micro-batch of right-padded rows computes its padding, and a chat template puts the same tokens in front of every
+sample: SmolLM2's default system prompt is 24 tokens ("<|im_start|>system\\nYou are a helpful AI assistant named
+SmolLM ...<|im_start|>user\\n"), about an eighth of a bundled sample, and a system prompt of the user's own is often
+longer. Laid out as one row (the common prefix once, then every sample's own tokens, then padding up to the width
+multiple), the linear layers, norms and activations, most of a step, run on the real tokens only, and the prefix's
+hidden states once: the same loss and gradients (tests check both) for less work. The gradients that every sample
+sends back to the prefix's keys and values are summed into the one copy, as autograd sums them through an expand.
 
-The layout keeps one tensor of rows, so the decoder layers (compiled or not) run unchanged: every row holds its
-sample without the prefix, with position ids that start after it, and the prefix's tokens (positions 0, 1, ...)
-fill padding slots at the ends of the shortest rows. The batch is as wide as its longest sample less the prefix.
-Only attention differs (`shared_prefix_attention`): every sample's tokens attend to the prefix's keys and values,
-gathered from their slots, and to their own row's earlier tokens; the prefix's tokens attend to the prefix's earlier
-tokens only. The prefix ends before the first trained position of every row (positions whose hidden state predicts
-a trained token are never moved), so the answer-only loss sees every trained token once.
+Only attention differs (`shared_prefix_attention`): each sample's queries, keys and values are gathered into
+[samples, length] slots, every sample's tokens attend to the prefix's keys and values and to their own earlier
+tokens, and the outputs are gathered back into the row; the prefix's tokens attend to the prefix's earlier tokens
+only. The decoder layers (compiled or not) run unchanged. The prefix ends before the first trained position of
+every sample (positions whose hidden state predicts a trained token are never moved), and no sample's first token is
+trained, so the answer-only loss sees every trained token once even where the next sample follows in the row.
 
 Where it applies: a CPU training step on the answer-only path of a family whose attention goes through
 transformers' attention interface (the families that train on packed rows), without gradient checkpointing (its
-recomputation would run the model's own attention), without dropout (one copy would share one dropout mask) and
-without attention soft-capping.
+recomputation would run the model's own attention), without dropout (one copy of the prefix would share one dropout
+mask) and without attention soft-capping.
 
-Why by hand: prefix sharing in the field (vLLM's and SGLang's prefix caching) serves inference; transformers'
-key/value cache could hold the prefix, but it would need a second pass and its update inside each compiled layer
-would add graphs; this layout needs neither.
+Why by hand: padding-free training in the field runs flash-attention's variable-length kernel, which has no CPU
+build; prefix sharing (vLLM's and SGLang's prefix caching) serves inference, and transformers' key/value cache could
+hold the prefix only with a second pass and a cache update inside each compiled layer.
 """
 
 from __future__ import annotations
@@ -37,38 +37,68 @@ from .attention import reads_packed_rows
 
 # Fewer shared tokens than this are not worth looking further.
 MIN_PREFIX_TOKENS = 8
-# The layout is used when it saves at least this share of the batch's positions: its gathers, the prefix's keys in
-# every row's attention and the larger mask cost about what a smaller saving gains (docs/performance.md,
-# "Shared prefixes").
+# The layout is used when it saves at least this share of the batch's positions: its gathers and the prefix's keys in
+# every sample's attention cost about what a smaller saving gains (docs/performance.md, "Shared prefixes").
 MIN_SAVING = 0.10
 SHARED_PREFIX_ATTENTION = "lmtune_shared_prefix"
 PREFIX_KWARG = "shared_prefix"  # how the layout reaches the attention function (transformers' attention kwargs)
 
 
+class _Gather(torch.autograd.Function):
+    """`x` with a zero row appended along dim 2, at `index`; the backward pass gathers the gradient at `inverse` the
+    same way. Exact where every row of `x` that receives a gradient appears once in `index` and every other entry of
+    the result receives none (padding slots: masked keys, discarded queries). Its backward pass is a gather where
+    indexing's would be a scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return _take(x, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return _take(grad, inverse), None, None
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    zero = x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3])
+    return torch.cat([x, zero], dim=2).index_select(2, index)
+
+
 @dataclass
 class SharedPrefixBatch:
-    input_ids: torch.Tensor
+    input_ids: torch.Tensor  # [1, tokens]: the prefix once, then every sample's own tokens, then padding
     labels: torch.Tensor
     position_ids: torch.Tensor
-    prefix: int  # tokens computed once
-    slots: torch.Tensor  # [prefix]: where prefix token p sits, as row * width + column
-    visible: torch.Tensor  # [rows, 1, width, prefix + width]: which keys (the prefix's, then the row's) each query sees
-    key_positions: torch.Tensor  # [rows, prefix + width]: the position of each of those keys
+    prefix: int  # tokens computed once (0: none, the row only drops the padding)
+    samples: int
+    length: int  # the most own tokens of a sample: attention runs over [samples, length] slots
+    slot_token: torch.Tensor  # [samples * length]: the row's token in each slot; a padding slot: the zero row
+    token_slot: torch.Tensor  # [tokens - prefix]: each own token's slot; the row's padding: the zero row
+    visible: torch.Tensor  # [samples, 1, length, prefix + length]: which keys (the prefix's, then the sample's) it sees
+    key_positions: torch.Tensor  # [samples, prefix + length]: the position of each of those keys
 
     def attention_kwargs(self, dtype: torch.dtype) -> dict:
-        """The layout for the attention function, with `visible` also as the additive mask eager attention takes in
+        """The layout for the attention function, with the masks also as the additive masks eager attention takes in
         `dtype` (the queries' dtype), built once here rather than in every layer."""
-        additive = torch.zeros(self.visible.shape, dtype=dtype, device=self.visible.device)
-        additive.masked_fill_(~self.visible, torch.finfo(dtype).min)
-        return {PREFIX_KWARG: (self.slots, self.visible, additive, self.key_positions)}
+        p = torch.arange(self.prefix, device=self.visible.device)
+        prefix_visible = (p[None, :] <= p[:, None])[None, None]
+        return {PREFIX_KWARG: (self.samples, self.length, self.prefix, self.slot_token, self.token_slot,
+                               self.visible, _additive(self.visible, dtype), prefix_visible,
+                               _additive(prefix_visible, dtype), self.key_positions)}
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
 
 
 def shared_prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
                          width_multiple: int = 1, min_tokens: int = MIN_PREFIX_TOKENS) -> SharedPrefixBatch | None:
-    """The micro-batch in the shared-prefix layout (module docstring), or None where it would not pay: fewer than
-    two rows, a prefix shorter than `min_tokens`, or a batch less than MIN_SAVING narrower. The rows are
-    right-padded (the collator's contract); the new width is rounded up to `width_multiple` as the collator rounds
-    it."""
+    """The micro-batch as one row (module docstring), or None where it would not pay: fewer than two rows or a row
+    that saves less than MIN_SAVING of the batch's positions. A common prefix shorter than `min_tokens` runs in every sample.
+    The rows are right-padded (the collator's contract); the row's length is rounded up to `width_multiple` as the
+    collator rounds widths."""
     rows, width = input_ids.shape
     if rows < 2 or attention_mask is None:
         return None
@@ -81,46 +111,42 @@ def shared_prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor |
     # one before the first trained token of any row.
     prefix = min(common, min(lengths), first_trained - 1)
     if prefix < min_tokens:
-        return None
-    own = [n - prefix for n in lengths]  # each row's tokens after the prefix
+        prefix = 0
+    own = [n - prefix for n in lengths]  # each sample's tokens after the prefix
     multiple = max(1, width_multiple)
-    new_width = -(-max(own) // multiple) * multiple
-    while sum(new_width - n for n in own) < prefix:  # the prefix needs that many free slots
-        new_width += multiple
-    if new_width > (1 - MIN_SAVING) * width:
+    tokens = -(-(prefix + sum(own)) // multiple) * multiple
+    if tokens > (1 - MIN_SAVING) * rows * width:
         return None
     device = input_ids.device
-    ids = torch.full((rows, new_width), int(input_ids[0, 0]), dtype=input_ids.dtype, device=device)
-    new_labels = torch.full((rows, new_width), IGNORE_INDEX, dtype=labels.dtype, device=device)
-    positions = torch.full((rows, new_width), prefix, dtype=torch.long, device=device)
-    positions += torch.arange(new_width, device=device)
-    # Padding never goes past the batch's last real position: rope scalings that read the largest position id
-    # (dynamic NTK, longrope) must pick what they pick for the ordinary batch.
-    positions.clamp_(max=max(lengths) - 1)
+    length = max(1, max(own))
+    ids = torch.full((tokens,), int(input_ids[0, 0]), dtype=input_ids.dtype, device=device)
+    new_labels = torch.full((tokens,), IGNORE_INDEX, dtype=labels.dtype, device=device)
+    # The row's padding takes position 0: rope scalings that read the largest position id (dynamic NTK, longrope)
+    # must pick what they pick for the ordinary batch.
+    positions = torch.zeros((tokens,), dtype=torch.long, device=device)
+    ids[:prefix] = input_ids[0, :prefix]
+    positions[:prefix] = torch.arange(prefix, device=device)
+    slot_token = torch.full((rows * length,), tokens, dtype=torch.long, device=device)
+    token_slot = torch.full((tokens - prefix,), rows * length, dtype=torch.long, device=device)
+    at = prefix
     for row, n in enumerate(own):
-        ids[row, :n] = input_ids[row, prefix : prefix + n]
-        new_labels[row, :n] = labels[row, prefix : prefix + n]
-    # The prefix fills free slots, the shortest rows' first.
-    slots = [row * new_width + column for row in sorted(range(rows), key=own.__getitem__)
-             for column in range(own[row], new_width)][:prefix]
-    slots_t = torch.tensor(slots, dtype=torch.long, device=device)
-    ids.view(-1)[slots_t] = input_ids[0, :prefix]
-    positions.view(-1)[slots_t] = torch.arange(prefix, device=device)
-    # Queries: a sample's own token sees the whole prefix and its row's own earlier tokens; a prefix token sees the
-    # prefix's earlier tokens only. A padding slot sees the whole prefix (a softmax row must see something).
-    column = torch.arange(new_width, device=device)
-    own_t = torch.tensor(own, device=device)
-    is_own = column[None, :] < own_t[:, None]  # [rows, width]
-    prefix_index = torch.full((rows * new_width,), -1, dtype=torch.long, device=device)
-    prefix_index[slots_t] = torch.arange(prefix, device=device)
-    prefix_index = prefix_index.view(rows, new_width)
-    is_prefix = prefix_index >= 0
-    p = torch.arange(prefix, device=device)
-    sees_prefix = torch.where(is_prefix[..., None], p[None, None, :] <= prefix_index[..., None], True)
-    sees_own = (column[None, None, :] <= column[None, :, None]) & is_own[:, None, :] & ~is_prefix[..., None]
-    visible = torch.cat([sees_prefix, sees_own], dim=-1)[:, None]
-    key_positions = torch.cat([p.expand(rows, prefix), positions], dim=1)
-    return SharedPrefixBatch(ids, new_labels, positions, prefix, slots_t, visible, key_positions)
+        ids[at : at + n] = input_ids[row, prefix : prefix + n]
+        new_labels[at : at + n] = labels[row, prefix : prefix + n]
+        positions[at : at + n] = torch.arange(prefix, prefix + n, device=device)
+        slot_token[row * length : row * length + n] = torch.arange(at, at + n, device=device)
+        token_slot[at - prefix : at - prefix + n] = torch.arange(row * length, row * length + n, device=device)
+        at += n
+    # A sample's token sees the whole prefix and its sample's earlier tokens. A padding slot sees its sample's
+    # first slot (a softmax row must see something; its output is never read).
+    column = torch.arange(length, device=device)
+    real = column[None, :] < torch.tensor(own, device=device)[:, None]  # [samples, length]
+    sees_own = (column[None, :] <= column[:, None])[None] & real[:, None, :]
+    sees_own = torch.where(real[:, :, None], sees_own, column[None, None, :] == 0)
+    visible = torch.cat([real[:, :, None].expand(rows, length, prefix), sees_own], dim=-1)[:, None]
+    slot_positions = torch.cat([positions, positions.new_zeros(1)])[slot_token].view(rows, length)
+    key_positions = torch.cat([torch.arange(prefix, device=device).expand(rows, prefix), slot_positions], dim=1)
+    return SharedPrefixBatch(ids[None], new_labels[None], positions[None], prefix, rows, length, slot_token,
+                             token_slot, visible, key_positions)
 
 
 def common_prefix(samples: list[dict]) -> int:
@@ -148,38 +174,57 @@ def describe(samples: list[dict], causal_lm, enabled: bool) -> str | None:
     reason = "train.share_prefix is false" if not enabled else why_not_shared(causal_lm, training=True)
     if reason:
         return f"shared prefix: every sample begins with the same {prefix} prompt tokens, run for each sample ({reason})"
-    return (f"shared prefix: every sample begins with the same {prefix} prompt tokens; they run once per micro-batch "
-            f"where that makes it at least {MIN_SAVING:.0%} narrower (the same loss and gradients)")
+    return (f"shared prefix: every sample begins with the same {prefix} prompt tokens; they run once per micro-batch, "
+            f"in one row without padding, where that saves at least {MIN_SAVING:.0%} of its positions (the same loss "
+            "and gradients)")
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
     layout = kwargs.pop(PREFIX_KWARG, None)
     if layout is None:
         raise RuntimeError(f"{type(module).__name__} did not pass {PREFIX_KWARG} to its attention function")
-    slots, visible, additive, key_positions = layout
-    query_positions = kwargs.pop("position_ids", None)
+    samples, length, prefix, slot_token, token_slot, visible, additive, prefix_visible, prefix_additive, key_positions = layout
+    kwargs.pop("position_ids", None)
     window = kwargs.pop("sliding_window", None) or None
-    rows, heads, width = query.shape[0], query.shape[1], query.shape[2]
+    heads, dim = query.shape[1], query.shape[3]
+    # Every token of the row's slot, the prefix's and the padding's in the zero row.
+    to_slot = torch.cat([token_slot.new_full((prefix,), samples * length), token_slot])
 
-    def with_prefix(states):  # [rows, kv heads, width, dim] -> [rows, kv heads, prefix + width, dim]
-        flat = states.transpose(1, 2).reshape(rows * width, states.shape[1], states.shape[3])
-        prefix = flat[slots].transpose(0, 1)[None]  # [1, kv heads, prefix, dim]
-        return torch.cat([prefix.expand(rows, -1, -1, -1), states], dim=2)
+    def by_sample(states):  # [1, heads, tokens, dim] -> [samples, heads, length, dim]
+        return _Gather.apply(states, slot_token, to_slot).view(states.shape[1], samples, length, dim).transpose(0, 1)
 
-    key, value = with_prefix(key), with_prefix(value)
+    q, k, v = by_sample(query), by_sample(key), by_sample(value)
+    if prefix:
+        k = torch.cat([key[:, :, :prefix].expand(samples, -1, -1, -1), k], dim=2)
+        v = torch.cat([value[:, :, :prefix].expand(samples, -1, -1, -1), v], dim=2)
     if window is not None:  # a sliding-window layer sees only keys less than `window` positions back
+        query_positions = key_positions[:, prefix:]
         visible = visible & ((query_positions[:, None, :, None] - key_positions[:, None, None, :]) < window)
-        additive = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
-        additive = additive.masked_fill(~visible, torch.finfo(query.dtype).min)
-    if rows * heads * width * key.shape[2] * 4 <= attention.EAGER_SCORES_BYTES:
+        additive = _additive(visible, query.dtype)
+        p = torch.arange(prefix, device=query.device)
+        prefix_visible = prefix_visible & ((p[:, None] - p[None, :]) < window)
+        prefix_additive = _additive(prefix_visible, query.dtype)
+    out = _attend(module, q, k, v, visible, additive, dropout, scaling, kwargs)  # [samples, length, heads, dim]
+    out = out.permute(2, 0, 1, 3).reshape(1, heads, samples * length, dim)
+    own = _Gather.apply(out, token_slot, slot_token - prefix).transpose(1, 2)  # [1, tokens - prefix, heads, dim]
+    if not prefix:
+        return own, None
+    # The prefix's tokens see the prefix's earlier tokens only.
+    prefix_out = _attend(module, query[:, :, :prefix], key[:, :, :prefix], value[:, :, :prefix], prefix_visible,
+                         prefix_additive, dropout, scaling, kwargs)
+    return torch.cat([prefix_out, own], dim=1), None
+
+
+def _attend(module, query, key, value, visible, additive, dropout, scaling, kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    if query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2] * 4 <= attention.EAGER_SCORES_BYTES:
         # The same choice as attention_for_batch: eager attention for small score tensors (training/attention.py).
         return eager_attention_forward(module, query, key, value, additive.to(query.dtype), dropout=dropout,
-                                       scaling=scaling, **kwargs)
+                                       scaling=scaling, **kwargs)[0]
     return sdpa_attention_forward(module, query, key, value, visible, dropout=dropout, scaling=scaling,
-                                  is_causal=False, **kwargs)
+                                  is_causal=False, **kwargs)[0]
 
 
 def can_share(causal_lm) -> bool:
