@@ -133,7 +133,6 @@ def main() -> None:
         ways = {"micro-batch 4": ways["micro-batch 4"], dropped: ways["micro-batch 4"]}
         optimizers = {dropped: torch.optim.AdamW([p for p in models[dropped].parameters() if p.requires_grad], lr=1e-5)}
         lever_on = dict.fromkeys(ways, args.compile)
-        levers["dropout"] = None  # each way's model compiled (or not) below
     elif args.compare:
         off = f"micro-batch 4, {args.compare} off"
         ways = {"micro-batch 4": ways["micro-batch 4"], off: ways["micro-batch 4"]}

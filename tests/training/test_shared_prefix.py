@@ -42,9 +42,11 @@ def test_the_layout_is_one_row_with_the_prefix_once_and_no_padding():
         assert torch.equal(shared.position_ids[0, at : at + n], 10 + torch.arange(n))
         # Attention runs per sample: its slots hold its own tokens, in order.
         assert torch.equal(shared.slot_token[row * 30 : row * 30 + n], at + torch.arange(n))
-        assert torch.equal(shared.token_slot[at - 10 : at - 10 + n], row * 30 + torch.arange(n))
+        assert torch.equal(shared.token_slot[at : at + n], row * 30 + torch.arange(n))
         at += n
     assert bool((shared.labels[0, at:] == IGNORE_INDEX).all()) and bool((shared.position_ids[0, at:] == 0).all())
+    assert bool((shared.token_slot[:10] == 4 * 30).all()) and bool((shared.token_slot[at:] == 4 * 30).all())
+    assert bool((shared.token_slot[:10] == 4 * 30).all()) and bool((shared.token_slot[at:] == 4 * 30).all())
     # Every trained token is still trained, once, and no sample's first own token is: the token before it belongs to
     # another sample (or the prefix).
     assert int((shared.labels != IGNORE_INDEX).sum()) == int((labels != IGNORE_INDEX).sum())

@@ -75,7 +75,7 @@ class SharedPrefixBatch:
     samples: int
     length: int  # the most own tokens of a sample: attention runs over [samples, length] slots
     slot_token: torch.Tensor  # [samples * length]: the row's token in each slot; a padding slot: the zero row
-    token_slot: torch.Tensor  # [tokens - prefix]: each own token's slot; the row's padding: the zero row
+    token_slot: torch.Tensor  # [tokens]: each sample's token's slot; the prefix's and the row's padding: the zero row
     visible: torch.Tensor  # [samples, 1, length, prefix + length]: which keys (the prefix's, then the sample's) it sees
     key_positions: torch.Tensor  # [samples, prefix + length]: the position of each of those keys
 
@@ -84,7 +84,10 @@ class SharedPrefixBatch:
         `dtype` (the queries' dtype), built once here rather than in every layer."""
         p = torch.arange(self.prefix, device=self.visible.device)
         prefix_visible = (p[None, :] <= p[:, None])[None, None]
-        return {PREFIX_KWARG: (self.samples, self.length, self.prefix, self.slot_token, self.token_slot,
+        # The outputs go back the other way: each sample's token from its slot, each slot's gradient from its token
+        # among the tokens after the prefix.
+        back = (self.token_slot[self.prefix :], self.slot_token - self.prefix)
+        return {PREFIX_KWARG: (self.samples, self.length, self.prefix, self.slot_token, self.token_slot, back,
                                self.visible, _additive(self.visible, dtype), prefix_visible,
                                _additive(prefix_visible, dtype), self.key_positions)}
 
@@ -96,9 +99,9 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def shared_prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
                          width_multiple: int = 1, min_tokens: int = MIN_PREFIX_TOKENS) -> SharedPrefixBatch | None:
     """The micro-batch as one row (module docstring), or None where it would not pay: fewer than two rows or a row
-    that saves less than MIN_SAVING of the batch's positions. A common prefix shorter than `min_tokens` runs in every sample.
-    The rows are right-padded (the collator's contract); the row's length is rounded up to `width_multiple` as the
-    collator rounds widths."""
+    that saves less than MIN_SAVING of the batch's positions. A common prefix shorter than `min_tokens` runs in every
+    sample. The rows are right-padded (the collator's contract); the row's length is rounded up to `width_multiple`
+    as the collator rounds widths."""
     rows, width = input_ids.shape
     if rows < 2 or attention_mask is None:
         return None
@@ -127,14 +130,14 @@ def shared_prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor |
     ids[:prefix] = input_ids[0, :prefix]
     positions[:prefix] = torch.arange(prefix, device=device)
     slot_token = torch.full((rows * length,), tokens, dtype=torch.long, device=device)
-    token_slot = torch.full((tokens - prefix,), rows * length, dtype=torch.long, device=device)
+    token_slot = torch.full((tokens,), rows * length, dtype=torch.long, device=device)
     at = prefix
     for row, n in enumerate(own):
         ids[at : at + n] = input_ids[row, prefix : prefix + n]
         new_labels[at : at + n] = labels[row, prefix : prefix + n]
         positions[at : at + n] = torch.arange(prefix, prefix + n, device=device)
         slot_token[row * length : row * length + n] = torch.arange(at, at + n, device=device)
-        token_slot[at - prefix : at - prefix + n] = torch.arange(row * length, row * length + n, device=device)
+        token_slot[at : at + n] = torch.arange(row * length, row * length + n, device=device)
         at += n
     # A sample's token sees the whole prefix and its sample's earlier tokens. A padding slot sees its sample's
     # first slot (a softmax row must see something; its output is never read).
@@ -183,15 +186,14 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
     layout = kwargs.pop(PREFIX_KWARG, None)
     if layout is None:
         raise RuntimeError(f"{type(module).__name__} did not pass {PREFIX_KWARG} to its attention function")
-    samples, length, prefix, slot_token, token_slot, visible, additive, prefix_visible, prefix_additive, key_positions = layout
+    (samples, length, prefix, slot_token, token_slot, back, visible, additive, prefix_visible, prefix_additive,
+     key_positions) = layout
     kwargs.pop("position_ids", None)
     window = kwargs.pop("sliding_window", None) or None
     heads, dim = query.shape[1], query.shape[3]
-    # Every token of the row's slot, the prefix's and the padding's in the zero row.
-    to_slot = torch.cat([token_slot.new_full((prefix,), samples * length), token_slot])
 
     def by_sample(states):  # [1, heads, tokens, dim] -> [samples, heads, length, dim]
-        return _Gather.apply(states, slot_token, to_slot).view(states.shape[1], samples, length, dim).transpose(0, 1)
+        return _Gather.apply(states, slot_token, token_slot).view(states.shape[1], samples, length, dim).transpose(0, 1)
 
     q, k, v = by_sample(query), by_sample(key), by_sample(value)
     if prefix:
@@ -206,7 +208,7 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
         prefix_additive = _additive(prefix_visible, query.dtype)
     out = _attend(module, q, k, v, visible, additive, dropout, scaling, kwargs)  # [samples, length, heads, dim]
     out = out.permute(2, 0, 1, 3).reshape(1, heads, samples * length, dim)
-    own = _Gather.apply(out, token_slot, slot_token - prefix).transpose(1, 2)  # [1, tokens - prefix, heads, dim]
+    own = _Gather.apply(out, *back).transpose(1, 2)  # [1, tokens - prefix, heads, dim]
     if not prefix:
         return own, None
     # The prefix's tokens see the prefix's earlier tokens only.
