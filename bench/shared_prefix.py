@@ -65,7 +65,7 @@ def main() -> None:
     model = add_lora(load_model(source, dtype=frozen_weights_dtype(precision)), 16, 32, 0.0, "none", "all-linear")
     lm = model.get_base_model().train()
     pairs = read_pairs(REPO / "data" / "vi_ai_qa.jsonl")[:N_SAMPLES]
-    shared_prefix.MIN_SAVING = 0.0  # every batch that has a prefix takes the layout: the lever's whole curve
+    shared_prefix.MIN_SAVING = ((0, 0.0),)  # every batch that has a prefix takes the layout: the lever's whole curve
     print(f"{cpu_label()}; torch {torch.__version__}; {precision.compute_dtype}; {N_SAMPLES} samples in micro-batches"
           f" of {ROWS}", flush=True)
 

@@ -83,7 +83,7 @@ from train_speed import (  # noqa: E402  (a script beside this one: the shared t
 )
 from train_speed import make_model as make_bloom  # noqa: E402
 from cpu_info import describe as cpu_label  # noqa: E402
-from lmtune.training.shared_prefix import MIN_SAVING  # noqa: E402
+from lmtune.training.shared_prefix import min_saving  # noqa: E402
 
 
 # --system-prompt: every sample's system prompt, for lmtune and TRL alike (what train.share_prefix saves on).
@@ -406,7 +406,7 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
         print(f"shape={shape.name} packed_speedup={med['lmtune'] / med['packed']:.2f}", flush=True)
     if "unshared" in med:
         print(f"  {shape.name} micro-batches that ran as one row without padding: {len(report.shared)} of"
-              f" {report.micro_batches} (those it saves at least {MIN_SAVING:.0%} of their positions), their prompt"
+              f" {report.micro_batches} (those it saves at least {min_saving(model_config.hidden_size):.0%} of their positions), their prompt"
               f" prefix once in {sum(1 for _, prefix in report.shared if prefix)}", flush=True)
         print(f"shape={shape.name} prefix_speedup={med['unshared'] / med['lmtune']:.2f}", flush=True)
     ratio = med["trl"] / med["lmtune"] if "trl" in med else float("nan")

@@ -37,9 +37,11 @@ from .attention import reads_packed_rows
 
 # Fewer shared tokens than this are not worth looking further.
 MIN_PREFIX_TOKENS = 8
-# The layout is used when it saves at least this share of the batch's positions: its gathers and the prefix's keys in
-# every sample's attention cost about what a smaller saving gains (docs/performance.md, "Shared prefixes").
-MIN_SAVING = 0.10
+# The layout is used when it saves at least this share of the batch's positions: (smallest hidden size, saving) from
+# narrow to wide. Its cost, the gathers of queries, keys, values and outputs both ways, grows with a layer's width;
+# its gain, the FLOPs of the positions it drops, with about the width squared. So a narrow model needs a larger saving
+# to come out ahead (docs/performance.md, "Shared prefixes").
+MIN_SAVING = ((0, 0.10), (1024, 0.05))
 SHARED_PREFIX_ATTENTION = "lmtune_shared_prefix"
 PREFIX_KWARG = "shared_prefix"  # how the layout reaches the attention function (transformers' attention kwargs)
 
@@ -96,10 +98,20 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
 
 
+def min_saving(hidden_size: int) -> float:
+    """The share of a micro-batch's positions the layout must save in a model of this hidden size (MIN_SAVING)."""
+    return [saving for width, saving in MIN_SAVING if hidden_size >= width][-1]
+
+
+def hidden_size_of(causal_lm) -> int:
+    return causal_lm.config.get_text_config().hidden_size
+
+
 def shared_prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                         width_multiple: int = 1, min_tokens: int = MIN_PREFIX_TOKENS) -> SharedPrefixBatch | None:
+                         width_multiple: int = 1, min_tokens: int = MIN_PREFIX_TOKENS,
+                         hidden_size: int = 0) -> SharedPrefixBatch | None:
     """The micro-batch as one row (module docstring), or None where it would not pay: fewer than two rows or a row
-    that saves less than MIN_SAVING of the batch's positions. A common prefix shorter than `min_tokens` runs in every
+    that saves less than `min_saving(hidden_size)` of the batch's positions. A common prefix shorter than `min_tokens` runs in every
     sample. The rows are right-padded (the collator's contract); the row's length is rounded up to `width_multiple`
     as the collator rounds widths."""
     rows, width = input_ids.shape
@@ -118,7 +130,7 @@ def shared_prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor |
     own = [n - prefix for n in lengths]  # each sample's tokens after the prefix
     multiple = max(1, width_multiple)
     tokens = -(-(prefix + sum(own)) // multiple) * multiple
-    if tokens > (1 - MIN_SAVING) * rows * width:
+    if tokens > (1 - min_saving(hidden_size)) * rows * width:
         return None
     device = input_ids.device
     length = max(1, max(own))
@@ -178,8 +190,8 @@ def describe(samples: list[dict], causal_lm, enabled: bool) -> str | None:
     if reason:
         return f"shared prefix: every sample begins with the same {prefix} prompt tokens, run for each sample ({reason})"
     return (f"shared prefix: every sample begins with the same {prefix} prompt tokens; they run once per micro-batch, "
-            f"in one row without padding, where that saves at least {MIN_SAVING:.0%} of its positions (the same loss "
-            "and gradients)")
+            f"in one row without padding, where that saves at least {min_saving(hidden_size_of(causal_lm)):.0%} of "
+            "its positions (the same loss and gradients)")
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
