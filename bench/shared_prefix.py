@@ -14,6 +14,11 @@ own copy, alternating, after a warm-up of each.
 
 One line per system prompt: `prefix_tokens=<n> positions_saved=<share of the batches' positions>
 shared_speedup=<plain time / shared time>`. `MIN_SAVING` in training/shared_prefix.py is where the speedup starts.
+
+    .venv/bin/python bench/shared_prefix.py --blocks 1,2,3 --prompts 0 --rows 4 [--longer 3]
+
+measures instead the layout's attention in blocks of queries (`QUERY_BLOCKS`): the same one-row batches with each
+number of blocks, alternating, and prints `query_blocks=<n> speedup=<time with 1 block / time with n>`.
 """
 
 from __future__ import annotations
@@ -43,7 +48,15 @@ ROWS = 8  # samples per merged micro-batch (training/micro_batches.py's AUTO_SAM
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=4, help="alternating timed rounds per system prompt")
+    parser.add_argument("--rows", type=int, default=ROWS, help="samples per micro-batch")
+    parser.add_argument("--prompts", default=",".join(str(i) for i in range(len(SYSTEM_PROMPTS))),
+                        help="which system prompts, by index (0: none)")
+    parser.add_argument("--blocks", default="", help="comma-separated numbers of query blocks to compare (the layout "
+                                                     "forced in all), instead of the layout against padded batches")
+    parser.add_argument("--longer", type=int, default=1,
+                        help="each answer repeated this many times: longer samples, as users' own data often has")
     args = parser.parse_args()
+    rows = args.rows
     import transformers
 
     from lmtune.cpu_memory import cpu_bf16_width_multiple
@@ -67,7 +80,7 @@ def main() -> None:
     pairs = read_pairs(REPO / "data" / "vi_ai_qa.jsonl")[:N_SAMPLES]
     shared_prefix.MIN_SAVING = ((0, 0.0),)  # every batch that has a prefix takes the layout: the lever's whole curve
     print(f"{cpu_label()}; torch {torch.__version__}; {precision.compute_dtype}; {N_SAMPLES} samples in micro-batches"
-          f" of {ROWS}", flush=True)
+          f" of {rows}", flush=True)
 
     def run(batches, share: bool, width_multiple: int) -> float:
         start = time.perf_counter()
@@ -80,18 +93,22 @@ def main() -> None:
         return time.perf_counter() - start
 
     with compiled_layers(lm, True, strict=True):
-        for system in SYSTEM_PROMPTS:
+        for system in [SYSTEM_PROMPTS[int(i)] for i in args.prompts.split(",")]:
             template = PromptTemplate.for_tokenizer(tok, "auto", system)
-            samples, _ = tokenize_examples([Example(p["question"], p["answer"]) for p in pairs], tok, template, 512)
+            samples, _ = tokenize_examples([Example(p["question"], " ".join([p["answer"]] * args.longer))
+                                            for p in pairs], tok, template, 2048)
             samples.sort(key=lambda s: len(s["input_ids"]))
             multiple = cpu_bf16_width_multiple([len(s["input_ids"]) for s in samples]) if precision.bf16 else 1
             collate = Collator(tok, width_multiple=multiple)
-            batches = [collate(samples[i : i + ROWS]) for i in range(0, len(samples), ROWS)]
+            batches = [collate(samples[i : i + rows]) for i in range(0, len(samples), rows)]
             layouts = [shared_prefix.shared_prefix_layout(b["input_ids"], b["attention_mask"], b["labels"], multiple)
                        for b in batches]
             plain_positions = sum(b["input_ids"].numel() for b in batches)
             shared_positions = sum((l.input_ids if l else b["input_ids"]).numel() for l, b in zip(layouts, batches))
             prefix = max((l.prefix for l in layouts if l), default=0)
+            if args.blocks:
+                compare_blocks(run, batches, multiple, [int(n) for n in args.blocks.split(",")], args.rounds, prefix)
+                continue
             run(batches, True, multiple), run(batches, False, multiple)  # warm-up: compiles each path's graphs
             times = {True: [], False: []}
             for r in range(args.rounds):
@@ -103,6 +120,28 @@ def main() -> None:
                   flush=True)
             print(f"prefix_tokens={prefix} positions_saved={1 - shared_positions / plain_positions:.3f}"
                   f" shared_speedup={plain_s / shared_s:.2f}", flush=True)
+
+
+def compare_blocks(run, batches, multiple: int, counts: list[int], rounds: int, prefix: int) -> None:
+    """The one-row batches with each number of query blocks, alternating after a warm-up of each."""
+    from lmtune.training import shared_prefix
+
+    def timed(blocks: int) -> float:
+        shared_prefix.QUERY_BLOCKS = blocks
+        return run(batches, True, multiple)
+
+    for blocks in counts:
+        timed(blocks)
+    times = {blocks: [] for blocks in counts}
+    for r in range(rounds):
+        for blocks in (counts if r % 2 == 0 else counts[::-1]):
+            times[blocks].append(timed(blocks))
+    base = statistics.median(times[counts[0]])
+    for blocks in counts:
+        median = statistics.median(times[blocks])
+        print(f"  {prefix} shared tokens, {len(batches)} micro-batches, {blocks} query blocks: "
+              f"{', '.join(f'{t:.2f}' for t in times[blocks])} s", flush=True)
+        print(f"query_blocks={blocks} speedup={base / median:.2f}", flush=True)
 
 
 if __name__ == "__main__":

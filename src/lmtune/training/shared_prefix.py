@@ -42,6 +42,9 @@ MIN_PREFIX_TOKENS = 8
 # its gain, the FLOPs of the positions it drops, with about the width squared. So a narrow model needs a larger saving
 # to come out ahead (docs/performance.md, "Shared prefixes").
 MIN_SAVING = ((0, 0.10), (1024, 0.05))
+# Eager attention runs each sample's queries in this many blocks, each against the keys up to its own last query
+# (`_eager_attention`); 1 computes every query against every key.
+QUERY_BLOCKS = 2
 SHARED_PREFIX_ATTENTION = "lmtune_shared_prefix"
 PREFIX_KWARG = "shared_prefix"  # how the layout reaches the attention function (transformers' attention kwargs)
 
@@ -89,13 +92,23 @@ class SharedPrefixBatch:
         # The outputs go back the other way: each sample's token from its slot, each slot's gradient from its token
         # among the tokens after the prefix.
         back = (self.token_slot[self.prefix :], self.slot_token - self.prefix)
+        additive = _additive(self.visible, dtype)
         return {PREFIX_KWARG: (self.samples, self.length, self.prefix, self.slot_token, self.token_slot, back,
-                               self.visible, _additive(self.visible, dtype), prefix_visible,
-                               _additive(prefix_visible, dtype), self.key_positions)}
+                               self.visible, additive, _query_blocks(additive, self.prefix, self.length),
+                               prefix_visible, _additive(prefix_visible, dtype), self.key_positions)}
 
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
+
+
+def _query_blocks(additive: torch.Tensor, prefix: int, length: int) -> tuple[torch.Tensor, ...]:
+    """The additive mask cut into QUERY_BLOCKS blocks of slots, each [samples, 1, its slots, prefix + its last
+    slot + 1]: a sample's query sees no key of a later slot of its own, so a block needs no key beyond its last
+    query's. Cut here, once per micro-batch, so that inside the compiled layers every block's size is a size of its
+    mask (slicing by sizes computed there from the dynamic length fails to compile)."""
+    edges = sorted({length * i // QUERY_BLOCKS for i in range(QUERY_BLOCKS + 1)})
+    return tuple(additive[:, :, start:end, : prefix + end].contiguous() for start, end in zip(edges, edges[1:]))
 
 
 def min_saving(hidden_size: int) -> float:
@@ -198,8 +211,8 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
     layout = kwargs.pop(PREFIX_KWARG, None)
     if layout is None:
         raise RuntimeError(f"{type(module).__name__} did not pass {PREFIX_KWARG} to its attention function")
-    (samples, length, prefix, slot_token, token_slot, back, visible, additive, prefix_visible, prefix_additive,
-     key_positions) = layout
+    (samples, length, prefix, slot_token, token_slot, back, visible, additive, blocks, prefix_visible,
+     prefix_additive, key_positions) = layout
     kwargs.pop("position_ids", None)
     window = kwargs.pop("sliding_window", None) or None
     heads, dim = query.shape[1], query.shape[3]
@@ -214,31 +227,50 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
     if window is not None:  # a sliding-window layer sees only keys less than `window` positions back
         query_positions = key_positions[:, prefix:]
         visible = visible & ((query_positions[:, None, :, None] - key_positions[:, None, None, :]) < window)
-        additive = _additive(visible, query.dtype)
+        blocks = (_additive(visible, query.dtype),)
         p = torch.arange(prefix, device=query.device)
         prefix_visible = prefix_visible & ((p[:, None] - p[None, :]) < window)
         prefix_additive = _additive(prefix_visible, query.dtype)
-    out = _attend(module, q, k, v, visible, additive, dropout, scaling, kwargs)  # [samples, length, heads, dim]
+    out = _attend(module, q, k, v, visible, blocks, dropout, scaling, kwargs)  # [samples, length, heads, dim]
     out = out.permute(2, 0, 1, 3).reshape(1, heads, samples * length, dim)
     own = _Gather.apply(out, *back).transpose(1, 2)  # [1, tokens - prefix, heads, dim]
     if not prefix:
         return own, None
     # The prefix's tokens see the prefix's earlier tokens only.
     prefix_out = _attend(module, query[:, :, :prefix], key[:, :, :prefix], value[:, :, :prefix], prefix_visible,
-                         prefix_additive, dropout, scaling, kwargs)
+                         (prefix_additive,), dropout, scaling, kwargs)
     return torch.cat([prefix_out, own], dim=1), None
 
 
-def _attend(module, query, key, value, visible, additive, dropout, scaling, kwargs):
+def _attend(module, query, key, value, visible, blocks, dropout, scaling, kwargs):
+    """Attention of `query` over `key` and `value` where `visible` (sdpa) or the additive masks of `blocks` of
+    queries (eager) allow it: [samples, length, heads, dim]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.models.llama.modeling_llama import eager_attention_forward
 
     if query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2] * 4 <= attention.EAGER_SCORES_BYTES:
         # The same choice as attention_for_batch: eager attention for small score tensors (training/attention.py).
-        return eager_attention_forward(module, query, key, value, additive.to(query.dtype), dropout=dropout,
-                                       scaling=scaling, **kwargs)[0]
+        return _eager_attention(module, query, key, value, blocks, dropout, scaling, kwargs)
     return sdpa_attention_forward(module, query, key, value, visible, dropout=dropout, scaling=scaling,
                                   is_causal=False, **kwargs)[0]
+
+
+def _eager_attention(module, query, key, value, blocks, dropout, scaling, kwargs):
+    """transformers' eager attention, one block of queries at a time, each over the keys its mask covers.
+
+    Why by hand: eager attention computes the scores of every query against every key and masks half of a causal
+    block's away; a block of the first half of the slots has no visible key in the second half, so cutting the
+    queries in two leaves about a quarter of the scores, softmax and matmuls uncomputed. The result is the same (the
+    keys left out have a softmax weight of exactly 0). docs/performance.md, "Shared prefixes", has its figures."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    outputs, start = [], 0
+    for mask in blocks:
+        rows, keys = mask.shape[2], mask.shape[3]
+        outputs.append(eager_attention_forward(module, query[:, :, start : start + rows], key[:, :, :keys],
+                                               value[:, :, :keys], mask.to(query.dtype), dropout=dropout,
+                                               scaling=scaling, **kwargs)[0])
+        start += rows
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
 def can_share(causal_lm) -> bool:
