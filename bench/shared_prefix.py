@@ -17,8 +17,8 @@ shared_speedup=<plain time / shared time>`. `MIN_SAVING` in training/shared_pref
 
     .venv/bin/python bench/shared_prefix.py --blocks 1,2,3 --prompts 0 --rows 4 [--longer 3]
 
-measures instead the layout's attention in blocks of queries (`QUERY_BLOCKS`): the same one-row batches with each
-number of blocks, alternating, and prints `query_blocks=<n> speedup=<time with 1 block / time with n>`.
+measures instead the layout's attention in blocks of queries (`QUERY_BLOCKS`, here at every length): the same
+one-row batches with each number of blocks, alternating, and prints `query_blocks=<n> speedup=<time with 1 block / time with n>`.
 """
 
 from __future__ import annotations
@@ -125,6 +125,8 @@ def main() -> None:
 def compare_blocks(run, batches, multiple: int, counts: list[int], rounds: int, prefix: int) -> None:
     """The one-row batches with each number of query blocks, alternating after a warm-up of each."""
     from lmtune.training import shared_prefix
+
+    shared_prefix.QUERY_BLOCKS_FROM = 0  # every length runs in the blocks compared
 
     def timed(blocks: int) -> float:
         shared_prefix.QUERY_BLOCKS = blocks

@@ -161,11 +161,14 @@ def test_the_loss_and_gradients_hold_where_the_prefix_spreads_or_is_cut(family, 
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_query_blocks_leave_out_only_keys_their_queries_do_not_see():
+def test_query_blocks_leave_out_only_keys_their_queries_do_not_see(monkeypatch):
     ids, mask, labels = _batch()
     shared = shared_prefix_layout(ids, mask, labels)
+    assert len(shared.attention_kwargs(torch.float32)[shared_prefix.PREFIX_KWARG][7]) == 1  # 30 slots: one block
+    monkeypatch.setattr(shared_prefix, "QUERY_BLOCKS_FROM", 30)
     layout = shared.attention_kwargs(torch.float32)[shared_prefix.PREFIX_KWARG]
-    visible, additive, blocks = layout[6], layout[7], layout[8]
+    visible, blocks = layout[6], layout[7]
+    additive = shared_prefix._additive(visible, torch.float32)
     assert shared.length == 30 and len(blocks) == shared_prefix.QUERY_BLOCKS == 2
     start = 0
     for block in blocks:
@@ -178,16 +181,17 @@ def test_query_blocks_leave_out_only_keys_their_queries_do_not_see():
     assert start == shared.length and blocks[0].shape[3] == 10 + 15 < additive.shape[3]
 
 
-@pytest.mark.parametrize("blocks", [1, 3, 7])
+@pytest.mark.parametrize("blocks", [2, 3, 7])
 def test_every_number_of_query_blocks_gives_the_loss_and_gradients_of_the_ordinary_batch(blocks, llama_tokenizer,
                                                                                          monkeypatch):
     model = FAMILIES["llama"](llama_tokenizer).train()
     ids, mask, labels = _batch(vocab=len(llama_tokenizer))
     ordinary_loss, ordinary = _loss_and_grads(model, ids, mask, labels, share=False)
     monkeypatch.setattr(shared_prefix, "QUERY_BLOCKS", blocks)
+    monkeypatch.setattr(shared_prefix, "QUERY_BLOCKS_FROM", 0)
     layouts = _record_layouts(monkeypatch)
     shared_loss, shared = _loss_and_grads(model, ids, mask, labels, share=True)
-    assert len(layouts[0].attention_kwargs(torch.float32)[shared_prefix.PREFIX_KWARG][8]) == blocks
+    assert len(layouts[0].attention_kwargs(torch.float32)[shared_prefix.PREFIX_KWARG][7]) == blocks
     torch.testing.assert_close(shared_loss, ordinary_loss, rtol=1e-5, atol=1e-6)
     for got, expected in zip(shared, ordinary):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)

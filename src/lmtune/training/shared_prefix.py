@@ -43,8 +43,10 @@ MIN_PREFIX_TOKENS = 8
 # to come out ahead (docs/performance.md, "Shared prefixes").
 MIN_SAVING = ((0, 0.10), (1024, 0.05))
 # Eager attention runs each sample's queries in this many blocks, each against the keys up to its own last query
-# (`_eager_attention`); 1 computes every query against every key.
+# (`_eager_attention`), where a sample's slots are at least QUERY_BLOCKS_FROM long; shorter ones, where attention is
+# a small part of the step, run as one block (every query against every key).
 QUERY_BLOCKS = 2
+QUERY_BLOCKS_FROM = 256
 SHARED_PREFIX_ATTENTION = "lmtune_shared_prefix"
 PREFIX_KWARG = "shared_prefix"  # how the layout reaches the attention function (transformers' attention kwargs)
 
@@ -86,16 +88,16 @@ class SharedPrefixBatch:
 
     def attention_kwargs(self, dtype: torch.dtype) -> dict:
         """The layout for the attention function, with the masks also as the additive masks eager attention takes in
-        `dtype` (the queries' dtype), built once here rather than in every layer."""
+        `dtype` (the queries' dtype), cut into blocks of queries, built once here rather than in every layer."""
         p = torch.arange(self.prefix, device=self.visible.device)
         prefix_visible = (p[None, :] <= p[:, None])[None, None]
         # The outputs go back the other way: each sample's token from its slot, each slot's gradient from its token
         # among the tokens after the prefix.
         back = (self.token_slot[self.prefix :], self.slot_token - self.prefix)
-        additive = _additive(self.visible, dtype)
+        blocks = _query_blocks(_additive(self.visible, dtype), self.prefix, self.length)
         return {PREFIX_KWARG: (self.samples, self.length, self.prefix, self.slot_token, self.token_slot, back,
-                               self.visible, additive, _query_blocks(additive, self.prefix, self.length),
-                               prefix_visible, _additive(prefix_visible, dtype), self.key_positions)}
+                               self.visible, blocks, prefix_visible, _additive(prefix_visible, dtype),
+                               self.key_positions)}
 
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -103,11 +105,13 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _query_blocks(additive: torch.Tensor, prefix: int, length: int) -> tuple[torch.Tensor, ...]:
-    """The additive mask cut into QUERY_BLOCKS blocks of slots, each [samples, 1, its slots, prefix + its last
-    slot + 1]: a sample's query sees no key of a later slot of its own, so a block needs no key beyond its last
-    query's. Cut here, once per micro-batch, so that inside the compiled layers every block's size is a size of its
-    mask (slicing by sizes computed there from the dynamic length fails to compile)."""
-    edges = sorted({length * i // QUERY_BLOCKS for i in range(QUERY_BLOCKS + 1)})
+    """The additive mask cut into QUERY_BLOCKS blocks of slots (one below QUERY_BLOCKS_FROM slots), each
+    [samples, 1, its slots, prefix + its last slot + 1]: a sample's query sees no key of a later slot of its own, so
+    a block needs no key beyond its last query's. Cut here, once per micro-batch, so that inside the compiled layers
+    every block's size is a size of its mask (slicing by sizes computed there from the dynamic length fails to
+    compile)."""
+    count = QUERY_BLOCKS if length >= QUERY_BLOCKS_FROM else 1
+    edges = sorted({length * i // count for i in range(count + 1)})
     return tuple(additive[:, :, start:end, : prefix + end].contiguous() for start, end in zip(edges, edges[1:]))
 
 
@@ -211,8 +215,8 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
     layout = kwargs.pop(PREFIX_KWARG, None)
     if layout is None:
         raise RuntimeError(f"{type(module).__name__} did not pass {PREFIX_KWARG} to its attention function")
-    (samples, length, prefix, slot_token, token_slot, back, visible, additive, blocks, prefix_visible,
-     prefix_additive, key_positions) = layout
+    (samples, length, prefix, slot_token, token_slot, back, visible, blocks, prefix_visible, prefix_additive,
+     key_positions) = layout
     kwargs.pop("position_ids", None)
     window = kwargs.pop("sliding_window", None) or None
     heads, dim = query.shape[1], query.shape[3]
