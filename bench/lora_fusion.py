@@ -67,7 +67,8 @@ def measure(name: str, tokens: int, rounds: int, repeats: int) -> tuple[float, f
     groups = []
     for members in (3, 2):  # q/k/v, gate/up
         x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16).requires_grad_(True)
-        a_matrices = [(torch.randn(RANK, hidden, generator=g) / hidden**0.5).requires_grad_(True) for _ in range(members)]
+        a_matrices = [(torch.randn(RANK, hidden, generator=g) / hidden**0.5).requires_grad_(True)
+                      for _ in range(members)]
         upstream = [torch.randn(tokens, RANK, generator=g).to(torch.bfloat16) for _ in range(members)]
         groups.append((x, a_matrices, upstream))
     # Both ways give the same gradients (the same dot products, summed in another order).

@@ -18,7 +18,8 @@ shared_speedup=<plain time / shared time>`. `MIN_SAVING` in training/shared_pref
     .venv/bin/python bench/shared_prefix.py --blocks 1,2,3 --prompts 0 --rows 4 [--longer 3]
 
 measures instead the layout's attention in blocks of queries (`QUERY_BLOCKS`, here at every length): the same
-one-row batches with each number of blocks, alternating, and prints `query_blocks=<n> speedup=<time with 1 block / time with n>`.
+one-row batches with each number of blocks, alternating, and prints
+`query_blocks=<n> speedup=<time with 1 block / time with n>`.
 """
 
 from __future__ import annotations

@@ -406,8 +406,8 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
         print(f"shape={shape.name} packed_speedup={med['lmtune'] / med['packed']:.2f}", flush=True)
     if "unshared" in med:
         print(f"  {shape.name} micro-batches that ran as one row without padding: {len(report.shared)} of"
-              f" {report.micro_batches} (those it saves at least {min_saving(model_config.hidden_size):.0%} of their positions), their prompt"
-              f" prefix once in {sum(1 for _, prefix in report.shared if prefix)}", flush=True)
+              f" {report.micro_batches} (those it saves at least {min_saving(model_config.hidden_size):.0%} of their"
+              f" positions), their prompt prefix once in {sum(1 for _, prefix in report.shared if prefix)}", flush=True)
         print(f"shape={shape.name} prefix_speedup={med['unshared'] / med['lmtune']:.2f}", flush=True)
     ratio = med["trl"] / med["lmtune"] if "trl" in med else float("nan")
     if "trl" in med:

@@ -128,9 +128,9 @@ def shared_prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor |
                          width_multiple: int = 1, min_tokens: int = MIN_PREFIX_TOKENS,
                          hidden_size: int = 0) -> SharedPrefixBatch | None:
     """The micro-batch as one row (module docstring), or None where it would not pay: fewer than two rows or a row
-    that saves less than `min_saving(hidden_size)` of the batch's positions. A common prefix shorter than `min_tokens` runs in every
-    sample. The rows are right-padded (the collator's contract); the row's length is rounded up to `width_multiple`
-    as the collator rounds widths."""
+    that saves less than `min_saving(hidden_size)` of the batch's positions. A common prefix shorter than
+    `min_tokens` runs in every sample. The rows are right-padded (the collator's contract); the row's length is
+    rounded up to `width_multiple` as the collator rounds widths."""
     rows, width = input_ids.shape
     if rows < 2 or attention_mask is None:
         return None
