@@ -78,7 +78,6 @@ def test_the_prefix_stops_before_the_first_trained_token_and_layouts_that_save_l
     assert shared_prefix_layout(ids, mask, labels, width_multiple=176) is None  # 97 -> 176 of 192 positions
 
 
-
 def test_a_wide_model_takes_the_layout_for_a_smaller_saving_than_a_narrow_one():
     # Only padding to drop, 14 of 192 positions (7.3%): under a narrow model's threshold, over a wide one's.
     ids, mask, labels = _batch(prefix=4, lengths=(48, 48, 48, 34))
@@ -89,6 +88,7 @@ def test_a_wide_model_takes_the_layout_for_a_smaller_saving_than_a_narrow_one():
     # Every threshold lies between no saving and all of it, and none rises with the width.
     savings = [saving for _, saving in shared_prefix.MIN_SAVING]
     assert all(0 < s < 1 for s in savings) and savings == sorted(savings, reverse=True)
+
 
 def _record_layouts(monkeypatch) -> list:
     """The layouts the loss builds from now on (None where it keeps the ordinary batch)."""
