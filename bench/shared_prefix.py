@@ -102,8 +102,8 @@ def main() -> None:
             multiple = cpu_bf16_width_multiple([len(s["input_ids"]) for s in samples]) if precision.bf16 else 1
             collate = Collator(tok, width_multiple=multiple)
             batches = [collate(samples[i : i + rows]) for i in range(0, len(samples), rows)]
-            layouts = [shared_prefix.shared_prefix_layout(b["input_ids"], b["attention_mask"], b["labels"], multiple)
-                       for b in batches]
+            layouts = [shared_prefix.shared_prefix_layout(b["input_ids"], b["attention_mask"], b["labels"], multiple,
+                                                          heads=shared_prefix.heads_of(lm)) for b in batches]
             plain_positions = sum(b["input_ids"].numel() for b in batches)
             shared_positions = sum((l.input_ids if l else b["input_ids"]).numel() for l, b in zip(layouts, batches))
             prefix = max((l.prefix for l in layouts if l), default=0)

@@ -181,6 +181,49 @@ def test_query_blocks_leave_out_only_keys_their_queries_do_not_see(monkeypatch):
     assert start == shared.length and blocks[0].shape[3] == 10 + 15 < additive.shape[3]
 
 
+def test_long_samples_take_the_layout_for_its_query_blocks_where_it_saves_nothing(monkeypatch):
+    monkeypatch.setattr(shared_prefix, "QUERY_BLOCKS_FROM", 30)
+    one, one_mask, one_labels = _batch(prefix=4, lengths=(48,))  # one row, no padding, trained from token 15
+    assert shared_prefix_layout(one, one_mask, one_labels) is None  # the model's heads unknown: no blocks
+    layout = shared_prefix_layout(one, one_mask, one_labels, heads=4)
+    # The prompt runs as the prefix block; the 34 trained slots run in two blocks of queries.
+    assert layout.prefix == 14 and layout.length == 34 and layout.input_ids.shape == (1, 48)
+    assert len(layout.attention_kwargs(torch.float32)[shared_prefix.PREFIX_KWARG][7]) == 2
+    full, full_mask, full_labels = _batch(prefix=4, lengths=(48, 48, 48, 48))  # 4 full rows, nothing shared
+    assert shared_prefix_layout(full, full_mask, full_labels) is None
+    assert shared_prefix_layout(full, full_mask, full_labels, heads=4).input_ids.shape == (1, 4 * 48)
+    # Where the slots are shorter than the blocks start, or the scores too large for eager attention (both paths
+    # run sdpa then), there is nothing to gain.
+    monkeypatch.setattr(shared_prefix, "QUERY_BLOCKS_FROM", 35)
+    assert shared_prefix_layout(one, one_mask, one_labels, heads=4) is None
+    assert shared_prefix_layout(full, full_mask, full_labels, heads=4) is not None
+    monkeypatch.setattr(shared_prefix, "QUERY_BLOCKS_FROM", 49)
+    assert shared_prefix_layout(full, full_mask, full_labels, heads=4) is None
+    monkeypatch.setattr(shared_prefix, "QUERY_BLOCKS_FROM", 30)
+    monkeypatch.setattr(attention, "EAGER_SCORES_BYTES", 4 * 34 * 48 * 4)  # one row's [heads, 34, 14 + 34] fp32
+    assert shared_prefix_layout(one, one_mask, one_labels, heads=4) is not None
+    monkeypatch.setattr(attention, "EAGER_SCORES_BYTES", 4 * 34 * 48 * 4 - 1)
+    assert shared_prefix_layout(one, one_mask, one_labels, heads=4) is None
+
+
+@pytest.mark.parametrize("rows, expected_prefix", [(1, 14), (3, 0)])  # one row: its prompt; three: nothing shared
+def test_long_rows_in_query_blocks_give_the_loss_and_gradients_of_the_ordinary_batch(rows, expected_prefix,
+                                                                                     llama_tokenizer, monkeypatch):
+    model = FAMILIES["llama"](llama_tokenizer).train()
+    # Rows without padding that share 4 tokens: the layout saves no position and is taken for its blocks alone.
+    ids, mask, labels = _batch(prefix=4, lengths=(48,) * rows, vocab=len(llama_tokenizer))
+    ordinary_loss, ordinary = _loss_and_grads(model, ids, mask, labels, share=False)
+    monkeypatch.setattr(shared_prefix, "QUERY_BLOCKS_FROM", 30)
+    layouts = _record_layouts(monkeypatch)
+    shared_loss, shared = _loss_and_grads(model, ids, mask, labels, share=True)
+    assert layouts[0].samples == rows and layouts[0].prefix == expected_prefix
+    assert layouts[0].input_ids.numel() == ids.numel()
+    assert len(layouts[0].attention_kwargs(torch.float32)[shared_prefix.PREFIX_KWARG][7]) == 2
+    torch.testing.assert_close(shared_loss, ordinary_loss, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(shared, ordinary):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("blocks", [2, 3, 7])
 def test_every_number_of_query_blocks_gives_the_loss_and_gradients_of_the_ordinary_batch(blocks, llama_tokenizer,
                                                                                          monkeypatch):

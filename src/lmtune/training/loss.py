@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..data.packing import PACKED_TOKENS
 from ..data.tokenize import IGNORE_INDEX
 from .attention import attention_for_batch, attention_for_packed_rows
-from .shared_prefix import attention_with_shared_prefix, can_share, hidden_size_of, shared_prefix_layout
+from .shared_prefix import attention_with_shared_prefix, can_share, heads_of, hidden_size_of, shared_prefix_layout
 from . import compiled
 from .compiled import eager
 from .distributed import epoch_callback, global_batch_sampler
@@ -61,7 +61,7 @@ def answer_only_loss(causal_lm, input_ids, attention_mask=None, labels=None, num
     if (share_prefix and not packed and input_ids.device.type == "cpu" and torch.is_grad_enabled()
             and causal_lm.training and can_share(causal_lm)):
         shared = shared_prefix_layout(input_ids, attention_mask, labels, width_multiple,
-                                      hidden_size=hidden_size_of(causal_lm))
+                                      hidden_size=hidden_size_of(causal_lm), heads=heads_of(causal_lm))
     if shared is not None:
         labels = shared.labels
         with attention_with_shared_prefix(causal_lm):

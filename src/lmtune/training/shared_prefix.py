@@ -37,10 +37,10 @@ from .attention import reads_packed_rows
 
 # Fewer shared tokens than this are not worth looking further.
 MIN_PREFIX_TOKENS = 8
-# The layout is used when it saves at least this share of the batch's positions: (smallest hidden size, saving) from
-# narrow to wide. Its cost, the gathers of queries, keys, values and outputs both ways, grows with a layer's width;
-# its gain, the FLOPs of the positions it drops, with about the width squared. So a narrow model needs a larger saving
-# to come out ahead (docs/performance.md, "Shared prefixes").
+# The layout is used when it saves at least this share of the batch's positions (or `blocks_pay`): (smallest hidden
+# size, saving) from narrow to wide. Its cost, the gathers of queries, keys, values and outputs both ways, grows with
+# a layer's width; its gain, the FLOPs of the positions it drops, with about the width squared. So a narrow model
+# needs a larger saving to come out ahead (docs/performance.md, "Shared prefixes").
 MIN_SAVING = ((0, 0.10), (1024, 0.05))
 # Eager attention runs each sample's queries in this many blocks, each against the keys up to its own last query
 # (`_eager_attention`), where a sample's slots are at least QUERY_BLOCKS_FROM long; shorter ones, where attention is
@@ -115,6 +115,15 @@ def _query_blocks(additive: torch.Tensor, prefix: int, length: int) -> tuple[tor
     return tuple(additive[:, :, start:end, : prefix + end].contiguous() for start, end in zip(edges, edges[1:]))
 
 
+def blocks_pay(samples: int, length: int, prefix: int, heads: int) -> bool:
+    """Whether the layout is worth taking for its attention alone, where it saves no positions: samples of at least
+    QUERY_BLOCKS_FROM slots run eager attention in blocks of queries (`_eager_attention`), where the ordinary batch
+    computes every query against every key. Only while the scores are small enough for eager attention; above that,
+    both run sdpa."""
+    scores = samples * heads * length * (prefix + length) * 4
+    return QUERY_BLOCKS > 1 and length >= QUERY_BLOCKS_FROM and 0 < scores <= attention.EAGER_SCORES_BYTES
+
+
 def min_saving(hidden_size: int) -> float:
     """The share of a micro-batch's positions the layout must save in a model of this hidden size (MIN_SAVING)."""
     return [saving for width, saving in MIN_SAVING if hidden_size >= width][-1]
@@ -124,15 +133,20 @@ def hidden_size_of(causal_lm) -> int:
     return causal_lm.config.get_text_config().hidden_size
 
 
+def heads_of(causal_lm) -> int:
+    return causal_lm.config.get_text_config().num_attention_heads
+
+
 def shared_prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                         width_multiple: int = 1, min_tokens: int = MIN_PREFIX_TOKENS,
-                         hidden_size: int = 0) -> SharedPrefixBatch | None:
-    """The micro-batch as one row (module docstring), or None where it would not pay: fewer than two rows or a row
-    that saves less than `min_saving(hidden_size)` of the batch's positions. A common prefix shorter than
+                         width_multiple: int = 1, min_tokens: int = MIN_PREFIX_TOKENS, hidden_size: int = 0,
+                         heads: int = 0) -> SharedPrefixBatch | None:
+    """The micro-batch as one row (module docstring), or None where it would not pay: a row that saves less than
+    `min_saving(hidden_size)` of the batch's positions, unless its samples are long enough for eager attention in
+    blocks of queries (`blocks_pay`, given the model's number of attention `heads`). A common prefix shorter than
     `min_tokens` runs in every sample. The rows are right-padded (the collator's contract); the row's length is
     rounded up to `width_multiple` as the collator rounds widths."""
     rows, width = input_ids.shape
-    if rows < 2 or attention_mask is None:
+    if rows < 1 or attention_mask is None:
         return None
     lengths = attention_mask.sum(dim=1).tolist()
     agree = (input_ids == input_ids[:1]).all(dim=0)
@@ -147,10 +161,11 @@ def shared_prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor |
     own = [n - prefix for n in lengths]  # each sample's tokens after the prefix
     multiple = max(1, width_multiple)
     tokens = -(-(prefix + sum(own)) // multiple) * multiple
-    if tokens > (1 - min_saving(hidden_size)) * rows * width:
+    length = max(1, max(own))
+    saves = rows > 1 and tokens <= (1 - min_saving(hidden_size)) * rows * width  # one row has nothing to share
+    if not saves and not blocks_pay(rows, length, prefix, heads):
         return None
     device = input_ids.device
-    length = max(1, max(own))
     ids = torch.full((tokens,), int(input_ids[0, 0]), dtype=input_ids.dtype, device=device)
     new_labels = torch.full((tokens,), IGNORE_INDEX, dtype=labels.dtype, device=device)
     # The row's padding takes position 0: rope scalings that read the largest position id (dynamic NTK, longrope)
@@ -208,7 +223,7 @@ def describe(samples: list[dict], causal_lm, enabled: bool) -> str | None:
         return f"shared prefix: every sample begins with the same {prefix} prompt tokens, run for each sample ({reason})"
     return (f"shared prefix: every sample begins with the same {prefix} prompt tokens; they run once per micro-batch, "
             f"in one row without padding, where that saves at least {min_saving(hidden_size_of(causal_lm)):.0%} of "
-            "its positions (the same loss and gradients)")
+            f"its positions or its samples are {QUERY_BLOCKS_FROM} tokens or longer (the same loss and gradients)")
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
