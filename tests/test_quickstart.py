@@ -8,7 +8,7 @@ from conftest import run
 
 from lmtune.bundled import bundled_path
 from lmtune.data.normalize import near_key
-from lmtune.quickstart import write_training_files
+from lmtune.quickstart import evenly_spaced, write_training_files
 
 
 def test_quickstart_trains_merges_and_writes_both_reports(tiny_llama_dir, tmp_path, capsys):
@@ -18,6 +18,9 @@ def test_quickstart_trains_merges_and_writes_both_reports(tiny_llama_dir, tmp_pa
     assert code == 0, err
     report = json.loads((tmp_path / "q" / "quickstart_report.json").read_text())
     assert report["training_questions"]["tuned"]["n"] == 8  # the first 8 pairs, as max_samples says
+    pairs = [json.loads(line)["question"] for line in (tmp_path / "q" / "data" / "pairs.jsonl").read_text().splitlines()]
+    predictions = (tmp_path / "q" / "eval-training" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["question"] for line in predictions] == pairs  # each pair asked once
     assert report["heldout_questions"]["tuned"]["n"] == 8  # each of them has a reworded held-out question
     trained = [json.loads(line) for line in (tmp_path / "q" / "data" / "rewordings.jsonl").read_text().splitlines()]
     assert len(trained) >= 8 * 5  # every pair in its other phrasings too
@@ -36,6 +39,14 @@ def test_quickstart_trains_merges_and_writes_both_reports(tiny_llama_dir, tmp_pa
         f"answering: base model, reworded held-out questions 0/{heldout}",
         f"answering: base model, reworded held-out questions {heldout}/{heldout}"], answering
     assert all(re.search(r"\(\d+ s, [\d,]+ tokens/s\)$", line) for line in answering[1::2]), answering
+
+
+def test_training_questions_are_spread_over_all_pairs_each_asked_once():
+    assert evenly_spaced(list(range(30)), 48) == list(range(30))
+    assert evenly_spaced(list(range(8)), 48) == list(range(8))
+    spread = evenly_spaced(list(range(434)), 48)
+    assert len(set(spread)) == 48 and spread[0] == 0 and 434 - spread[-1] <= 10  # from first to last
+    assert all(9 <= b - a <= 10 for a, b in zip(spread, spread[1:]))
 
 
 def _rows(path):

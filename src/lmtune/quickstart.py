@@ -66,6 +66,12 @@ def _one_line(text: str, limit: int = 300) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def evenly_spaced(items: list, count: int) -> list:
+    """`count` different items spread evenly from first to last (all of them where there are no more)."""
+    count = min(len(items), count)
+    return [items[i * len(items) // count] for i in range(count)]
+
+
 def _heldout_for(trained_questions: set[str]) -> list[dict]:
     return [r for r in _read_jsonl(HELDOUT_DATA) if r["source_question"] in trained_questions]
 
@@ -117,8 +123,7 @@ def run_quickstart(config: Config, explicit_output_dir: bool = False) -> dict:
 
     # The pairs as the data file states them (the first file: rewordings repeat its answers in other words).
     examples, _ = load_examples(DataSource.from_config(config.data, paths=config.data.paths[:1]))
-    asked = [examples[i * len(examples) // TRAINING_QUESTIONS_ASKED] for i in range(min(len(examples), TRAINING_QUESTIONS_ASKED))]
-    sets = {"training questions": asked}
+    sets = {"training questions": evenly_spaced(examples, TRAINING_QUESTIONS_ASKED)}
     heldout = [Example(r["question"], r["answer"]) for r in _heldout_for({e.question for e in examples})]
     if heldout:
         sets["reworded held-out questions"] = heldout
