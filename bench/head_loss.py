@@ -15,6 +15,14 @@ Each shape's head (vocabulary x hidden size of bench/train_shapes.py's shapes, i
 this CPU) runs forward + backward on `--rows` trained positions, the two paths alternating after a warm-up (the
 first compiled call compiles, and is not timed). Prints the median seconds of each and the ratio, and the
 matmuls' share as a reference (the two matmuls alone, no loss).
+
+Then the row padding (loss.ROW_MULTIPLE), on an odd number of trained positions (`--rows` less one where it is
+even), compiled:
+
+  padded    the head's matmuls take one zero row more, an even count (lmtune's path)
+  unpadded  the odd count as it is (ROW_MULTIPLE 1)
+
+Prints the median seconds of each and `row_padding_speedup` = unpadded / padded.
 """
 
 from __future__ import annotations
@@ -68,18 +76,40 @@ def main() -> None:
             compiled._active = False
             return seconds
 
-        paths = ("eager", "compiled", "matmuls")
-        for path in paths:
-            step(path)  # warm-up; the compiled path compiles here
-        times = {path: [] for path in paths}
-        for round_index in range(args.rounds):
-            for path in paths if round_index % 2 == 0 else paths[::-1]:
-                times[path].append(step(path))
-        med = {path: statistics.median(t) for path, t in times.items()}
+        med = alternate(step, ("eager", "compiled", "matmuls"), args.rounds)
         print(f"head={name} eager={med['eager']:.3f}s compiled={med['compiled']:.3f}s matmuls={med['matmuls']:.3f}s"
               f" compiled_speedup={med['eager'] / med['compiled']:.2f}"
               f" element_wise_speedup={(med['eager'] - med['matmuls']) / max(med['compiled'] - med['matmuls'], 1e-9):.2f}"
               f" cpu=\"{cpu_label()}\"", flush=True)
+
+        odd = args.rows - 1 + args.rows % 2
+        odd_hidden = hidden.detach()[:odd].clone().requires_grad_()
+
+        def padding_step(path: str) -> float:
+            compiled._active = True
+            multiple, loss_module.ROW_MULTIPLE = loss_module.ROW_MULTIPLE, 2 if path == "padded" else 1
+            start = time.perf_counter()
+            loss_module.linear_cross_entropy(odd_hidden, weight, None, targets[:odd]).backward()
+            seconds = time.perf_counter() - start
+            loss_module.ROW_MULTIPLE = multiple
+            odd_hidden.grad = None
+            compiled._active = False
+            return seconds
+
+        med = alternate(padding_step, ("padded", "unpadded"), args.rounds)
+        print(f"head={name} rows={odd} padded={med['padded']:.3f}s unpadded={med['unpadded']:.3f}s"
+              f" row_padding_speedup={med['unpadded'] / med['padded']:.2f} cpu=\"{cpu_label()}\"", flush=True)
+
+
+def alternate(step, paths: tuple[str, ...], rounds: int) -> dict[str, float]:
+    """Median seconds of each path's `step`, after one warm-up call each, the order reversed every other round."""
+    for path in paths:
+        step(path)  # warm-up; the compiled path compiles here
+    times = {path: [] for path in paths}
+    for round_index in range(rounds):
+        for path in paths if round_index % 2 == 0 else paths[::-1]:
+            times[path].append(step(path))
+    return {path: statistics.median(t) for path, t in times.items()}
 
 
 if __name__ == "__main__":

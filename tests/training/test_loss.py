@@ -127,7 +127,9 @@ def test_fused_head_and_loss_equal_the_plain_ones_in_any_number_of_chunks(monkey
     plain = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, bias), targets, reduction="sum")
     (plain * 3).backward()
     expected = hidden.grad.clone()
-    for rows_per_chunk in (1, 3, 7, 100):  # chunks of 1 row, uneven chunks, exactly one, more than the rows
+    # Chunks hold a multiple of ROW_MULTIPLE (2) rows: chunks of 2 and an odd last one, 2 + 2 + 2 + 1, 6 + 1, one
+    # chunk of all 7 (padded to 8).
+    for rows_per_chunk in (1, 3, 7, 100):
         monkeypatch.setattr(loss_module, "CHUNK_BYTES", 4 * 50 * rows_per_chunk)
         hidden.grad = None
         fused = loss_module.linear_cross_entropy(hidden, weight, bias, targets)
@@ -135,6 +137,33 @@ def test_fused_head_and_loss_equal_the_plain_ones_in_any_number_of_chunks(monkey
         # float64 inputs, but the loss is computed in fp32 by design: fp32 agreement
         torch.testing.assert_close(fused.double(), plain.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(hidden.grad, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 6, 9])
+def test_the_head_runs_an_even_number_of_rows_and_drops_the_padding(monkeypatch, rows):
+    """An odd number of trained positions is padded with a zero row for the head's matmuls (ROW_MULTIPLE): every
+    matmul sees an even number of rows, and the loss and gradients are those of the rows alone."""
+    import lmtune.training.loss as loss_module
+
+    torch.manual_seed(0)
+    hidden = torch.randn(rows, 16, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(50, 16, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    targets = torch.randint(0, 50, (rows,))
+    plain = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, bias), targets, reduction="sum")
+    expected = torch.autograd.grad(plain, hidden)[0]
+    seen = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *a: seen.append(x.shape[0]) or linear(x, *a))
+    fused = loss_module.linear_cross_entropy(hidden, weight, bias, targets)
+    fused.backward()
+    assert seen == [rows + rows % 2]
+    torch.testing.assert_close(fused.double(), plain.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, expected, rtol=1e-5, atol=1e-5)
+    assert hidden.grad.shape == (rows, 16)
+    # Evaluation's loss (no gradient) takes the same padded matmul and counts the real rows only.
+    torch.testing.assert_close(loss_module.linear_cross_entropy(hidden.detach(), weight, bias, targets).double(),
+                               plain.detach(), rtol=1e-5, atol=1e-5)
+    assert seen == [rows + rows % 2] * 2
 
 
 def test_a_trainable_head_gets_its_gradient():
@@ -162,7 +191,7 @@ def test_the_compiled_head_loss_equals_the_eager_one(monkeypatch, tmp_path, dtyp
     hidden = torch.randn(9, 32, dtype=dtype)
     weight = torch.randn(300, 32, dtype=dtype)
     targets = torch.randint(0, 300, (9,))
-    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 4 * 300 * 4)  # chunks of 4, 4 and 1 rows
+    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 4 * 300 * 4)  # chunks of 4, 4 and 1 rows (padded to 2)
 
     def loss_and_grad():
         h = hidden.clone().requires_grad_()

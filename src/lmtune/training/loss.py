@@ -88,6 +88,11 @@ def _compute_dtype(causal_lm) -> torch.dtype:
 # Rows of logits per chunk: about 256 MB of fp32 logits for BLOOM's 250,880 words, and typically one
 # chunk per micro-batch, so the fusion saves passes over memory rather than adding loop overhead.
 CHUNK_BYTES = 1 << 28
+# The head's matmuls take a multiple of this many rows: a chunk's rows are rounded up with zero rows, whose loss and
+# gradient are dropped. Why: torch's bf16 matmul on a CPU runs an odd number of rows at 0.65 to 0.95 of the rate of
+# the even counts beside it, in both of the head's matmuls (docs/performance.md, "The head's loss, compiled"), and
+# half of all micro-batches have an odd number of trained positions. One zero row costs a row's FLOPs.
+ROW_MULTIPLE = 2
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
@@ -97,8 +102,16 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     ordinary path computes."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
-    chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+    chunk = CHUNK_BYTES // (4 * weight.shape[0]) // ROW_MULTIPLE * ROW_MULTIPLE
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, max(ROW_MULTIPLE, chunk))
+
+
+def _padded(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`hidden` and `targets` with zero rows appended up to a multiple of ROW_MULTIPLE."""
+    pad = -hidden.shape[0] % ROW_MULTIPLE
+    if not pad:
+        return hidden, targets
+    return torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])]), torch.cat([targets, targets.new_zeros(pad)])
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -109,14 +122,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss_and_grad = _compiled_loss_and_grad() if grad_hidden is not None and compiled.active() else _loss_and_grad
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            logits = F.linear(hidden[rows], weight, bias)  # the matmul runs in the autocast dtype
+            count = len(targets[rows])
+            padded_hidden, padded_targets = _padded(hidden[rows], targets[rows])
+            logits = F.linear(padded_hidden, weight, bias)  # the matmul runs in the autocast dtype
             if grad_hidden is None:
-                loss -= torch.log_softmax(logits.float(), dim=-1).gather(1, targets[rows, None]).sum()
+                loss -= torch.log_softmax(logits[:count].float(), dim=-1).gather(1, targets[rows, None]).sum()
                 continue
-            chunk_loss, grad_logits = loss_and_grad(logits, targets[rows])
+            row_losses, grad_logits = loss_and_grad(logits, padded_targets)
             del logits
-            loss += chunk_loss
-            grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
+            loss += row_losses[:count].sum()
+            grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight)[:count]
         ctx.save_for_backward(grad_hidden)
         return loss
 
@@ -127,10 +142,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _loss_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the rows' cross-entropy in fp32, d(loss)/d(logits) = softmax - one_hot), eagerly: each operation is
-    a pass over the [rows, vocabulary] floats, so the gradient is computed in place in the log-probabilities."""
+    """(each row's cross-entropy in fp32, d(loss)/d(logits) = softmax - one_hot), eagerly: each operation is a pass
+    over the [rows, vocabulary] floats, so the gradient is computed in place in the log-probabilities."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)  # one fused kernel: faster than logsumexp and a subtraction
-    loss = -log_probs.gather(1, targets[:, None]).sum()
+    loss = -log_probs.gather(1, targets[:, None]).squeeze(1)
     probs = log_probs.exp_()
     probs[torch.arange(len(targets), device=probs.device), targets] -= 1
     return loss, probs
@@ -143,7 +158,7 @@ def _fused_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[t
     x = logits.float()
     peak = x.amax(dim=-1, keepdim=True)
     log_total = (x - peak).exp().sum(dim=-1, keepdim=True).log() + peak
-    loss = (log_total - x.gather(1, targets[:, None])).sum()
+    loss = (log_total - x.gather(1, targets[:, None])).squeeze(1)
     grad = (x - log_total).exp()
     is_target = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
     return loss, torch.where(is_target, grad - 1, grad).to(logits.dtype)
