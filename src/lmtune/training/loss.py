@@ -89,9 +89,9 @@ def _compute_dtype(causal_lm) -> torch.dtype:
 # chunk per micro-batch, so the fusion saves passes over memory rather than adding loop overhead.
 CHUNK_BYTES = 1 << 28
 # The head's matmuls take a multiple of this many rows: a chunk's rows are rounded up with zero rows, whose loss and
-# gradient are dropped. Why: torch's bf16 matmul on a CPU runs an odd number of rows at 0.65 to 0.95 of the rate of
-# the even counts beside it, in both of the head's matmuls (docs/performance.md, "The head's loss, compiled"), and
-# half of all micro-batches have an odd number of trained positions. One zero row costs a row's FLOPs.
+# gradient are dropped. Why: torch's bf16 matmul on a CPU (oneDNN) runs many odd row counts markedly slower than the
+# even counts beside them, in both of the head's matmuls (docs/performance.md, "An even number of rows"), and half
+# of all micro-batches have an odd number of trained positions. One zero row costs a row's FLOPs.
 ROW_MULTIPLE = 2
 
 
