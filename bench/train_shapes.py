@@ -202,8 +202,7 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, c
         t = config.train
         split = micro_batches.merged_split(
             t.batch_size, t.grad_accum, [len(s["input_ids"]) for s in samples], method.width_multiple,
-            t.cpu_micro_batch, lambda per_device: decide_checkpointing(config, model, samples, precision, per_device),
-            model.get_base_model().config.hidden_size)
+            t.cpu_micro_batch, lambda per_device: decide_checkpointing(config, model, samples, precision, per_device))
         config.train.batch_size, config.train.grad_accum = split.batch_size, split.grad_accum
     trainer = build_trainer(config, model, tok, rows, precision, Path(scratch), [timer, *callbacks], method=method)
     trainer.args.disable_tqdm = True

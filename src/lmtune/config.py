@@ -142,8 +142,7 @@ class TrainConfig:
     # On a CPU with one process, the micro-batches of one optimizer step are merged into micro-batches of up to this
     # many samples (training/micro_batches.py): the same samples, loss and gradients per step, but larger matrix
     # products, which ran 1.07 to 1.7x faster (docs/performance.md, "Merged micro-batches"). 0 = up to 8 samples and
-    # 2,048 token positions for models of hidden size below 2,048 (larger ones measured no clear gain); 1 = as
-    # train.batch_size and train.grad_accum say. Not with packing or preference methods.
+    # 2,048 token positions; 1 = as train.batch_size and train.grad_accum say. Not with packing or preference methods.
     cpu_micro_batch: int = 0
     # Samples per optimizer step over all processes = batch_size x grad_accum x processes. When > 0, grad_accum is
     # derived from it at launch, so the same config trains with the same global batch on 1 or N processes.

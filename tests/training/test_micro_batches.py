@@ -42,12 +42,6 @@ def test_the_merge_never_turns_gradient_checkpointing_on():
     assert merged_split(2, 8, [60] * 16, 1, limit=0, needs_checkpointing=lambda rows: True).batch_size == 8
 
 
-def test_automatic_merges_are_for_models_below_hidden_size_2048():
-    assert merged_split(2, 8, [60] * 16, 1, limit=0, hidden_size=1024).batch_size == 8
-    assert merged_split(2, 8, [60] * 16, 1, limit=0, hidden_size=2048).merged == 1
-    assert merged_split(2, 8, [60] * 16, 1, limit=8, hidden_size=2048).batch_size == 8  # asked for: merged
-
-
 def _rows(n: int) -> list[dict]:
     return [{"question": f"{QA[i % len(QA)]['question']} ({i})", "answer": QA[i % len(QA)]["answer"] + " x" * (i % 3)}
             for i in range(n)]

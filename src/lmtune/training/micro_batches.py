@@ -3,10 +3,10 @@
 train.batch_size x train.grad_accum samples make one optimizer step, and a supervised method's loss is normalised by
 the trained tokens of the whole step (training/loss.py), so how the step is cut into micro-batches changes neither
 its loss nor its gradients beyond rounding: it is a choice of speed and memory. On a CPU the matrix products of a
-micro-batch of 2 or 4 short samples of a small model are too small to run near the CPU's peak; merged into
-micro-batches of up to 8 samples and 2,048 token positions, the same steps of the SmolLM2, Qwen2.5-0.5B and
-BLOOM-560m shapes ran 1.07 to 1.7x faster, and larger ones gained nothing more. A model of hidden size 2,048
-(the Llama-3.2-1B shape) measured 0.90 to 1.14x, no clear gain, so the automatic merge is for smaller models
+micro-batch of 2 or 4 short samples are too small to run near the CPU's peak, whatever the model's hidden size: a
+bf16 matmul of 288 rows runs about a tenth slower than one of 576 at hidden sizes 2,048 to 4,096 too. Merged into
+micro-batches of up to 8 samples and 2,048 token positions, the same steps of the SmolLM2, Qwen2.5-0.5B,
+BLOOM-560m and Llama-3.2-1B shapes ran 1.07 to 1.7x faster, and larger ones gained nothing more
 (`bench/train_shapes.py`'s `unmerged` row; docs/performance.md, "Merged micro-batches").
 
 A merged micro-batch is k of the configured ones, k dividing train.grad_accum, so every optimizer step trains the
@@ -21,7 +21,6 @@ from typing import Callable
 
 AUTO_SAMPLES = 8  # the most samples an automatic merge puts in one micro-batch
 AUTO_TOKENS = 2048  # ... and the most token positions (samples x padded width)
-AUTO_BELOW_HIDDEN = 2048  # ... for models of a smaller hidden size (larger ones' matrix products are large enough)
 TYPICAL_WIDTH_QUANTILE = 0.9  # a micro-batch of length-grouped samples is about as wide as its longest
 
 
@@ -42,12 +41,10 @@ def typical_width(lengths: list[int], width_multiple: int) -> int:
 
 
 def merged_split(batch_size: int, grad_accum: int, lengths: list[int], width_multiple: int, limit: int,
-                 needs_checkpointing: Callable[[int], bool] = lambda rows: False, hidden_size: int = 0) -> Split:
+                 needs_checkpointing: Callable[[int], bool] = lambda rows: False) -> Split:
     """The largest merge of `grad_accum` micro-batches of `batch_size` samples that stays within `limit` samples per
-    micro-batch (0 = AUTO_SAMPLES and AUTO_TOKENS positions, for models of hidden size below AUTO_BELOW_HIDDEN) and
+    micro-batch (0 = AUTO_SAMPLES and AUTO_TOKENS positions) and
     does not need gradient checkpointing where the configured split does not."""
-    if limit == 0 and hidden_size >= AUTO_BELOW_HIDDEN:
-        return Split(batch_size, grad_accum, 1)
     samples_cap = limit or AUTO_SAMPLES
     tokens_cap = AUTO_TOKENS if limit == 0 else float("inf")
     width = typical_width(lengths, width_multiple) if lengths else 1

@@ -521,8 +521,7 @@ def _merge_micro_batches(config: Config, method: TrainingMethod, model, prepared
     rows = prepared.train_rows
     split = micro_batches.merged_split(
         t.batch_size, t.grad_accum, [len(s["input_ids"]) for s in rows], getattr(method, "width_multiple", 1),
-        t.cpu_micro_batch, lambda per_device: decide_checkpointing(config, model, rows, precision, per_device),
-        getattr(causal_lm_of(model).config, "hidden_size", 0) or 0)
+        t.cpu_micro_batch, lambda per_device: decide_checkpointing(config, model, rows, precision, per_device))
     if split.merged == 1:
         return config
     log(micro_batches.describe(split, t.batch_size, t.grad_accum))
