@@ -43,8 +43,8 @@ def typical_width(lengths: list[int], width_multiple: int) -> int:
 def merged_split(batch_size: int, grad_accum: int, lengths: list[int], width_multiple: int, limit: int,
                  needs_checkpointing: Callable[[int], bool] = lambda rows: False) -> Split:
     """The largest merge of `grad_accum` micro-batches of `batch_size` samples that stays within `limit` samples per
-    micro-batch (0 = AUTO_SAMPLES and AUTO_TOKENS positions) and
-    does not need gradient checkpointing where the configured split does not."""
+    micro-batch (0 = AUTO_SAMPLES and AUTO_TOKENS positions) and does not need gradient checkpointing where the
+    configured split does not."""
     samples_cap = limit or AUTO_SAMPLES
     tokens_cap = AUTO_TOKENS if limit == 0 else float("inf")
     width = typical_width(lengths, width_multiple) if lengths else 1
