@@ -13,7 +13,7 @@ HELDOUT_DATA = "data/vi_ai_qa_heldout.jsonl"
 # Two team-written rewordings of every training question, same answers (knowledge augmentation); none of them is a
 # held-out question (tests/data/test_bundled_data.py checks it).
 REWORDINGS_DATA = "data/vi_ai_qa_rewordings.jsonl"
-# Up to four more rewordings of the 89 training questions that have a held-out rewording (none near it).
+# Two to six more rewordings of the 89 training questions that have a held-out rewording (none near it).
 EXTRA_REWORDINGS_DATA = "data/vi_ai_qa_rewordings_extra.jsonl"
 QUICKSTART_CONFIG = "configs/quickstart.yaml"
 # Team-written preference pairs on the same topics (a good answer, and a small model's typical failure: a wrong fact,
