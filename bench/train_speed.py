@@ -11,10 +11,10 @@ query_key_value) on the same 16 samples of data/vi_ai_qa.jsonl, one optimizer st
           language-modeling collator after pad := eos, so the loss covers prompt, answer and padding.
   lmtune  lmtune's default CPU path (configs/bloom-560m.yaml: batch 2 x accumulation 8): dynamic
           padding, length-grouped batches, answer-only labels and fused head + loss, fused GeLU, bf16
-          autocast, no checkpointing.
+          autocast on a CPU with native bf16 (else fp32), no checkpointing.
   trl     TRL's SFTTrainer with prompt/completion data (loss on the completion only), its defaults
           (gradient checkpointing on, per-device batch 8) with accumulation 2 for the same global
-          batch, bf16 on CPU.
+          batch, in lmtune's precision (bf16 autocast on a CPU with native bf16, else fp32).
 
 BLOOM's tokenizer is not reachable offline, so a byte-level BPE (vocabulary 8,000) is trained on
 Vietnamese text here; the model keeps BLOOM's 250,880-word output layer all the same.
@@ -227,7 +227,7 @@ def run_lmtune(tok, pairs, steps: int, dtype: str, scratch: str, overrides: dict
     return timer, samples, report, precision
 
 
-def run_trl(tok, pairs, steps: int, micro_limit: int | None, scratch: str):
+def run_trl(tok, pairs, steps: int, micro_limit: int | None, scratch: str, bf16: bool):
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -238,7 +238,7 @@ def run_trl(tok, pairs, steps: int, micro_limit: int | None, scratch: str):
     timer = timing_callback(accumulation + micro_limit if micro_limit else None)
     args = SFTConfig(output_dir=scratch, per_device_train_batch_size=8, gradient_accumulation_steps=accumulation,
                      max_steps=steps, learning_rate=2e-4, warmup_steps=2, logging_steps=1, save_strategy="no", report_to=[],
-                     use_cpu=True, bf16=True, disable_tqdm=True, seed=42)
+                     use_cpu=True, bf16=bf16, disable_tqdm=True, seed=42)
     trainer = SFTTrainer(model=make_model(), args=args, train_dataset=data, processing_class=tok, callbacks=[timer],
                          peft_config=LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
                                                 target_modules=["query_key_value"]))
@@ -294,6 +294,10 @@ def main() -> None:
           f" {N_SAMPLES} samples, BLOOM-560m shape (vocab {VOCAB:,}), LoRA r=8 on query_key_value", flush=True)
     ceiling_bf16, ceiling_fp32 = matmul_gflops(torch.bfloat16), matmul_gflops(torch.float32)
     print(f"matmul ceiling: bf16 {ceiling_bf16:.0f} GFLOP/s, fp32 {ceiling_fp32:.0f} GFLOP/s", flush=True)
+    from lmtune.model import choose_precision
+
+    compute_dtype = choose_precision("cpu", "auto").compute_dtype  # the precision lmtune trains in on this CPU
+    ceiling = ceiling_bf16 if compute_dtype == torch.bfloat16 else ceiling_fp32
 
     lm_steps = 3 if args.quick else 4
     results = {"seed": [], "lmtune": [], "trl": []}
@@ -311,7 +315,9 @@ def main() -> None:
                     timer, accumulation = run_seed(tok, pairs, 2, 3 if args.quick else None, scratch)
                     seconds = seconds_per_step(timer, accumulation, full_steps=not args.quick)
                 elif name == "trl":
-                    timer, accumulation = run_trl(tok, pairs, 2, 2 if args.quick else None, scratch)
+                    # TRL in the precision lmtune trains in: bf16 autocast on a CPU without native bf16 is emulated.
+                    timer, accumulation = run_trl(tok, pairs, 2, 2 if args.quick else None, scratch,
+                                                  bf16=compute_dtype == torch.bfloat16)
                     seconds = seconds_per_step(timer, accumulation, full_steps=not args.quick, warm_micro=accumulation)
                 else:
                     timer, samples, report, precision = run_lmtune(tok, pairs, lm_steps, "auto", scratch)
@@ -332,7 +338,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in results.items() if v}
     tokens = report.tokens / len(samples)
     seed_tokens = statistics.mean(len(tok("Human: " + p["question"] + " Assistant: " + p["answer"])["input_ids"]) for p in pairs)
-    mfu = lmtune_step_flops(samples) / med["lmtune"] / (ceiling_bf16 * 1e9)
+    mfu = lmtune_step_flops(samples) / med["lmtune"] / (ceiling * 1e9)
     print(f"mean real tokens per sample: lmtune {tokens:.1f} (prompt + answer + EOS), tutorial text {seed_tokens:.1f} padded to 512")
     print(f"lmtune tokens per second: {report.tokens / med['lmtune']:.0f}; seed path {N_SAMPLES * 512 / med['seed']:.0f} padded"
           f" tokens per second ({N_SAMPLES * seed_tokens / med['seed']:.0f} real)")
