@@ -40,6 +40,7 @@ class ConsoleProgress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.start_step, self.start_time = state.global_step, time.monotonic()
         self.start_tokens = state.num_input_tokens_seen or 0
+        self.warmed_up = False
         if self.terminal:
             from tqdm.auto import tqdm
 
@@ -55,6 +56,12 @@ class ConsoleProgress(TrainerCallback):
         speed = self._tokens_per_second(state)
         if speed is not None:
             self.figures["tok/s"] = f"{speed:,.0f}"
+        if not self.warmed_up and state.global_step > self.start_step:
+            # The first step carries the compile of the decoder layers and the warm-up (a minute or more on a CPU,
+            # many times a later step): tokens/s and the ETA are measured from its end, or they would read hours.
+            self.warmed_up = True
+            self.start_step, self.start_time = state.global_step, time.monotonic()
+            self.start_tokens = state.num_input_tokens_seen or 0
         if self.bar is not None:
             self.bar.set_postfix(self.figures, refresh=False)
             self.bar.update(state.global_step - self.bar.n)
@@ -70,7 +77,8 @@ class ConsoleProgress(TrainerCallback):
         done = state.global_step - self.start_step
         left = (now - self.start_time) / done * (state.max_steps - state.global_step) if done else 0
         figures = ", ".join(f"{k} {v}" for k, v in self.figures.items())
-        self._write(f"step {state.global_step}/{state.max_steps}: {figures}, ETA {_eta(left)}")
+        eta = f"ETA {_eta(left)}" if done or state.global_step == state.max_steps else "ETA after the next step (the first one warms up)"
+        self._write(f"step {state.global_step}/{state.max_steps}: {figures}, {eta}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
