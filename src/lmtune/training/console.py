@@ -77,7 +77,10 @@ class ConsoleProgress(TrainerCallback):
         done = state.global_step - self.start_step
         left = (now - self.start_time) / done * (state.max_steps - state.global_step) if done else 0
         figures = ", ".join(f"{k} {v}" for k, v in self.figures.items())
-        eta = f"ETA {_eta(left)}" if done or state.global_step == state.max_steps else "ETA after the next step (the first one warms up)"
+        if done or state.global_step == state.max_steps:
+            eta = f"ETA {_eta(left)}"
+        else:
+            eta = "ETA after the next step (the first one warms up)"
         self._write(f"step {state.global_step}/{state.max_steps}: {figures}, {eta}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
