@@ -28,6 +28,10 @@ Paths per shape, alternating (order reversed every round) after a warm-up step:
   unshared      (a family that reads rows of several samples) the same with train.share_prefix off: padded
                 micro-batches, every sample its own copy of a shared prompt prefix (training/shared_prefix.py): the
                 one-row lever's ratio;
+  int8-lever    (in fp32) the same with train.int8_matmuls the other way from its default here
+                (training/int8_matmuls.py: on by default in compiled fp32 runs on a CPU with VNNI): its ratio and
+                loss; where lmtune's default multiplies in int8 its MFU counts those products against the fp32
+                ceiling, and `speedup_vs_trl_fp32_matmuls` compares TRL with lmtune in one precision;
   trl           TRL's SFTTrainer on prompt/completion data (loss on the completion only; conversational for
                 smollm2, so both paths train on the same chat-template tokens), the configured batch split,
                 in lmtune's precision (bf16 autocast, else fp32), gradient checkpointing OFF (its fastest setting);
@@ -51,7 +55,7 @@ most that any path computing the FLOPs lmtune needs could be ahead of TRL on thi
 
 Last line per shape: `shape=<name> speedup_vs_trl=<x> mfu=<fraction> tokens_per_s=<n> peak_rss_gb=<g>
 ceiling_gflops=<median of the ceilings beside the steps> cpu="<model [flags]>"`, after `merge_speedup` and
-`packed_speedup` (and `prefix_speedup`) lines.
+`packed_speedup` (and `prefix_speedup`, and in fp32 `int8_speedup`) lines.
 """
 
 from __future__ import annotations
@@ -150,16 +154,20 @@ def tokenizer_for(shape: Shape, shared_bpe):
 
 
 def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, compile_layers: bool | None = None,
-               packed: bool = False, callbacks: tuple = (), merge: bool = True, share_prefix: bool = True):
+               packed: bool = False, callbacks: tuple = (), merge: bool = True, share_prefix: bool = True,
+               int8: bool | None = None):
     """compile_layers None: what train.compile "auto" decides for a long run of this model (compiling.decide_training).
     `packed`: the same samples per optimizer step packed into rows (data/packing.py), one row per micro-batch.
     `merge`: the micro-batches of a step merged as lmtune's train does on a CPU (training/micro_batches.py); off, the
-    configured split (the merge lever's ratio). `share_prefix`: train.share_prefix (the shared-prefix lever's ratio)."""
+    configured split (the merge lever's ratio). `share_prefix`: train.share_prefix (the shared-prefix lever's ratio). `int8`:
+    train.int8_matmuls (None: what its default decides for this run, as train does)."""
     from lmtune.bundled import bundled_path
     from lmtune.config import load_config
     from lmtune.model import add_lora, choose_precision, configure_cpu_threads, frozen_weights_dtype, use_fused_gelu
     from lmtune.compiling import decide_training
     from lmtune.training.compiled import compiled_layers
+    from lmtune.training.int8_matmuls import cpu_has_vnni, int8_matmuls
+    from lmtune.training.int8_matmuls import decide as int8_decide
     from lmtune.training.train import build_trainer
 
     # One process here runs many models one after another; lmtune's train runs one. Without a reset their compiled
@@ -210,6 +218,9 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, c
         compile_layers, _ = decide_training("auto", device="cpu", processes=1, method_blocker=None, quantized=False,
                                             checkpointing=False, causal_lm=model.get_base_model(),
                                             tokens=float("inf"))
+    if int8 is None:
+        int8, _ = int8_decide(config.train.int8_matmuls, device="cpu", compute_dtype=precision.compute_dtype,
+                              method_blocker=None, quantized=False, vnni=cpu_has_vnni(), compiled=compile_layers)
     # Which micro-batches ran their prefix once (it depends on how the sampler grouped them): the FLOPs count.
     import lmtune.training.loss as loss_module
 
@@ -225,10 +236,11 @@ def run_lmtune(shape: Shape, tok, pairs, steps: int, dtype: str, scratch: str, c
 
     loss_module.shared_prefix_layout = recording_layout
     try:
-        with compiled_layers(model.get_base_model(), compile_layers, strict=True):
+        with compiled_layers(model.get_base_model(), compile_layers, strict=True), int8_matmuls(model, int8):
             run_trainer(trainer, timer)
     finally:
         loss_module.shared_prefix_layout = real_layout
+    report.int8 = int8
     return timer, samples, report, model.get_base_model().config
 
 
@@ -330,11 +342,13 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
     lm_steps = 3 if quick else 4
     micro = None if not quick else 2
     times: dict[str, list[float]] = {"lmtune": [], "lmtune-eager": [], "unmerged": [], "packed": [], "unshared": [],
-                                     "trl": [], "trl-defaults": []}
+                                     "int8-lever": [], "trl": [], "trl-defaults": []}
     peaks = dict.fromkeys(times, 0.0)
     tok = tokenizer_for(shape, shared_bpe)
     shares = shape.name != "bloom-560m"  # BLOOM's alibi attention does not read rows of several samples
-    order = (["lmtune", "unmerged", "packed"] + (["unshared"] if shares else []) + ["trl", "trl-defaults"]
+    # In fp32 the int8 lever (training/int8_matmuls.py) is timed the other way from lmtune's default on this CPU.
+    order = (["lmtune", "unmerged", "packed"] + (["unshared"] if shares else [])
+             + (["int8-lever"] if dtype == torch.float32 else []) + ["trl", "trl-defaults"]
              + ([] if quick else ["lmtune-eager"]))
     first_steps, ceilings, mfus = [], [], []
     losses, samples, report, model_config = [], None, None, None  # filled by the lmtune path
@@ -368,6 +382,10 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
                 elif name == "packed":
                     timer, _, packed_report, _ = run_lmtune(shape, tok, pairs, lm_steps, "auto", scratch, packed=True)
                     seconds = seconds_per_step(timer, 1, full_steps=True)
+                elif name == "int8-lever":  # lmtune runs first in the first round, so report.int8 is known
+                    timer, *_ = run_lmtune(shape, tok, pairs, lm_steps, "auto", scratch, int8=not report.int8)
+                    seconds = seconds_per_step(timer, shape.grad_accum, full_steps=True)
+                    lever_loss = timer.losses[-1]
                 elif name == "lmtune-eager":
                     timer, *_ = run_lmtune(shape, tok, pairs, lm_steps, "auto", scratch, compile_layers=False)
                     seconds = seconds_per_step(timer, shape.grad_accum, full_steps=True)
@@ -396,7 +414,7 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
     tokens_per_s = report.tokens / med["lmtune"]
     print(f"  {shape.name} lmtune's first step (with the compile, if compiled): "
           + ", ".join(f"{t:.0f} s" for t in first_steps) + " (the first uncached, later ones from the disk cache)", flush=True)
-    for name in ("lmtune-eager", "unmerged", "packed", "unshared", "trl", "trl-defaults"):
+    for name in ("lmtune-eager", "unmerged", "packed", "unshared", "int8-lever", "trl", "trl-defaults"):
         if name in med:
             print(f"  {shape.name} {name}: {med[name] / med['lmtune']:.2f}x lmtune's time per step,"
                   f" peak RSS {peaks[name]:.2f} GB", flush=True)
@@ -406,6 +424,13 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
         print(f"  {shape.name} {packed_report.packing.describe()}; padded path's positions that are tokens:"
               f" {padded_efficiency(samples, shape.batch_size):.1%}", flush=True)
         print(f"shape={shape.name} packed_speedup={med['lmtune'] / med['packed']:.2f}", flush=True)
+    if "int8-lever" in med:
+        fp32_way, int8_way = (med["int8-lever"], med["lmtune"]) if report.int8 else (med["lmtune"], med["int8-lever"])
+        print(f"  {shape.name} frozen weights' matmuls in int8 {'by default' if report.int8 else 'when forced'}:"
+              f" {int8_way:.2f} s per step against {fp32_way:.2f} s in fp32; loss after {lm_steps} steps"
+              f" {auto_loss if report.int8 else lever_loss:.4f} against"
+              f" {lever_loss if report.int8 else auto_loss:.4f}", flush=True)
+        print(f"shape={shape.name} int8_speedup={fp32_way / int8_way:.2f}", flush=True)
     if "unshared" in med:
         print(f"  {shape.name} micro-batches that ran as one row without padding: {len(report.shared)} of"
               f" {report.micro_batches} (those it saves at least {min_saving(model_config.hidden_size):.0%} of their"
@@ -418,6 +443,9 @@ def bench_shape(shape: Shape, shared_bpe, pairs, quick: bool, rounds: int, skip_
         trl_mfu = step_flops(model_config, samples, report.shared, lm_steps) / med["trl"] / (statistics.median(ceilings) * 1e9)
         print(f"  {shape.name} TRL's step at the FLOPs lmtune needs: MFU {trl_mfu:.2f}; at the ceiling a step would be"
               f" at most {1 / trl_mfu:.2f}x ahead of TRL", flush=True)
+    if "trl" in med and report.int8:
+        # TRL has no int8 path on a CPU: lmtune's fp32-matmul path is the comparison in one precision.
+        print(f"shape={shape.name} speedup_vs_trl_fp32_matmuls={med['trl'] / med['int8-lever']:.2f}", flush=True)
     print(f"shape={shape.name} speedup_vs_trl={ratio:.2f} mfu={mfu:.2f} tokens_per_s={tokens_per_s:.0f}"
           f" peak_rss_gb={peaks['lmtune']:.2f} ceiling_gflops={statistics.median(ceilings):.0f} cpu=\"{cpu_label()}\"",
           flush=True)

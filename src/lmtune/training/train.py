@@ -52,6 +52,8 @@ from .checkpoints import (
 from .loss import causal_lm_of, supports_answer_only
 from .methods import PreparedData, TrainingMethod, method_for
 from .plot import plot_loss
+from .int8_matmuls import cpu_has_vnni, int8_matmuls
+from .int8_matmuls import decide as int8_decide
 from .quantization import check_quantization
 
 
@@ -467,9 +469,11 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
         if not dry_run and main:
             check_disk_space(run.partial, model, t.keep_checkpoints, method.output_kind)
         use_compile = _decide_compile(config, method, model, prepared, precision, steps, plan.processes, log)
+        use_int8 = _decide_int8(config, method, precision, use_compile, plan.processes, log)
 
         if dry_run:
-            with compiled.compiled_layers(causal_lm_of(model), use_compile, strict=t.compile is True):
+            with compiled.compiled_layers(causal_lm_of(model), use_compile, strict=t.compile is True), \
+                    int8_matmuls(model, use_int8):
                 estimate = _estimate_run_time(method, model, prepared, tokenizer, config, precision, steps)
             log(_describe_estimate(estimate, prepared, steps, config))
             return TrainResult(output_dir="", steps=steps, dry_run_estimate={**estimate, "samples": len(prepared.samples),
@@ -486,7 +490,7 @@ def train(config: Config, dry_run: bool = False, log: Callable[[str], None] = pr
     try:
         with adapter_saving():
             result = _train_in(run, config, method, model, tokenizer, prepared, precision, steps, started, start_clock,
-                               log, verbose, use_compile, requested)
+                               log, verbose, use_compile, requested, use_int8)
     except BaseException as error:
         lost = distributed.lost_peer(error)  # another machine or process of the run went away
         if not main:
@@ -545,9 +549,21 @@ def _decide_compile(config: Config, method: TrainingMethod, model, prepared: Pre
     return use
 
 
+def _decide_int8(config: Config, method: TrainingMethod, precision, use_compile: bool, processes: int,
+                 log) -> bool:
+    """Whether the frozen base weights multiply in int8 for this run (training/int8_matmuls.py), said in one line."""
+    setting = config.train.int8_matmuls
+    use, why = int8_decide(setting, device=precision.device, compute_dtype=precision.compute_dtype,
+                           method_blocker=method.int8_blocker(), quantized=config.model.quantization != "none",
+                           vnni=cpu_has_vnni(), compiled=use_compile, processes=processes)
+    if use:  # said only when on: where auto leaves it off, the run computes as it always did
+        log(f"int8 matmuls: {why}")
+    return use
+
+
 def _train_in(run: RunFolder, config: Config, method: TrainingMethod, model, tokenizer, prepared: PreparedData, precision,
               steps: int, started: str, start_clock: float, log, verbose: bool = False,
-              use_compile: bool = False, requested: Config | None = None) -> TrainResult:
+              use_compile: bool = False, requested: Config | None = None, use_int8: bool = False) -> TrainResult:
     """Train, writing everything into the run folder; raises TrainingInterrupted after a graceful stop."""
     t = config.train
     out = run.partial
@@ -566,7 +582,8 @@ def _train_in(run: RunFolder, config: Config, method: TrainingMethod, model, tok
         what = plan.describe(f"packed rows of {prepared.packing['length']} tokens" if prepared.packing else "samples")
         log(f"training: {steps} optimizer steps of {what}" + (f" with {engine}" if engine else ""))
         # Errors propagate: an untrained adapter is never saved (the tutorial's defect 9).
-        with compiled.compiled_layers(causal_lm_of(model), use_compile, strict=t.compile is True):
+        with compiled.compiled_layers(causal_lm_of(model), use_compile, strict=t.compile is True), \
+                int8_matmuls(model, use_int8):
             trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
         # Every process may still be reading the best checkpoint back; rank 0 deletes checkpoints only after this.
         trainer.accelerator.wait_for_everyone()
@@ -588,7 +605,8 @@ def _train_in(run: RunFolder, config: Config, method: TrainingMethod, model, tok
               title=f"{Path(config.model.name_or_path).name}, {len(prepared.samples)} samples: training loss",
               val_steps=[e["step"] for e in evals], val_losses=[e["eval_loss"] for e in evals])
     seconds = time.perf_counter() - start_clock
-    manifest = _manifest(config, method, prepared, precision, started, seconds, final_loss, trainer.state.global_step)
+    manifest = _manifest(config, method, prepared, precision, started, seconds, final_loss, trainer.state.global_step,
+                         use_int8)
     if run.resume_from:
         manifest["resumed_from_step"] = resume_step
     if evals:
@@ -612,7 +630,8 @@ def _interrupted_message(run: RunFolder, why: str, steps: int) -> str:
             f"saved in {newest}\nresume with:\n  {resume_command(run.partial / RUN_CONFIG_FILE)}")
 
 
-def _manifest(config: Config, method: TrainingMethod, prepared: PreparedData, precision, started: str, seconds: float, final_loss: float, steps: int) -> dict:
+def _manifest(config: Config, method: TrainingMethod, prepared: PreparedData, precision, started: str, seconds: float,
+              final_loss: float, steps: int, int8_matmuls: bool = False) -> dict:
     files = [
         {"path": f, "sha256": file_sha256(f) if Path(f).is_file() else None}
         for f in prepared.load_report.files
@@ -636,6 +655,7 @@ def _manifest(config: Config, method: TrainingMethod, prepared: PreparedData, pr
         "method": method.manifest(),
         "device": precision.device,
         "compute_dtype": str(precision.compute_dtype).removeprefix("torch."),
+        "int8_matmuls": int8_matmuls,  # the frozen base weights multiplied in int8 (training/int8_matmuls.py)
         "seed": config.train.seed,
         "optimizer_steps": steps,
         "final_loss": final_loss,

@@ -9,6 +9,7 @@ A method owns the rest, called in this order:
     preflight(prepared, ...)     show one sample, check every batch once
     load_model(source, ...)      the network to train: frozen base + adapter, or every weight
     compile_blocker()            why `train.compile auto` should not compile this method (None: it may)
+    int8_blocker()               why this method's frozen weights cannot multiply in int8 (None: they can)
     arrange(prepared, ...)       how the samples become the trainer's rows (packed rows, or as they are)
     collator(tokenizer)          samples -> a batch the trainer's loss reads
     loss(model, batch)           one micro-batch's loss, as the trainer computes it (for the dry-run estimate)
@@ -77,6 +78,11 @@ class TrainingMethod:
 
     def compile_blocker(self) -> str | None:
         return None
+
+    def int8_blocker(self) -> str | None:
+        # Supervised LoRA only: a preference method's reference log-probabilities come from the fp32 model before
+        # training, and a policy computed in int8 would start apart from them.
+        return f"train.method {self.name}"
 
     def arrange(self, prepared: PreparedData, causal_lm, precision, log: Callable[[str], None]) -> None:
         """Once the model is loaded: lay the samples out as the trainer iterates them (`prepared.rows`); by default

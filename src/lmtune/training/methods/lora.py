@@ -94,6 +94,10 @@ class LoraFineTuning(SupervisedMethod):
     def compile_blocker(self) -> str | None:
         return "DoRA" if self.config.lora.use_dora else None
 
+    def int8_blocker(self) -> str | None:
+        # DoRA's layers multiply by the base weight themselves (to normalise it), not through the base layer.
+        return "DoRA" if self.config.lora.use_dora else None
+
     def before_training(self, model, tokenizer, prepared, out: Path) -> None:
         keep_initial_adapter(self.config, model, out)
 
