@@ -1,15 +1,17 @@
 """The CPU a benchmark ran on, for its printed lines: the model name and the extensions that decide lmtune's default
-precision and how fast its kernels and llama.cpp's run (AVX2, AVX-512, AVX-512 BF16, AMX).
+precision and how fast its kernels and llama.cpp's run (AVX2, AVX-512, AVX-512 VNNI for int8 matmuls, AVX-512 BF16,
+AMX).
 
     from cpu_info import describe   # after sys.path.insert(0, <bench folder>)
-    describe()  # 'Intel(R) Xeon(R) Processor [avx2 avx512f avx512_bf16 amx]', or '... [avx2; no avx512f avx512_bf16 amx]'
+    describe()  # 'Intel(R) Xeon(R) Processor [avx2 avx512f avx512_vnni avx512_bf16 amx]', or
+                #  '... [avx2; no avx512f avx512_vnni avx512_bf16 amx]'
 """
 
 from __future__ import annotations
 
 import platform
 
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx")
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx")
 
 
 def _cpuinfo() -> dict[str, str]:
