@@ -3,7 +3,7 @@
 On a CPU without native bf16 (AVX2 laptops, AVX-512 ones without AVX-512 BF16) lmtune trains in fp32, and most of a
 LoRA step is the frozen base weights' two matmuls per linear layer: the forward `x @ W^T` and the input gradient
 `dy @ W`. Both can run on the CPU's int8 dot-product instructions (VNNI), which do about four times the fp32
-multiply-adds per cycle (`python bench/train_shapes.py --shapes smollm2 --skip-trl` has the `int8` row).
+multiply-adds per cycle (`python bench/train_shapes.py --shapes smollm2 --skip-trl` times the `int8-lever` row).
 
 The scheme is SwitchBack's (Wortsman et al. 2023, "Stable and low-precision training for large-scale vision-language
 models"; bitsandbytes' `SwitchBackLinear`): the activations and the incoming gradient are quantized per row (one
